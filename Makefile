@@ -1,0 +1,43 @@
+# The two commands of the README: `make demo` and `make test`. Both install
+# what they need on a fresh Debian / Raspberry Pi OS machine.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+APT    := prosody mosquitto mosquitto-clients socat openssl
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps venv test demo bench clean
+
+all: test
+
+# Debian packages: the XMPP and MQTT servers the demo and tests start, socat for serial ptys.
+deps:
+	@missing=""; \
+	for p in $(APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+# The project and its test tools in .venv, rebuilt when pyproject.toml changes.
+venv: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml | deps
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+test: deps venv
+	$(BIN)/python -m pytest
+
+demo: deps venv
+	$(BIN)/python -m gateway.demo
+
+bench: deps venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .demo *.egg-info

@@ -1,0 +1,59 @@
+"""What every driver is: a small class with async start()/stop() that pushes
+readings into the hub and accepts writes for its writable fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from gateway.config import Config, DeviceBase
+from gateway.hub import Health, Hub, NotWritable
+from gateway.values import Value
+
+D = TypeVar("D", bound=DeviceBase)
+
+
+@dataclass
+class Context:
+    """What drivers get besides their own config: the hub, the whole config,
+    and a place to share one resource (say, one MQTT client) among devices."""
+
+    hub: Hub
+    config: Config
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+class Driver(Generic[D]):
+    """Base class for device drivers.
+
+    Subclasses implement `start()` and `stop()`, call `push()` for readings and
+    `health()` for state changes, and override `write()` if they have writable
+    fields. `write()` is only called with values already validated against
+    the field's type and bounds.
+    """
+
+    def __init__(self, device: D, ctx: Context):
+        self.device = device
+        self.ctx = ctx
+        self.hub = ctx.hub
+        self.id = device.id
+
+    async def start(self) -> None:
+        """Open the device and begin pushing readings. Errors are reported as device health."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Release the device (outputs to their safe value). Must not raise."""
+        raise NotImplementedError
+
+    async def write(self, field: str, value: Value) -> None:
+        """Apply a validated value to a writable field; raise with a reason on failure."""
+        raise NotWritable(f"{self.id}.{field} is read-only")
+
+    def push(self, field: str, value: Any, at: float | None = None) -> None:
+        """Hand a reading to the hub (any thread)."""
+        self.hub.push(self.id, field, value, at)
+
+    def health(self, state: Health, reason: str = "") -> None:
+        """Report the device's health to the hub (any thread)."""
+        self.hub.set_health(self.id, state, reason)

@@ -1,0 +1,74 @@
+"""`simulated`: made-up readings for demos and tests.
+
+Numeric fields follow a sine wave plus noise; writable fields echo back what
+was set, as a relay with feedback would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import time
+
+from gateway.config import SimulatedDevice, SimulatedField
+from gateway.hub import Health
+from gateway.values import Value
+
+from .base import Driver
+
+DEFAULTS: dict[str, Value] = {"boolean": False, "integer": 0, "numeric": 0.0, "string": ""}
+
+
+class SimulatedDriver(Driver[SimulatedDevice]):
+    """Pushes every non-writable field each `interval`; echoes writes."""
+
+    def __init__(self, device: SimulatedDevice, ctx):
+        super().__init__(device, ctx)
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random(device.id)
+        self._fields = {f.name: f for f in device.fields}
+
+    async def start(self) -> None:
+        for f in self.device.fields:
+            if f.writable:
+                self.push(f.name, f.initial if f.initial is not None else DEFAULTS[f.type])
+        self._sample()
+        self.health(Health.OK)
+        self._task = asyncio.create_task(self._run(), name=f"simulated:{self.id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def write(self, field: str, value: Value) -> None:
+        self.push(field, value)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.device.interval)
+            self._sample()
+
+    def _sample(self) -> None:
+        now = time.time()
+        for f in self.device.fields:
+            if not f.writable:
+                self.push(f.name, self._value(f, now), now)
+
+    def _value(self, f: SimulatedField, now: float) -> Value:
+        wave = f.base + f.amplitude * math.sin(2 * math.pi * now / f.period)
+        wave += self._rng.gauss(0, f.noise) if f.noise else 0.0
+        if f.type == "boolean":
+            return wave > f.base
+        if f.type == "integer":
+            return round(wave)
+        if f.type == "string":
+            return "high" if wave > f.base else "low"
+        return round(wave, f.decimals if f.decimals is not None else 2)
+
+
+DRIVER = SimulatedDriver

@@ -1,0 +1,1 @@
+"""iot-gateway: serial, GPIO and MQTT devices exposed over XMPP."""

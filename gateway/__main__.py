@@ -1,0 +1,7 @@
+"""`python -m gateway` runs the `iot-gateway` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""`iot-gateway`: run, check and console subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import Config, ConfigError, load
+
+DEFAULT_CONFIG = "/etc/iot-gateway/gateway.toml"
+CONFIG_ENV = "IOT_GATEWAY_CONFIG"
+EXIT_CONFIG = 2
+
+log = logging.getLogger("iot_gateway")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `iot-gateway` console script."""
+    parser = argparse.ArgumentParser(
+        prog="iot-gateway",
+        description="Serial, GPIO and MQTT devices over XMPP.",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, about in (
+        ("run", "run the gateway"),
+        ("check", "validate a config file and summarise it"),
+        ("console", "run the devices without XMPP and type chat commands as an admin"),
+    ):
+        p = sub.add_parser(name, help=about, description=about)
+        p.add_argument(
+            "--config",
+            "-c",
+            default=None,
+            help=f"config file (default: ${CONFIG_ENV}, then {DEFAULT_CONFIG})",
+        )
+        p.add_argument("--debug", action="store_true", help="log debug messages")
+    args = parser.parse_args(argv)
+
+    path = Path(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    try:
+        config = load(path)
+        if args.cmd in ("check", "run") and config.xmpp is not None:
+            config.xmpp.resolve_password()
+    except ConfigError as e:
+        print(f"{path}: invalid configuration", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if args.cmd == "check":
+        print(summary(path, config))
+        return 0
+    setup_logging("debug" if args.debug else config.gateway.log_level)
+    if args.cmd == "run":
+        if config.xmpp is None:
+            print(f"{path}: invalid configuration\n  xmpp: missing (required to run)", file=sys.stderr)
+            return EXIT_CONFIG
+        return asyncio.run(_run(config))
+    return asyncio.run(_console(config))
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr; without timestamps under systemd, which adds its own."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    if level != "debug":
+        logging.getLogger("slixmpp").setLevel(logging.WARNING)
+
+
+def summary(path: Path, config: Config) -> str:
+    """The one-screen summary `check` prints."""
+    g = config.gateway
+    lines = [f"{path}: OK", f'Gateway "{g.name}": {g.history_size} readings kept per field, state in {g.state_dir}']
+    if config.xmpp:
+        x = config.xmpp
+        where = x.server or "its domain (SRV)"
+        ca = f", CA {x.ca_file}" if x.ca_file else ""
+        lines.append(f"XMPP: {x.jid} via {where}{ca}")
+    else:
+        lines.append("XMPP: not configured (console only)")
+    if config.mqtt:
+        lines.append(f"MQTT: {config.mqtt.url}")
+    lines.append(f"Devices ({len(config.devices)}):")
+    for d in config.devices:
+        where = getattr(d, "port", "") or ""
+        lines.append(f"  {d.id} [{d.driver}{' ' + where if where else ''}]")
+        for f in d.fields:
+            bits = [f.type]
+            if f.unit:
+                bits.append(f.unit)
+            if f.writable:
+                bits.append("writable")
+            lines.append(f"    {f.name}: {', '.join(bits)}")
+    lines.append(f"Contacts ({len(config.contacts)}):")
+    for c in config.contacts:
+        lines.append(f"  {c.jid}: {c.role}")
+    if not config.contacts:
+        lines.append("  none: nobody can talk to the gateway")
+    return "\n".join(lines)
+
+
+class _Stopper:
+    """SIGTERM/SIGINT set `event`; a second signal exits at once."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._signal, sig)
+
+    def _signal(self, sig: int) -> None:
+        if self.event.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("received %s, stopping", signal.Signals(sig).name)
+        self.event.set()
+
+
+async def _run(config: Config) -> int:
+    from .app import Gateway
+    from .commands import Commands
+    from .xmpp import Session
+
+    assert config.xmpp is not None
+    stopper = _Stopper()
+    gw = Gateway(config)
+    await gw.start()
+    session = Session(config, gw.hub, Commands(gw.hub, config.gateway.name), config.xmpp.resolve_password())
+    session.connect()
+    try:
+        await stopper.event.wait()
+    finally:
+        await session.stop()
+        await gw.stop()
+    return 0
+
+
+async def _console(config: Config) -> int:
+    from .app import Gateway
+    from .auth import Actor
+    from .commands import Commands
+
+    stopper = _Stopper()
+    gw = Gateway(config)
+    await gw.start()
+    commands = Commands(gw.hub, config.gateway.name)
+    actor = Actor("console", "admin", "console")
+    lines = _stdin_lines()
+    tty = sys.stdin.isatty()
+    print(f"{config.gateway.name} console: type help, Ctrl-D to quit.", flush=True)
+    try:
+        while True:
+            if tty:
+                print("> ", end="", flush=True)
+            get = asyncio.ensure_future(lines.get())
+            stop = asyncio.ensure_future(stopper.event.wait())
+            done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop in done:
+                get.cancel()
+                break
+            stop.cancel()
+            line = get.result()
+            if line is None:
+                break
+            if line.strip():
+                print(await commands.run(line.strip(), actor), flush=True)
+    finally:
+        await gw.stop()
+    return 0
+
+
+def _stdin_lines() -> asyncio.Queue[str | None]:
+    """Lines of stdin read by a daemon thread (works for ttys, pipes and files); None at EOF."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def reader() -> None:
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(queue.put_nowait, line)
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=reader, name="stdin", daemon=True).start()
+    return queue

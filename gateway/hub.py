@@ -1,0 +1,334 @@
+"""The sensor-data model: nodes (devices), fields, readings, history and health.
+
+Data flows one way: drivers push readings and health into the hub; listeners
+(XMPP session, console, alerts, XEP-0323) subscribe to what changes. Writes go
+the other way, hub → driver, after authorization and validation here, so no
+entry point can skip them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .audit import AuditLog
+from .auth import Actor, Forbidden, Permission, require
+from .values import BadValue, Value, check_bounds, coerce
+
+log = logging.getLogger("iot_gateway.hub")
+
+WRITE_TIMEOUT = 10.0
+
+
+class Health(StrEnum):
+    """A device's state as listeners see it."""
+
+    STARTING = "starting"
+    OK = "ok"
+    STALE = "stale"
+    ERROR = "error"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value of one field at one time (Unix seconds)."""
+
+    value: Value
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class HealthState:
+    """A device's health, why, and since when."""
+
+    state: Health
+    reason: str = ""
+    since: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """True when the device is delivering data."""
+        return self.state is Health.OK
+
+    def describe(self) -> str:
+        """`ok`, or the state with its reason: `offline: serial port gone`."""
+        return self.state.value + (f": {self.reason}" if self.reason else "")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """The metadata a driver declares for one field."""
+
+    name: str
+    type: str = "numeric"
+    unit: str = ""
+    decimals: int | None = None
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    description: str = ""
+
+
+@dataclass(eq=False)
+class Field:
+    """A field of a node: its metadata, latest reading and bounded history."""
+
+    node: "Node"
+    spec: FieldSpec
+    history: deque[Reading]
+    latest: Reading | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ref(self) -> str:
+        """`device.field`, the name users type."""
+        return f"{self.node.id}.{self.spec.name}"
+
+
+@dataclass(eq=False)
+class Node:
+    """A device as the hub knows it."""
+
+    id: str
+    name: str
+    driver: str
+    stale_after: float | None = None
+    fields: dict[str, Field] = field(default_factory=dict)
+    health: HealthState = HealthState(Health.STARTING, "not started yet")
+    last_seen: float | None = None
+
+
+class HubError(Exception):
+    """Base of the hub's errors; messages are meant for the user."""
+
+
+class UnknownField(HubError):
+    """No such device or field."""
+
+
+class NotWritable(HubError):
+    """The field cannot be set."""
+
+
+class DeviceError(HubError):
+    """The device could not carry out a write."""
+
+
+ReadingListener = Callable[[Field, Reading], None]
+HealthListener = Callable[[Node, HealthState], None]
+Writer = Callable[[str, Value], Awaitable[None]]
+
+
+class Hub:
+    """All nodes and fields; thread-safe for pushes, async for writes."""
+
+    def __init__(self, history_size: int = 1000):
+        self.history_size = history_size
+        self.nodes: dict[str, Node] = {}
+        self.audit = AuditLog()
+        self._writers: dict[str, Writer] = {}
+        self._reading_listeners: list[ReadingListener] = []
+        self._health_listeners: list[HealthListener] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
+
+    # ------------------------------------------------------------ building
+
+    def add_node(
+        self,
+        node_id: str,
+        name: str,
+        driver: str,
+        fields: Iterable[FieldSpec],
+        stale_after: float | None = None,
+    ) -> Node:
+        """Declare a device and its fields."""
+        if node_id in self.nodes:
+            raise ValueError(f"device {node_id!r} already exists")
+        node = Node(node_id, name, driver, stale_after)
+        node.health = HealthState(Health.STARTING, "not started yet", time.time())
+        for spec in fields:
+            node.fields[spec.name] = Field(node, spec, deque(maxlen=self.history_size))
+        self.nodes[node_id] = node
+        return node
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach the hub to the event loop that owns it; pushes from other threads hop onto it."""
+        self._loop = loop
+        self._thread = threading.get_ident()
+
+    def subscribe(
+        self,
+        reading: ReadingListener | None = None,
+        health: HealthListener | None = None,
+    ) -> None:
+        """Call `reading(field, reading)` on each new reading, `health(node, old)` on health changes."""
+        if reading is not None:
+            self._reading_listeners.append(reading)
+        if health is not None:
+            self._health_listeners.append(health)
+
+    def unsubscribe(self, callback: Callable[..., None]) -> None:
+        """Stop calling a listener given to `subscribe`."""
+        for lst in (self._reading_listeners, self._health_listeners):
+            if callback in lst:
+                lst.remove(callback)
+
+    def set_writer(self, node_id: str, writer: Writer) -> None:
+        """Route writes for `node_id` to a driver's async `writer(field, value)`."""
+        self._writers[node_id] = writer
+
+    # ------------------------------------------------------------ lookups
+
+    def field(self, ref: str) -> Field:
+        """The field named `device.field`; UnknownField otherwise."""
+        node_id, dot, name = ref.partition(".")
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise UnknownField(f"no device {node_id!r}" + self._suggest(node_id, self.nodes))
+        if not dot or not name:
+            raise UnknownField(f"name a field of {node_id}: " + ", ".join(node.fields))
+        f = node.fields.get(name)
+        if f is None:
+            raise UnknownField(
+                f"{node_id} has no field {name!r}; it has: " + ", ".join(node.fields)
+            )
+        return f
+
+    def node(self, node_id: str) -> Node:
+        """The device `node_id`; UnknownField otherwise."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise UnknownField(f"no device {node_id!r}" + self._suggest(node_id, self.nodes))
+        return node
+
+    @staticmethod
+    def _suggest(name: str, known: Iterable[str]) -> str:
+        names = list(known)
+        return f"; devices: {', '.join(names)}" if names else "; no devices configured"
+
+    # ------------------------------------------------------------ driver side
+
+    def push(self, node_id: str, name: str, value: Any, at: float | None = None) -> None:
+        """Record a reading; safe to call from any thread. Bad values are logged and dropped."""
+        if self._loop is not None and threading.get_ident() != self._thread:
+            self._loop.call_soon_threadsafe(self._push, node_id, name, value, at)
+        else:
+            self._push(node_id, name, value, at)
+
+    def set_health(self, node_id: str, state: Health, reason: str = "") -> None:
+        """Set a device's health; safe to call from any thread."""
+        if self._loop is not None and threading.get_ident() != self._thread:
+            self._loop.call_soon_threadsafe(self._set_health, node_id, state, reason)
+        else:
+            self._set_health(node_id, state, reason)
+
+    def _push(self, node_id: str, name: str, value: Any, at: float | None) -> None:
+        node = self.nodes.get(node_id)
+        f = node.fields.get(name) if node else None
+        if f is None:
+            log.warning("reading for unknown field %s.%s dropped", node_id, name)
+            return
+        try:
+            v = coerce(f.spec.type, value)
+        except BadValue as e:
+            log.warning("%s: bad reading dropped: %s", f.ref, e)
+            return
+        now = time.time()
+        reading = Reading(v, now if at is None else at)
+        f.latest = reading
+        f.history.append(reading)
+        node.last_seen = now
+        if node.health.state in (Health.STALE, Health.STARTING):
+            self._set_health(node_id, Health.OK, "")
+        for listener in self._reading_listeners:
+            try:
+                listener(f, reading)
+            except Exception:
+                log.exception("reading listener failed for %s", f.ref)
+
+    def _set_health(self, node_id: str, state: Health, reason: str) -> None:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        old = node.health
+        if old.state is state and old.reason == reason:
+            return
+        node.health = HealthState(state, reason, time.time())
+        log.info("%s: %s", node_id, node.health.describe())
+        for listener in self._health_listeners:
+            try:
+                listener(node, old)
+            except Exception:
+                log.exception("health listener failed for %s", node_id)
+
+    def check_stale(self, now: float | None = None) -> None:
+        """Mark devices `stale` that have sent nothing for their `stale_after` seconds."""
+        now = time.time() if now is None else now
+        for node in self.nodes.values():
+            if node.stale_after is None or node.health.state not in (Health.OK, Health.STARTING):
+                continue
+            since = node.last_seen if node.last_seen is not None else node.health.since
+            if now - since > node.stale_after:
+                self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s")
+
+    async def watch_stale(self, every: float = 1.0) -> None:
+        """Run `check_stale` forever; start it as a task."""
+        while True:
+            await asyncio.sleep(every)
+            self.check_stale()
+
+    # ------------------------------------------------------------ writes
+
+    async def write(self, ref: str, raw: Any, actor: Actor) -> tuple[Value | None, Value]:
+        """Set a writable field on behalf of `actor`, after authorization and validation.
+
+        Returns (old, new): the latest value before the write and the value applied. Raises Forbidden, UnknownField, NotWritable,
+        BadValue or DeviceError; every attempt is audited.
+        """
+        try:
+            require(actor, Permission.SET)
+        except Forbidden as e:
+            self.audit.record(actor, ref, None, _printable(raw), "refused", str(e))
+            raise
+        f = self.field(ref)
+        old = f.latest.value if f.latest else None
+        if not f.spec.writable:
+            self.audit.record(actor, ref, old, _printable(raw), "refused", "not writable")
+            raise NotWritable(f"{ref} is read-only")
+        try:
+            value = coerce(f.spec.type, raw)
+            check_bounds(value, f.spec.min, f.spec.max)
+        except BadValue as e:
+            self.audit.record(actor, ref, old, _printable(raw), "refused", str(e))
+            raise BadValue(f"{ref} {e}") from None
+        writer = self._writers.get(f.node.id)
+        if writer is None:
+            self.audit.record(actor, ref, old, value, "failed", "device not running")
+            raise DeviceError(f"{f.node.id} is not running")
+        try:
+            await asyncio.wait_for(writer(f.name, value), WRITE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.audit.record(actor, ref, old, value, "failed", "device did not answer")
+            raise DeviceError(f"{f.node.id} did not confirm within {WRITE_TIMEOUT:g} s") from None
+        except Exception as e:
+            self.audit.record(actor, ref, old, value, "failed", str(e))
+            raise DeviceError(f"{f.node.id} refused the write: {e}") from None
+        self.audit.record(actor, ref, old, value, "applied")
+        return old, value
+
+
+def _printable(raw: Any) -> Any:
+    text = str(raw)
+    return text if len(text) <= 40 else text[:40] + "…"

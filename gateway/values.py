@@ -1,0 +1,108 @@
+"""Typed field values: parsing what a user or a device sent, and showing it back."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+Value = bool | int | float | str
+
+TRUE_WORDS = {"on", "true", "1", "yes", "high", "open"}
+FALSE_WORDS = {"off", "false", "0", "no", "low", "closed"}
+MAX_STRING = 1024
+
+
+class BadValue(ValueError):
+    """A value that does not fit a field's type or bounds; the message says why."""
+
+
+def coerce(ftype: str, raw: Any) -> Value:
+    """Turn `raw` (text from a user or a device, or a Python value) into a value of `ftype`.
+
+    Raises BadValue with a message a user can act on.
+    """
+    if ftype == "boolean":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, (int, float)) and raw in (0, 1):
+            return bool(raw)
+        word = str(raw).strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise BadValue(f"expects on/off (or true/false, 1/0), got {_show(raw)}")
+    if ftype == "integer":
+        if isinstance(raw, bool):
+            raise BadValue(f"expects a whole number, got {_show(raw)}")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float):
+            if raw.is_integer():
+                return int(raw)
+            raise BadValue(f"expects a whole number, got {_show(raw)}")
+        text = str(raw).strip()
+        try:
+            return int(text)
+        except ValueError:
+            raise BadValue(f"expects a whole number, got {_show(raw)}") from None
+    if ftype == "numeric":
+        if isinstance(raw, bool):
+            raise BadValue(f"expects a number, got {_show(raw)}")
+        if isinstance(raw, (int, float)):
+            val = float(raw)
+        else:
+            text = str(raw).strip()
+            try:
+                val = float(text)
+            except ValueError:
+                raise BadValue(f"expects a number, got {_show(raw)}") from None
+        if not math.isfinite(val):
+            raise BadValue(f"expects a finite number, got {_show(raw)}")
+        return val
+    if ftype == "string":
+        text = raw if isinstance(raw, str) else str(raw)
+        if len(text) > MAX_STRING:
+            raise BadValue(f"text longer than {MAX_STRING} characters")
+        return text
+    raise BadValue(f"unknown field type {ftype!r}")
+
+
+def check_bounds(value: Value, lo: float | None, hi: float | None) -> None:
+    """Raise BadValue when a numeric value lies outside [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if lo is not None and value < lo:
+        raise BadValue(f"{fmt(value)} is below the minimum {fmt(lo)}")
+    if hi is not None and value > hi:
+        raise BadValue(f"{fmt(value)} is above the maximum {fmt(hi)}")
+
+
+def fmt(value: Value | None, decimals: int | None = None) -> str:
+    """Show a value the way a person reads it: on/off, trimmed numbers."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        if decimals is not None:
+            return f"{value:.{decimals}f}"
+        return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.6e}"
+    return str(value)
+
+
+def age(seconds: float) -> str:
+    """A short human age: 3 s, 5 min, 2 h, 4 d."""
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.0f} min"
+    if s < 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def _show(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "...'"

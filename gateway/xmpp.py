@@ -1,0 +1,253 @@
+"""The gateway's XMPP session (slixmpp): roster, presence, chat commands.
+
+It listens to the hub and talks to contacts; it never imports a driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections import OrderedDict
+
+import slixmpp
+from slixmpp.stanza import Message, Presence
+
+from .auth import Actor
+from .commands import Commands
+from .config import Config
+from .hub import HealthState, Hub, Node
+
+log = logging.getLogger("iot_gateway.xmpp")
+
+STRANGER_REPLY = "This gateway only answers its configured contacts."
+STRANGER_MEMORY = 1000  # JIDs remembered so each stranger gets the refusal once
+PRESENCE_MIN_GAP = 2.0  # seconds between presence updates, so a flapping device cannot flood
+MAX_BODY = 4096
+RECONNECT_MAX = 60.0
+
+
+def health_summary(name: str, hub: Hub) -> tuple[str | None, str]:
+    """(show, status) for the gateway's presence from the devices' health."""
+    nodes = list(hub.nodes.values())
+    bad = [n for n in nodes if not n.health.healthy]
+    ok = len(nodes) - len(bad)
+    if not bad:
+        return None, f"{name}: {ok}/{len(nodes)} devices OK"
+    details = " · ".join(f"{n.id}: {n.health.describe()}" for n in bad)
+    show = "xa" if ok == 0 else "away"
+    return show, f"{name}: {ok}/{len(nodes)} OK · {details}"
+
+
+class Session:
+    """One XMPP client connection for the gateway; reconnects until stopped."""
+
+    def __init__(self, config: Config, hub: Hub, commands: Commands, password: str):
+        if config.xmpp is None:
+            raise ValueError("no [xmpp] section in the config")
+        self.config = config
+        self.xcfg = config.xmpp
+        self.hub = hub
+        self.commands = commands
+        self.online = asyncio.Event()
+        self._stopping = False
+        self._strangers: OrderedDict[str, None] = OrderedDict()
+        self._presence_task: asyncio.Task[None] | None = None
+        self._last_presence = 0.0
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._attempt = 0
+
+        c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password)
+        self.client = c
+        for plugin in ("xep_0030", "xep_0092", "xep_0199", "xep_0203"):
+            c.register_plugin(plugin)
+        c.plugin["xep_0030"].add_identity(category="client", itype="bot", name=config.gateway.name)
+        c.plugin["xep_0092"].software_name = "iot-gateway"
+        c.plugin["xep_0092"].version = _version()
+        if self.xcfg.ca_file is not None:
+            c.ca_certs = self.xcfg.ca_file
+        if not self.xcfg.tls_verify:
+            log.warning("TLS certificate verification is OFF (allowed for a loopback server only)")
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            c.ssl_context = ctx
+        if self.xcfg.address is not None:
+            c.enable_direct_tls = self.xcfg.direct_tls
+            c.enable_starttls = not self.xcfg.direct_tls
+        c.auto_authorize = None  # we decide: contacts yes, everyone else no
+        c.auto_subscribe = False
+        c.add_event_handler("session_start", self._on_session_start)
+        c.add_event_handler("message", self._on_message)
+        c.add_event_handler("presence_subscribe", self._on_subscribe)
+        c.add_event_handler("disconnected", self._on_disconnected)
+        c.add_event_handler("failed_auth", self._on_failed_auth)
+        c.add_event_handler("connection_failed", self._on_connection_failed)
+        hub.subscribe(health=self._on_health)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def connect(self) -> None:
+        """Start connecting; `online` is set once the session is up."""
+        self._stopping = False
+        addr = self.xcfg.address
+        if addr is None:
+            self.client.connect()
+        else:
+            self.client.connect(addr[0], addr[1])
+
+    async def stop(self) -> None:
+        """Say goodbye and disconnect; no reconnect afterwards."""
+        self._stopping = True
+        self.hub.unsubscribe(self._on_health)
+        for task in (self._presence_task, self._reconnect_task):
+            if task is not None:
+                task.cancel()
+        self.client.cancel_connection_attempt()
+        if self.online.is_set():
+            self.online.clear()
+            try:
+                self.client.send_presence(ptype="unavailable", pstatus="Gateway stopping")
+                await asyncio.wait_for(self.client.disconnect(wait=1.0), 3)
+            except (asyncio.TimeoutError, Exception):
+                self.client.abort()
+        else:
+            self.client.abort()
+
+    async def _on_session_start(self, _event: object) -> None:
+        self._attempt = 0
+        c = self.client
+        c.plugin["xep_0199"].enable_keepalive(interval=self.xcfg.keepalive, timeout=30)
+        self._send_presence()
+        try:
+            await c.get_roster(timeout=15)
+        except Exception as e:
+            log.warning("could not fetch the roster: %s", e)
+        self._sync_roster()
+        log.info("online as %s", c.boundjid)
+        self.online.set()
+
+    def _on_disconnected(self, reason: object) -> None:
+        self.online.clear()
+        if self._stopping:
+            return
+        log.warning("disconnected from the XMPP server: %s", reason)
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        self._attempt += 1
+        delay = min(RECONNECT_MAX, 2 ** min(self._attempt, 6)) * random.uniform(0.5, 1.0)
+        log.info("reconnecting in %.1f s", delay)
+        await asyncio.sleep(delay)
+        if not self._stopping:
+            self.connect()
+
+    def _on_failed_auth(self, _event: object) -> None:
+        log.error("the XMPP server refused the gateway's password for %s", self.xcfg.jid)
+
+    def _on_connection_failed(self, err: object) -> None:
+        log.warning("cannot reach the XMPP server: %s", err)
+
+    # ------------------------------------------------------------ roster
+
+    def _sync_roster(self) -> None:
+        """Subscribe to every contact; drop roster entries that are not contacts."""
+        roster = self.client.client_roster
+        wanted = {c.jid for c in self.config.contacts}
+        for jid in list(roster.keys()):
+            bare = str(jid).lower()
+            if bare not in wanted and bare != self.xcfg.jid.lower():
+                log.info("removing %s from the roster: not a configured contact", bare)
+                self.client.del_roster_item(bare)
+        for jid in wanted:
+            item = roster[jid]
+            if not item["to"] and not item["pending_out"]:
+                item.subscribe()
+            if item["pending_in"] and not item["from"]:
+                item.authorize()
+
+    def _on_subscribe(self, pres: Presence) -> None:
+        bare = pres["from"].bare.lower()
+        item = self.client.client_roster[bare]
+        if self.config.contact(bare) is None:
+            log.info("refused presence subscription from stranger %s", bare)
+            item.unauthorize()
+            return
+        item.authorize()
+        if not item["to"] and not item["pending_out"]:
+            item.subscribe()
+
+    # ------------------------------------------------------------ presence
+
+    def _on_health(self, node: Node, old: HealthState) -> None:
+        if not self.online.is_set():
+            return
+        if self._presence_task is None or self._presence_task.done():
+            self._presence_task = asyncio.ensure_future(self._debounced_presence())
+
+    async def _debounced_presence(self) -> None:
+        wait = self._last_presence + PRESENCE_MIN_GAP - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        # A short settle so a burst of changes goes out as one presence.
+        await asyncio.sleep(0.2)
+        if self.online.is_set():
+            self._send_presence()
+
+    def _send_presence(self) -> None:
+        show, status = health_summary(self.config.gateway.name, self.hub)
+        kwargs = {"pstatus": status}
+        if show:
+            kwargs["pshow"] = show
+        self.client.send_presence(**kwargs)
+        self._last_presence = time.monotonic()
+
+    # ------------------------------------------------------------ chat
+
+    async def _on_message(self, msg: Message) -> None:
+        if msg["type"] not in ("chat", "normal"):
+            return
+        body = msg["body"]
+        if not body:
+            return  # chat states, receipts and the like
+        sender = msg["from"].bare.lower()
+        contact = self.config.contact(sender)
+        if contact is None:
+            self._refuse_stranger(msg, sender)
+            return
+        if msg["delay"]["stamp"] is not None:
+            # Sent while the gateway was offline: acting on it now could flip an
+            # actuator long after the sender meant to.
+            msg.reply("Ignored a command sent while the gateway was offline; send it again.").send()
+            return
+        if len(body.encode()) > MAX_BODY:
+            msg.reply(f"Message too long (over {MAX_BODY} bytes).").send()
+            return
+        actor = Actor(sender, contact.role, "chat")
+        try:
+            reply = await self.commands.run(body.strip(), actor)
+        except Exception:
+            log.exception("command %r from %s failed", body[:100], sender)
+            reply = "Internal error while running that command; it has been logged."
+        msg.reply(reply).send()
+
+    def _refuse_stranger(self, msg: Message, sender: str) -> None:
+        log.info("ignored a message from stranger %s", sender)
+        if sender in self._strangers:
+            return
+        self._strangers[sender] = None
+        if len(self._strangers) > STRANGER_MEMORY:
+            self._strangers.popitem(last=False)
+        msg.reply(STRANGER_REPLY).send()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("iot-gateway")
+    except Exception:
+        return "0"

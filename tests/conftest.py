@@ -1,0 +1,125 @@
+"""Shared fixtures: a real Prosody and Mosquitto on loopback for the whole run."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.commands import Commands
+from gateway.config import Config, parse
+from gateway.localservers import Mosquitto, Prosody
+from gateway.xmpp import Session
+from tests.peer import Peer
+
+USERS = {
+    "gateway": None,
+    "alice": "admin",
+    "olive": "operator",
+    "victor": "viewer",
+    "mallory": None,  # a stranger: has an account, is not a contact
+}
+
+
+@dataclass
+class XmppServer:
+    """The suite's Prosody and the passwords of its accounts."""
+
+    prosody: Prosody
+    passwords: dict[str, str]
+
+    def jid(self, user: str) -> str:
+        return f"{user}@{self.prosody.domain}"
+
+    def peer(self, user: str) -> Peer:
+        return Peer(self.jid(user), self.passwords[user], self.prosody.address, self.prosody.ca_file)
+
+
+@pytest.fixture(scope="session")
+def xmpp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XmppServer]:
+    prosody = Prosody(tmp_path_factory.mktemp("prosody"))
+    passwords = {}
+    for user in USERS:
+        passwords[user] = secrets.token_urlsafe(12)
+        prosody.register(user, passwords[user])
+    prosody.start()
+    yield XmppServer(prosody, passwords)
+    prosody.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def gateway_config(server: XmppServer, tmp_path: Path, devices: list[dict[str, Any]] | None = None, **extra: Any) -> Config:
+    """A config for the suite's Prosody with alice/olive/victor as admin/operator/viewer."""
+    data: dict[str, Any] = {
+        "gateway": {"name": "Test GW", "state_dir": str(tmp_path / "state")},
+        "xmpp": {
+            "jid": server.jid("gateway"),
+            "password": server.passwords["gateway"],
+            "server": server.prosody.address,
+            "ca_file": str(server.prosody.ca_file),
+        },
+        "contacts": [
+            {"jid": server.jid(u), "role": r} for u, r in USERS.items() if r is not None
+        ],
+        "devices": devices
+        if devices is not None
+        else [
+            {
+                "id": "sim",
+                "driver": "simulated",
+                "interval": 0.2,
+                "fields": [
+                    {"name": "temp", "unit": "°C", "decimals": 1, "noise": 0},
+                    {"name": "relay", "type": "boolean", "writable": True},
+                    {"name": "speed", "type": "integer", "writable": True, "min": 0, "max": 100},
+                ],
+            }
+        ],
+    }
+    data.update(extra)
+    return parse(data)
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    session: Session
+    jid: str
+
+
+@pytest.fixture
+async def running_gateway(xmpp_server: XmppServer, tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    """The gateway with one simulated device, online on the suite's Prosody."""
+    config = gateway_config(xmpp_server, tmp_path)
+    gw = Gateway(config)
+    await gw.start()
+    session = Session(config, gw.hub, Commands(gw.hub, config.gateway.name), xmpp_server.passwords["gateway"])
+    session.connect()
+    await asyncio.wait_for(session.online.wait(), 10)
+    yield RunningGateway(gw, session, xmpp_server.jid("gateway"))
+    await session.stop()
+    await gw.stop()
+
+
+@pytest.fixture
+async def peers(xmpp_server: XmppServer) -> AsyncIterator[dict[str, Peer]]:
+    """Connected clients for alice (admin), olive (operator), victor (viewer), mallory (stranger)."""
+    started: dict[str, Peer] = {}
+    for user in ("alice", "olive", "victor", "mallory"):
+        started[user] = await xmpp_server.peer(user).start()
+    yield started
+    for p in started.values():
+        await p.stop()

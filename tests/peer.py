@@ -1,0 +1,89 @@
+"""A plain XMPP client for tests: what a person's phone would be."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import slixmpp
+
+TIMEOUT = 10.0
+
+
+class Peer:
+    """A slixmpp client that records the messages and presences it receives."""
+
+    def __init__(self, jid: str, password: str, address: str, ca_file: Path):
+        self.client = slixmpp.ClientXMPP(jid, password)
+        self.client.register_plugin("xep_0030")
+        self.client.register_plugin("xep_0199")
+        self.client.ca_certs = ca_file
+        self.client.enable_direct_tls = False
+        self.client.auto_authorize = True
+        self.client.auto_subscribe = False
+        host, port = address.rsplit(":", 1)
+        self.address = (host, int(port))
+        self.messages: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+        self.presences: list[slixmpp.Presence] = []
+        self.presence_event = asyncio.Event()
+        self._started = asyncio.Event()
+        self.client.add_event_handler("session_start", self._on_start)
+        self.client.add_event_handler("message", self._on_message)
+        self.client.add_event_handler("presence", self._on_presence)
+
+    @property
+    def jid(self) -> str:
+        return self.client.boundjid.bare
+
+    async def _on_start(self, _e: object) -> None:
+        self.client.send_presence()
+        await self.client.get_roster()
+        self._started.set()
+
+    def _on_message(self, msg: slixmpp.Message) -> None:
+        if msg["type"] in ("chat", "normal", "error") and msg["body"]:
+            self.messages.put_nowait(msg)
+
+    def _on_presence(self, pres: slixmpp.Presence) -> None:
+        self.presences.append(pres)
+        self.presence_event.set()
+
+    async def start(self) -> "Peer":
+        self.client.connect(*self.address)
+        await asyncio.wait_for(self._started.wait(), TIMEOUT)
+        return self
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.disconnect(wait=0.5), 3)
+        except Exception:
+            self.client.abort()
+
+    def drain(self) -> None:
+        """Forget messages received so far."""
+        while not self.messages.empty():
+            self.messages.get_nowait()
+
+    async def ask(self, to: str, body: str, timeout: float = TIMEOUT) -> str:
+        """Send a chat message and return the body of the next message from `to`."""
+        self.drain()
+        self.client.send_message(mto=to, mbody=body, mtype="chat")
+        return await self.reply_from(to, timeout)
+
+    async def reply_from(self, frm: str, timeout: float = TIMEOUT) -> str:
+        """The body of the next chat message from the bare JID `frm`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.messages.get()
+                if msg["from"].bare == frm:
+                    return msg["body"]
+
+    async def presence_from(self, frm: str, pred=lambda p: True, timeout: float = TIMEOUT) -> slixmpp.Presence:
+        """Wait for a presence from `frm` matching `pred` (already received ones count)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for p in self.presences:
+                    if p["from"].bare == frm and pred(p):
+                        return p
+                self.presence_event.clear()
+                await self.presence_event.wait()
