@@ -8,8 +8,13 @@ import logging
 
 from devices import Context, Driver, driver_class
 
+from .commands import Commands
 from .config import Config
+from .history import HistoryStore
 from .hub import FieldSpec, Health, Hub
+from .reverts import Reverts
+from .state import StateDir
+from .watches import Watches
 
 log = logging.getLogger("iot_gateway")
 
@@ -42,12 +47,24 @@ class Gateway:
         self.config = config
         self.hub = build_hub(config)
         self.ctx = Context(self.hub, config)
+        self.state = StateDir(config.gateway.state_dir)
+        self.watches = Watches(self.hub, config, self.state)
+        self.reverts = Reverts(self.hub, self.state)
+        self.history = HistoryStore(
+            self.hub, self.state.path / "history.db", config.gateway.retention_seconds
+        )
+        self.commands = Commands(self.hub, config.gateway.name, self.watches, self.reverts)
         self.drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Bind the hub to this loop and start every driver; one failing device does not stop the rest."""
+        """Load state, then start every driver; one failing device does not stop the rest."""
         self.hub.bind(asyncio.get_running_loop())
+        try:
+            self.state.ensure()
+            await self.history.start()
+        except OSError as e:
+            log.error("state folder %s unusable (%s): history will not persist", self.state.path, e)
         for d in self.config.devices:
             try:
                 driver = driver_class(d.driver)(d, self.ctx)
@@ -59,6 +76,7 @@ class Gateway:
                 continue
             if any(f.writable for f in d.fields):
                 self.hub.set_writer(d.id, driver.write)
+        self.reverts.start()
         self._tasks.append(asyncio.create_task(self.hub.watch_stale(), name="stale-check"))
 
     async def stop(self) -> None:
@@ -68,9 +86,14 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self.reverts.stop()
         for dev_id, driver in reversed(list(self.drivers.items())):
             try:
                 await asyncio.wait_for(driver.stop(), 5)
             except Exception:
                 log.exception("%s: error while stopping", dev_id)
         self.drivers.clear()
+        try:
+            await self.history.stop()
+        except Exception:
+            log.exception("could not flush history")

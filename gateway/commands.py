@@ -1,7 +1,9 @@
-"""The chat command engine, shared by XMPP chat and the console.
+"""The chat command engine, shared by XMPP chat, rooms and the console.
 
 `Commands.run(text, actor)` returns the reply text. Every command has a
-minimum role; a refusal says which role it needs.
+minimum role; a refusal says which role it needs. Replies with several rows
+put the rows in an XEP-0393 preformatted block so columns line up in
+Conversations, Gajim and Dino.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ from dataclasses import dataclass
 
 from .auth import Actor, Forbidden, Permission, allowed, require
 from .hub import Field, Hub, HubError, Node
-from .values import BadValue, age, fmt
+from .reverts import Reverts
+from .values import BadValue, age, fmt, parse_duration
+from .watches import Watches, WatchError
 
 MAX_COMMAND = 1024
 HISTORY_DEFAULT = 10
 HISTORY_MAX = 100
+HISTORY_SHOWN = 5  # readings listed under a windowed history summary
+LOG_DEFAULT = 10
+MAX_TIMED = 7 * 86400.0  # longest `set ... for D`
 
 
 @dataclass(frozen=True)
@@ -33,41 +40,57 @@ class Command:
     precheck: bool = True
 
 
+class UsageError(Exception):
+    """A command given the wrong arguments."""
+
+
 class Commands:
     """Parses one line of chat and answers it from the hub."""
 
-    def __init__(self, hub: Hub, name: str = "IoT gateway"):
+    def __init__(
+        self,
+        hub: Hub,
+        name: str = "IoT gateway",
+        watches: Watches | None = None,
+        reverts: Reverts | None = None,
+    ):
         self.hub = hub
         self.name = name
+        self.watches = watches
+        self.reverts = reverts
 
-    async def run(self, text: str, actor: Actor) -> str:
-        """Answer one command line on behalf of `actor`."""
+    async def run(self, text: str, actor: Actor, styled: bool = True) -> str:
+        """Answer one command line on behalf of `actor`.
+
+        With `styled`, the rows of a multi-row reply go in a preformatted block.
+        """
         if len(text) > MAX_COMMAND:
             return f"Command too long (over {MAX_COMMAND} characters)."
         words = text.split()
         if not words:
             return "Type help for the list of commands."
         cmd = COMMANDS.get(words[0].lower())
-        if cmd is None:
+        if cmd is None or (cmd.name in ("watch", "watches", "unwatch", "ack") and self.watches is None):
             return f"Unknown command {_clip(words[0])!r}. Type help for the list of commands."
         try:
             if cmd.precheck:
                 require(actor, cmd.perm)
-            return await cmd.handler(self, words[1:], actor)
+            reply = await cmd.handler(self, words[1:], actor)
         except Forbidden as e:
             return f"Refused: {e}."
-        except (HubError, BadValue) as e:
-            return f"Error: {e}."
+        except (HubError, BadValue, WatchError) as e:
+            return f"Error: {str(e).rstrip('.')}."
         except UsageError as e:
             return f"{e}. Usage: {cmd.usage}"
+        return block(reply) if styled else reply
 
     # ------------------------------------------------------------ commands
 
     async def help(self, args: list[str], actor: Actor) -> str:
         lines = [f"{self.name} commands (you are {actor.role}):"]
         for c in COMMANDS.values():
-            if allowed(actor.role, c.perm):
-                lines.append(f"  {c.usage} — {c.about}")
+            if allowed(actor.role, c.perm) and (self.watches or c.name not in WATCH_COMMANDS):
+                lines.append(f"{c.usage} — {c.about}")
         return "\n".join(lines)
 
     async def status(self, args: list[str], actor: Actor) -> str:
@@ -75,17 +98,21 @@ class Commands:
         ok = sum(1 for n in nodes if n.health.healthy)
         lines = [f"{self.name}: {ok}/{len(nodes)} devices OK"]
         now = time.time()
+        width = max((len(n.id) for n in nodes), default=0)
         for n in nodes:
             seen = f", last data {age(now - n.last_seen)} ago" if n.last_seen else ""
-            lines.append(f"  {n.id}: {n.health.describe()}{seen}")
+            lines.append(f"{n.id:<{width}}  {n.health.describe()}{seen}")
+        if self.reverts and self.reverts.pending:
+            for r in self.reverts.pending.values():
+                lines.append(f"pending: {r.ref} back to {fmt(r.value)} in {age(r.due - now)} (set by {r.jid})")
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:
         if not self.hub.nodes:
             return "No devices configured."
-        lines = []
+        lines = [f"{len(self.hub.nodes)} devices:"]
         for n in self.hub.nodes.values():
-            lines.append(f"{n.id} ({n.driver}{', ' + n.name if n.name != n.id else ''}):")
+            lines.append(f"{n.id} ({n.driver}{', ' + n.name if n.name != n.id else ''})")
             for f in n.fields.values():
                 lines.append(f"  {f.ref} — {_describe(f)}")
         return "\n".join(lines)
@@ -98,51 +125,138 @@ class Commands:
             fields = [f for n in self.hub.nodes.values() for f in n.fields.values()]
             if not fields:
                 return "No devices configured."
-            return "\n".join(_reading_line(f, now) for f in fields)
+            return f"{len(fields)} values:\n" + _table(fields, now)
         target = args[0]
         if "." in target:
             return _reading_line(self.hub.field(target), now)
         node = self.hub.node(target)
-        return "\n".join(_reading_line(f, now) for f in node.fields.values())
+        return f"{node.id}: {node.health.describe()}\n" + _table(list(node.fields.values()), now)
 
     async def set(self, args: list[str], actor: Actor) -> str:
+        seconds = None
+        if len(args) >= 4 and args[-2].lower() == "for":
+            if self.reverts is None:
+                raise UsageError("Timed sets need the gateway's state folder")
+            seconds = parse_duration(args[-1])
+            if seconds > MAX_TIMED:
+                raise BadValue(f"{args[-1]} is longer than the 7 days a timed set may last")
+            args = args[:-2]
         if len(args) < 2:
             raise UsageError("Say which field and which value")
         ref, raw = args[0], " ".join(args[1:])
         old, value = await self.hub.write(ref, raw, actor)
         f = self.hub.field(ref)
         unit = f" {f.spec.unit}" if f.spec.unit else ""
-        return f"{ref}: {fmt(old, f.spec.decimals)} → {fmt(value, f.spec.decimals)}{unit}"
+        text = f"{ref}: {fmt(old, f.spec.decimals)} → {fmt(value, f.spec.decimals)}{unit}"
+        if seconds is not None and self.reverts is not None:
+            back = self.reverts.pending[ref].value if ref in self.reverts.pending else old
+            self.reverts.add(ref, back, seconds, actor)
+            text += f", back to {fmt(back, f.spec.decimals)} in {age(seconds)}"
+        elif self.reverts is not None and self.reverts.cancel(ref) is not None:
+            text += " (the pending timed revert is cancelled)"
+        return text
 
     async def history(self, args: list[str], actor: Actor) -> str:
         if not args or len(args) > 2:
             raise UsageError("Say which field")
         f = self.hub.field(args[0])
-        n = HISTORY_DEFAULT
-        if len(args) == 2:
-            if not args[1].isdigit() or not 1 <= int(args[1]) <= HISTORY_MAX:
-                raise UsageError(f"The count must be a whole number from 1 to {HISTORY_MAX}")
-            n = int(args[1])
-        readings = list(f.history)[-n:]
-        if not readings:
-            return f"{f.ref}: no readings yet."
-        unit = f" {f.spec.unit}" if f.spec.unit else ""
         now = time.time()
-        lines = [f"{f.ref}: last {len(readings)} of {len(f.history)} readings"]
+        unit = f" {f.spec.unit}" if f.spec.unit else ""
+        d = f.spec.decimals
+        if len(args) == 2 and not args[1].isdigit():
+            window = parse_duration(args[1])
+            readings = [r for r in f.history if r.time >= now - window]
+            if not readings:
+                return f"{f.ref}: no readings in the last {args[1]}."
+            title = f"{f.ref} over the last {args[1]}: {len(readings)} readings"
+            shown = readings[-HISTORY_SHOWN:]
+        else:
+            n = HISTORY_DEFAULT
+            if len(args) == 2:
+                if not 1 <= int(args[1]) <= HISTORY_MAX:
+                    raise UsageError(f"The count must be a whole number from 1 to {HISTORY_MAX}")
+                n = int(args[1])
+            readings = list(f.history)[-n:]
+            if not readings:
+                return f"{f.ref}: no readings yet."
+            title = f"{f.ref}: last {len(readings)} of {len(f.history)} readings"
+            shown = readings
+        lines = [title]
         nums = [r.value for r in readings if isinstance(r.value, (int, float)) and not isinstance(r.value, bool)]
         if nums:
-            d = f.spec.decimals
             lines.append(
-                f"  min {fmt(min(nums), d)}, avg {fmt(statistics.fmean(nums), d)},"
-                f" max {fmt(max(nums), d)}{unit}"
+                f"min {fmt(min(nums), d)}, avg {fmt(statistics.fmean(nums), d)},"
+                f" max {fmt(max(nums), d)}, last {fmt(readings[-1].value, d)}{unit}"
             )
-        for r in reversed(readings):
-            lines.append(f"  {fmt(r.value, f.spec.decimals)}{unit}  ({age(now - r.time)} ago)")
+        for r in reversed(shown):
+            lines.append(f"{fmt(r.value, d):>10}{unit}  {age(now - r.time)} ago")
+        return "\n".join(lines)
+
+    async def watch(self, args: list[str], actor: Actor) -> str:
+        assert self.watches is not None
+        w = self.watches.add(self.watches.parse(actor.jid, args))
+        state = " (firing now)" if w.firing else ""
+        return f"Watch #{w.id} set: {w.describe()}{state}. Remove it with: unwatch {w.id}"
+
+    async def watches_(self, args: list[str], actor: Actor) -> str:
+        assert self.watches is not None
+        ws = self.watches.visible(actor.jid, actor.role == "admin")
+        if not ws:
+            return "No watches. Add one like: watch device.field > 30"
+        lines = [f"{len(ws)} watches:"]
+        for w in ws:
+            state = "FIRING" + (" (acked)" if w.acked else "") if w.firing else "ok"
+            owner = f"  [{w.owner}]" if w.owner != actor.jid else ""
+            lines.append(f"#{w.id:<3} {w.describe()}  — {state}{owner}")
+        return "\n".join(lines)
+
+    async def unwatch(self, args: list[str], actor: Actor) -> str:
+        assert self.watches is not None
+        w = self.watches.remove(_watch_id(args), actor.jid, actor.role == "admin")
+        return f"Watch #{w.id} removed: {w.describe()}"
+
+    async def ack(self, args: list[str], actor: Actor) -> str:
+        assert self.watches is not None
+        w = self.watches.ack(_watch_id(args), actor.jid, actor.role == "admin")
+        return f"Watch #{w.id} acknowledged: silent until it clears."
+
+    async def log(self, args: list[str], actor: Actor) -> str:
+        if len(args) > 1:
+            raise UsageError("Too many arguments")
+        entries = list(self.hub.audit.entries)
+        if args:
+            target = args[0]
+            if "." in target:
+                self.hub.field(target)
+                entries = [e for e in entries if e.ref == target]
+            else:
+                self.hub.node(target)
+                entries = [e for e in entries if e.ref.split(".", 1)[0] == target]
+        entries = entries[-LOG_DEFAULT:]
+        if not entries:
+            return "No actuator changes recorded" + (f" for {args[0]}." if args else ".")
+        now = time.time()
+        lines = [f"Last {len(entries)} actuator changes and attempts:"]
+        for e in reversed(entries):
+            lines.append(f"{age(now - e.time)} ago  {e.line()}")
         return "\n".join(lines)
 
 
-class UsageError(Exception):
-    """A command given the wrong arguments."""
+WATCH_COMMANDS = {"watch", "watches", "unwatch", "ack"}
+
+
+def block(reply: str) -> str:
+    """Put the rows of a multi-row reply (after its title line) in a ``` block (XEP-0393)."""
+    lines = reply.split("\n")
+    if len(lines) < 3:
+        return reply
+    return lines[0] + "\n```\n" + "\n".join(lines[1:]) + "\n```"
+
+
+def _watch_id(args: list[str]) -> int:
+    if len(args) != 1 or not args[0].lstrip("#").isdigit():
+        raise UsageError("Give the watch number, as listed by watches")
+    return int(args[0].lstrip("#"))
 
 
 def _clip(text: str, n: int = 30) -> str:
@@ -162,39 +276,65 @@ def _describe(f: Field) -> str:
     return ", ".join(parts)
 
 
-def _reading_line(f: Field, now: float) -> str:
-    node: Node = f.node
-    flag = "" if node.health.healthy else f" [{node.health.describe()}]"
+def _value(f: Field) -> str:
     if f.latest is None:
-        return f"{f.ref}: no reading yet{flag}"
+        return "no reading yet"
     unit = f" {f.spec.unit}" if f.spec.unit else ""
-    value = fmt(f.latest.value, f.spec.decimals)
-    return f"{f.ref} = {value}{unit} ({age(now - f.latest.time)} ago){flag}"
+    return f"{fmt(f.latest.value, f.spec.decimals)}{unit}"
+
+
+def _flag(node: Node) -> str:
+    return "" if node.health.healthy else f" [{node.health.describe()}]"
+
+
+def _reading_line(f: Field, now: float) -> str:
+    if f.latest is None:
+        return f"{f.ref}: no reading yet{_flag(f.node)}"
+    return f"{f.ref} = {_value(f)} ({age(now - f.latest.time)} ago){_flag(f.node)}"
+
+
+def _table(fields: list[Field], now: float) -> str:
+    width = max(len(f.ref) for f in fields)
+    vwidth = max(len(_value(f)) for f in fields)
+    rows = []
+    for f in fields:
+        when = f"{age(now - f.latest.time)} ago" if f.latest else ""
+        rows.append(f"{f.ref:<{width}}  {_value(f):>{vwidth}}  {when}{_flag(f.node)}".rstrip())
+    return "\n".join(rows)
 
 
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in [
         Command("help", Permission.READ, "help", "this list", Commands.help),
-        Command("status", Permission.READ, "status", "device health", Commands.status),
+        Command("status", Permission.READ, "status", "device health and pending timed sets", Commands.status),
         Command("list", Permission.READ, "list", "devices and their fields", Commands.list),
-        Command(
-            "read", Permission.READ, "read [device[.field]]", "latest values", Commands.read
-        ),
+        Command("read", Permission.READ, "read [device[.field]]", "latest values", Commands.read),
         Command(
             "set",
             Permission.SET,
-            "set device.field value",
-            "switch or set a writable field (on/off, a number, text)",
+            "set device.field value [for 10m]",
+            "set a writable field (on/off, a number, text); with `for`, it goes back afterwards",
             Commands.set,
             precheck=False,
         ),
         Command(
             "history",
             Permission.READ,
-            "history device.field [n]",
-            f"the last n readings (default {HISTORY_DEFAULT}) with min/avg/max",
+            "history device.field [n | 15m | 6h | 2d]",
+            f"the last n readings (default {HISTORY_DEFAULT}), or a time window, with min/avg/max",
             Commands.history,
         ),
+        Command(
+            "watch",
+            Permission.READ,
+            "watch device.field > 30 [hysteresis 0.5] [interval 5m] | device.field change | device offline",
+            "get a message when it happens and when it clears",
+            Commands.watch,
+        ),
+        Command("watches", Permission.READ, "watches", "your watches and whether they fire", Commands.watches_),
+        Command("unwatch", Permission.READ, "unwatch ID", "remove a watch", Commands.unwatch),
+        Command("ack", Permission.READ, "ack ID", "silence a firing watch until it clears", Commands.ack),
+        Command("log", Permission.READ, "log [device[.field]]", "recent actuator changes and refused attempts", Commands.log),
     ]
 }

@@ -8,6 +8,7 @@ not pass silently. `load()` reads a file and returns a `Config`, or raises
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import os
 import re
@@ -24,6 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from .values import parse_duration
 
 ID_PATTERN = r"^[a-z0-9_-]+$"
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
@@ -57,6 +60,24 @@ class GatewaySection(Strict):
     history_size: int = Field(1000, ge=1, le=1_000_000)
     state_dir: Path = Path("/var/lib/iot-gateway")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    retention: str | None = None
+    rate_limit: int = Field(20, ge=1, le=10_000)
+    rate_window: float = Field(10.0, gt=0, le=3600)
+
+    @field_validator("retention")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_duration(v)
+            except ValueError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def retention_seconds(self) -> float | None:
+        """`retention` in seconds, or None to keep readings up to `history_size` only."""
+        return parse_duration(self.retention) if self.retention else None
 
 
 class XmppSection(Strict):
@@ -72,8 +93,16 @@ class XmppSection(Strict):
     resource: str = "gateway"
     keepalive: int = Field(60, ge=5, le=3600)
     rooms: list[str] = []
-    nick: str | None = None
+    nick: str = Field("gw", min_length=1, max_length=64)
     room_password: str | None = None
+
+    @field_validator("rooms")
+    @classmethod
+    def _room_jids(cls, v: list[str]) -> list[str]:
+        for room in v:
+            if not re.fullmatch(r"[^@/\s]+@[^@/\s]+", room):
+                raise ValueError(f"must be room JIDs like ops@conference.example.org, got {room!r}")
+        return v
 
     @field_validator("jid")
     @classmethod
@@ -140,7 +169,14 @@ class Contact(Strict):
 
     jid: str
     role: Role = "viewer"
-    alerts: Literal["all", "health", "none"] = "health"
+    alerts: Literal["all", "health", "none"] | None = None
+
+    @property
+    def alert_level(self) -> str:
+        """`alerts`, defaulting to health changes for admins and nothing for others."""
+        if self.alerts is not None:
+            return self.alerts
+        return "health" if self.role == "admin" else "none"
 
     @field_validator("jid")
     @classmethod
@@ -157,9 +193,10 @@ class MqttSection(Strict):
     username: str | None = None
     password: str | None = None
     password_file: Path | None = None
-    client_id: str | None = None
+    client_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
     keepalive: int = Field(60, ge=5, le=3600)
     ca_file: Path | None = None
+    command_timeout: float = Field(5.0, gt=0, le=9)
 
     @field_validator("url")
     @classmethod
@@ -167,6 +204,23 @@ class MqttSection(Strict):
         if not re.fullmatch(r"mqtts?://[^/:\s]+(:\d{1,5})?/?", v):
             raise ValueError(f"must be mqtt://host[:port] or mqtts://host[:port], got {v!r}")
         return v
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "MqttSection":
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either `password` or `password_file`, not both")
+        if (self.password is not None or self.password_file is not None) and not self.username:
+            raise ValueError("a broker password needs a `username`")
+        if self.ca_file is not None and not self.tls:
+            raise ValueError("`ca_file` only applies to an mqtts:// url")
+        return self
 
     @property
     def tls(self) -> bool:
@@ -185,6 +239,17 @@ class MqttSection(Strict):
         if ":" in rest:
             return int(rest.rsplit(":", 1)[1])
         return 8883 if self.tls else 1883
+
+    def resolve_password(self) -> str | None:
+        """The broker password: `password`, else the first line of `password_file`, else None."""
+        if self.password is not None:
+            return self.password
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError([f"mqtt.password_file: cannot read: {e.strerror}"]) from e
+        return None
 
 
 # ---------------------------------------------------------------- fields
@@ -225,15 +290,21 @@ class SimulatedField(FieldBase):
 
 
 class SerialField(FieldBase):
-    """A field of a `serial` device."""
+    """A field of a `serial` device.
 
-    key: str | None = None
+    `key` (default: the field's name) is the key of a `keyvalue` line, the
+    top-level key of a `json` line, or the group name of a `regex` pattern.
+    `json_path` (json only) reaches into nested objects and lists instead.
+    """
+
+    key: str | None = Field(None, min_length=1)
     json_path: str | None = None
     command: str | None = None
     payload_on: str | None = None
     payload_off: str | None = None
     ack_pattern: str | None = None
-    ack_timeout: float = Field(2.0, gt=0, le=60)
+    # Below the hub's 10 s limit for any write, so a missing reply is reported as ours.
+    ack_timeout: float = Field(2.0, gt=0, le=9)
 
     @field_validator("ack_pattern")
     @classmethod
@@ -245,13 +316,51 @@ class SerialField(FieldBase):
                 raise ValueError(f"not a valid regular expression: {e}") from e
         return v
 
+    @field_validator("json_path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(not part for part in v.split("."))):
+            raise ValueError(f"must be dotted keys like sensors.0.value, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _command_for_writable(self) -> "SerialField":
         if self.writable and not self.command:
             raise ValueError("a writable serial field needs a `command` template")
         if self.command and not self.writable:
             raise ValueError("`command` is set but the field is not writable = true")
+        if self.ack_pattern is not None and not self.writable:
+            raise ValueError("`ack_pattern` is set but the field is not writable = true")
+        if (self.payload_on is None) != (self.payload_off is None):
+            raise ValueError("give both `payload_on` and `payload_off`, or neither")
+        if self.payload_on is not None and self.type != "boolean":
+            raise ValueError("`payload_on`/`payload_off` only apply to boolean fields")
+        if self.payload_on is not None and self.payload_on == self.payload_off:
+            raise ValueError("`payload_on` and `payload_off` must differ")
         return self
+
+    @property
+    def source(self) -> str:
+        """Where the value is found in a line: `json_path`, else `key`, else the name."""
+        return self.json_path or self.key or self.name
+
+
+def _check_filter(t: str, name: str) -> None:
+    """Raise if `t` is not a usable MQTT topic filter (wildcards only as whole levels)."""
+    if not t or "\x00" in t:
+        raise ValueError(f"`{name}` must be a non-empty topic")
+    levels = t.split("/")
+    for i, level in enumerate(levels):
+        if ("+" in level or "#" in level) and level not in ("+", "#"):
+            raise ValueError(f"`{name}`: a wildcard must be a whole topic level, got {t!r}")
+        if level == "#" and i != len(levels) - 1:
+            raise ValueError(f"`{name}`: '#' must be the last topic level, got {t!r}")
+
+
+def _json_path(v: str | None) -> str | None:
+    if v is not None and (not v or any(not part for part in v.split("."))):
+        raise ValueError(f"must be dotted keys like ENERGY.Power or sensors.0.value, got {v!r}")
+    return v
 
 
 class MqttField(FieldBase):
@@ -264,6 +373,8 @@ class MqttField(FieldBase):
     command_topic: str | None = None
     command_template: str | None = None
     retain: bool = False
+
+    _path = field_validator("json_path")(_json_path)
 
     @model_validator(mode="after")
     def _topics(self) -> "MqttField":
@@ -279,6 +390,24 @@ class MqttField(FieldBase):
                 raise ValueError(f"`{name}` must be a non-empty topic")
             if name == "command_topic" and t and ("+" in t or "#" in t):
                 raise ValueError("`command_topic` cannot contain wildcards")
+        if self.topic is not None:
+            _check_filter(self.topic, "topic")
+        if self.json_path is not None and self.topic is None:
+            raise ValueError("`json_path` needs a `topic` to read")
+        if (self.payload_on is None) != (self.payload_off is None):
+            raise ValueError("give both `payload_on` and `payload_off`, or neither")
+        if self.payload_on is not None:
+            if self.type != "boolean":
+                raise ValueError('`payload_on`/`payload_off` only apply to type = "boolean"')
+            if self.payload_on.strip().lower() == (self.payload_off or "").strip().lower():
+                raise ValueError("`payload_on` and `payload_off` must differ")
+        if self.command_template is not None:
+            if not self.command_topic:
+                raise ValueError("`command_template` needs a `command_topic`")
+            if "{value}" not in self.command_template:
+                raise ValueError("`command_template` must contain {value}")
+        if self.retain and not self.command_topic:
+            raise ValueError("`retain` only applies to a `command_topic`")
         return self
 
 
@@ -299,12 +428,42 @@ GpioKind = Literal[
 GPIO_INPUTS = {"button", "motion_sensor", "line_sensor", "digital_input"}
 GPIO_OUTPUTS = {"output", "led"}
 GPIO_ANALOG_OUT = {"pwm_output", "servo"}
-GPIO_POLLED = {"mcp3008", "cpu_temperature", "load_average", "disk_usage"}
+GPIO_PI_SENSORS = {"cpu_temperature", "load_average", "disk_usage"}
+GPIO_POLLED = {"mcp3008"} | GPIO_PI_SENSORS
 GPIO_NEEDS_PIN = GPIO_INPUTS | GPIO_OUTPUTS | GPIO_ANALOG_OUT
+GPIO_SETTABLE = GPIO_OUTPUTS | GPIO_ANALOG_OUT
+
+# Which kinds each kind-specific option applies to; setting it on another kind is an error.
+GPIO_OPTIONS: dict[str, set[str]] = {
+    "pin": GPIO_NEEDS_PIN,
+    "pull_up": GPIO_INPUTS,
+    "active_state": GPIO_INPUTS,
+    "bounce_time": {"button", "digital_input"},
+    "active_high": {"output", "led", "pwm_output"},
+    "initial_value": GPIO_SETTABLE,
+    "safe_value": GPIO_SETTABLE,
+    "frequency": {"pwm_output"},
+    "min_pulse_width": {"servo"},
+    "max_pulse_width": {"servo"},
+    "channel": {"mcp3008"},
+    "spi_device": {"mcp3008"},
+    "scale": {"mcp3008"},
+    "interval": GPIO_POLLED,
+    "path": GPIO_PI_SENSORS,
+    "minutes": {"load_average"},
+}
+GPIO_DEFAULT_PATHS = {
+    "cpu_temperature": "/sys/class/thermal/thermal_zone0/temp",
+    "load_average": "/proc/loadavg",
+    "disk_usage": "/",
+}
+GPIO_UNITS = {"cpu_temperature": "°C", "disk_usage": "%"}
+GPIO_DECIMALS = {"cpu_temperature": 1, "disk_usage": 1, "load_average": 2, "mcp3008": 3}
+GPIO_RANGES = {"pwm_output": (0.0, 1.0), "servo": (-1.0, 1.0)}
 
 
 class GpioField(Strict):
-    """A field of a `gpio` device; its type and writability follow from `kind`."""
+    """A field of a `gpio` device; its type, writability and bounds follow from `kind`."""
 
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     kind: GpioKind
@@ -312,22 +471,78 @@ class GpioField(Strict):
     unit: str = ""
     decimals: int | None = Field(None, ge=0, le=12)
     description: str = ""
-    pull_up: bool | None = True
+    pull_up: bool | None = None
     active_state: bool | None = None
     bounce_time: float | None = Field(None, gt=0, le=10)
     active_high: bool = True
     initial_value: bool | float | None = None
     safe_value: bool | float | None = None
     frequency: float = Field(100.0, gt=0, le=100_000)
+    min_pulse_width: float = Field(0.001, gt=0, le=0.02)
+    max_pulse_width: float = Field(0.002, gt=0, le=0.02)
     channel: int = Field(0, ge=0, le=7)
+    spi_device: int = Field(0, ge=0, le=1)
+    scale: float = 1.0
     interval: float = Field(5.0, gt=0, le=86_400)
-    path: str = "/"
+    path: str | None = Field(None, min_length=1)
+    minutes: Literal[1, 5, 15] = 5
+
+    @field_validator("pin", mode="before")
+    @classmethod
+    def _pin_name(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or v == "" or (
+            isinstance(v, int) and v < 0
+        ):
+            raise ValueError(f'must be a GPIO number like 17 or a name like "GPIO17" or "BOARD11", got {v!r}')
+        return v
+
+    @field_validator("initial_value", "safe_value", mode="before")
+    @classmethod
+    def _plain_value(cls, v: Any) -> Any:
+        # Only TOML booleans and numbers: "on" or "0.5" as text are likely mistakes.
+        if v is not None and not isinstance(v, (bool, int, float)):
+            raise ValueError(f"must be true/false or a number, got {v!r}")
+        return v
 
     @model_validator(mode="after")
-    def _pin(self) -> "GpioField":
+    def _by_kind(self) -> "GpioField":
+        misplaced = [k for k in self.model_fields_set if self.kind not in GPIO_OPTIONS.get(k, {self.kind})]
+        if misplaced:
+            k = sorted(misplaced)[0]
+            raise ValueError(
+                f"`{k}` does not apply to kind {self.kind!r} (only to: {', '.join(sorted(GPIO_OPTIONS[k]))})"
+            )
         if self.kind in GPIO_NEEDS_PIN and self.pin is None:
             raise ValueError(f"kind {self.kind!r} needs a `pin`")
+        if self.pull_up is not None and self.active_state is not None:
+            raise ValueError(
+                "`active_state` is only for floating inputs (no internal pull resistor): "
+                "remove `pull_up`, or remove `active_state`"
+            )
+        if self.min_pulse_width >= self.max_pulse_width:
+            raise ValueError("`min_pulse_width` must be less than `max_pulse_width`")
+        for key in ("initial_value", "safe_value"):
+            if getattr(self, key) is not None:
+                setattr(self, key, self._check_value(key, getattr(self, key)))
+        if "unit" not in self.model_fields_set:
+            self.unit = GPIO_UNITS.get(self.kind, "")
+        if "decimals" not in self.model_fields_set:
+            self.decimals = GPIO_DECIMALS.get(self.kind)
         return self
+
+    def _check_value(self, key: str, v: bool | float) -> bool | float:
+        if self.type == "boolean":
+            if isinstance(v, bool):
+                return v
+            if v in (0, 1):
+                return bool(v)
+            raise ValueError(f"`{key}` of a {self.kind} must be true or false, got {v!r}")
+        lo, hi = GPIO_RANGES[self.kind]
+        if isinstance(v, bool) or not lo <= v <= hi:
+            raise ValueError(f"`{key}` of a {self.kind} must be a number from {lo:g} to {hi:g}, got {v!r}")
+        return float(v)
 
     @property
     def type(self) -> FieldType:
@@ -337,17 +552,42 @@ class GpioField(Strict):
     @property
     def writable(self) -> bool:
         """Outputs, LEDs, PWM outputs and servos can be set."""
-        return self.kind in GPIO_OUTPUTS | GPIO_ANALOG_OUT
+        return self.kind in GPIO_SETTABLE
 
     @property
     def min(self) -> float | None:
         """Lower bound of a settable analog value."""
-        return {"pwm_output": 0.0, "servo": -1.0}.get(self.kind)
+        return GPIO_RANGES.get(self.kind, (None, None))[0]
 
     @property
     def max(self) -> float | None:
         """Upper bound of a settable analog value."""
-        return {"pwm_output": 1.0, "servo": 1.0}.get(self.kind)
+        return GPIO_RANGES.get(self.kind, (None, None))[1]
+
+    @property
+    def pull(self) -> bool | None:
+        """gpiozero's `pull_up`: None (floating) when `active_state` is given, else
+        `pull_up`, defaulting to True for buttons and False for other inputs."""
+        if self.active_state is not None:
+            return None
+        return self.pull_up if self.pull_up is not None else self.kind == "button"
+
+    @property
+    def safe(self) -> bool | float:
+        """The value an output takes at start (unless `initial_value`) and at every stop."""
+        if self.safe_value is not None:
+            return self.safe_value
+        return False if self.type == "boolean" else 0.0
+
+    @property
+    def start_value(self) -> bool | float:
+        """The value an output is given when the gateway starts."""
+        return self.initial_value if self.initial_value is not None else self.safe
+
+    @property
+    def source(self) -> str:
+        """The file or filesystem a Pi sensor reads (`path` or the kind's default)."""
+        return self.path or GPIO_DEFAULT_PATHS.get(self.kind, "")
 
 
 # ---------------------------------------------------------------- devices
@@ -391,12 +631,52 @@ class SerialDevice(DeviceBase):
     driver: Literal["serial"]
     port: str = Field(min_length=1)
     baudrate: int = Field(9600, gt=0, le=4_000_000)
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["none", "even", "odd", "mark", "space"] = "none"
+    stopbits: Literal[1, 1.5, 2] = 1
     format: Literal["keyvalue", "json", "regex"] = "keyvalue"
     pattern: str | None = None
+    separators: str = Field(" ,;", min_length=1)
     encoding: str = "utf-8"
     fields: list[SerialField] = Field(min_length=1)
 
     _unique = field_validator("fields")(_unique_field_names)
+
+    @field_validator("port")
+    @classmethod
+    def _device_path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must be a device path like /dev/serial/by-id/usb-..., got {v!r}")
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r} (try utf-8, latin-1 or ascii)") from None
+        return v
+
+    @field_validator("separators")
+    @classmethod
+    def _separators(cls, v: str) -> str:
+        if "=" in v or "\n" in v or "\r" in v:
+            raise ValueError("separators cannot contain '=' or line breaks")
+        return v
+
+    @model_validator(mode="after")
+    def _format_options(self) -> "SerialDevice":
+        if "separators" in self.model_fields_set and self.format != "keyvalue":
+            raise ValueError('`separators` only applies to format = "keyvalue"')
+        for f in self.fields:
+            if f.json_path is not None and self.format != "json":
+                raise ValueError(f'field {f.name!r}: `json_path` only applies to format = "json"')
+        sources = [f.source for f in self.fields]
+        dup = sorted({s for s in sources if sources.count(s) > 1})
+        if dup:
+            raise ValueError(f"two fields read the same key: {', '.join(dup)}")
+        return self
 
     @model_validator(mode="after")
     def _pattern(self) -> "SerialDevice":
@@ -431,11 +711,23 @@ class MqttDevice(DeviceBase):
 
     driver: Literal["mqtt"]
     availability_topic: str | None = None
-    payload_available: str = "Online"
-    payload_not_available: str = "Offline"
+    availability_json_path: str | None = None
+    payload_available: str = Field("Online", min_length=1)
+    payload_not_available: str = Field("Offline", min_length=1)
     fields: list[MqttField] = Field(min_length=1)
 
     _unique = field_validator("fields")(_unique_field_names)
+    _path = field_validator("availability_json_path")(_json_path)
+
+    @model_validator(mode="after")
+    def _availability(self) -> "MqttDevice":
+        if self.availability_topic is not None:
+            _check_filter(self.availability_topic, "availability_topic")
+        if self.availability_json_path is not None and self.availability_topic is None:
+            raise ValueError("`availability_json_path` needs an `availability_topic`")
+        if self.payload_available.strip().lower() == self.payload_not_available.strip().lower():
+            raise ValueError("`payload_available` and `payload_not_available` must differ")
+        return self
 
 
 Device = Annotated[

@@ -106,3 +106,22 @@ def age(seconds: float) -> str:
 def _show(raw: Any) -> str:
     text = repr(raw)
     return text if len(text) <= 40 else text[:37] + "...'"
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like `90s`, `15m`, `6h`, `2d`, `1w` (a bare number is seconds)."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):] or "s"
+    if unit not in DURATION_UNITS or not num:
+        raise BadValue(f"{text!r} is not a duration (use 30s, 15m, 6h, 2d)")
+    try:
+        n = float(num)
+    except ValueError:
+        raise BadValue(f"{text!r} is not a duration (use 30s, 15m, 6h, 2d)") from None
+    if not math.isfinite(n) or n <= 0:
+        raise BadValue(f"{text!r} must be a positive duration")
+    return n * DURATION_UNITS[unit]

@@ -6,11 +6,13 @@ It listens to the hub and talks to contacts; it never imports a driver.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import random
 import ssl
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 
 import slixmpp
 from slixmpp.stanza import Message, Presence
@@ -19,6 +21,7 @@ from .auth import Actor
 from .commands import Commands
 from .config import Config
 from .hub import HealthState, Hub, Node
+from .watches import Alert
 
 log = logging.getLogger("iot_gateway.xmpp")
 
@@ -27,6 +30,8 @@ STRANGER_MEMORY = 1000  # JIDs remembered so each stranger gets the refusal once
 PRESENCE_MIN_GAP = 2.0  # seconds between presence updates, so a flapping device cannot flood
 MAX_BODY = 4096
 RECONNECT_MAX = 60.0
+QUEUE_SIZE = 500  # alerts kept while disconnected; the oldest go first
+BLOCK_AFTER = 3  # subscription requests from one stranger before blocking them (XEP-0191)
 
 
 def health_summary(name: str, hub: Hub) -> tuple[str | None, str]:
@@ -44,7 +49,14 @@ def health_summary(name: str, hub: Hub) -> tuple[str | None, str]:
 class Session:
     """One XMPP client connection for the gateway; reconnects until stopped."""
 
-    def __init__(self, config: Config, hub: Hub, commands: Commands, password: str):
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        commands: Commands,
+        password: str,
+        sources: Iterable[object] = (),
+    ):
         if config.xmpp is None:
             raise ValueError("no [xmpp] section in the config")
         self.config = config
@@ -58,10 +70,19 @@ class Session:
         self._last_presence = 0.0
         self._reconnect_task: asyncio.Task[None] | None = None
         self._attempt = 0
+        self._queue: deque[Alert] = deque(maxlen=QUEUE_SIZE)
+        self._recent: dict[str, deque[float]] = {}
+        self._throttled: set[str] = set()
+        self._sub_requests: dict[str, int] = {}
+        # Called with (alert, delayed) after an alert went to contacts: rooms post it too.
+        self.alert_hooks: list = []
+        # Things with a `sinks` list of alert callbacks: watches, timed reverts.
+        for source in sources:
+            source.sinks.append(self.deliver)  # type: ignore[attr-defined]
 
         c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password)
         self.client = c
-        for plugin in ("xep_0030", "xep_0092", "xep_0199", "xep_0203"):
+        for plugin in ("xep_0030", "xep_0092", "xep_0191", "xep_0199", "xep_0203"):
             c.register_plugin(plugin)
         c.plugin["xep_0030"].add_identity(category="client", itype="bot", name=config.gateway.name)
         c.plugin["xep_0092"].software_name = "iot-gateway"
@@ -128,6 +149,7 @@ class Session:
         self._sync_roster()
         log.info("online as %s", c.boundjid)
         self.online.set()
+        self._flush_queue()
 
     def _on_disconnected(self, reason: object) -> None:
         self.online.clear()
@@ -175,10 +197,46 @@ class Session:
         if self.config.contact(bare) is None:
             log.info("refused presence subscription from stranger %s", bare)
             item.unauthorize()
+            self._sub_requests[bare] = self._sub_requests.get(bare, 0) + 1
+            if self._sub_requests[bare] == BLOCK_AFTER:
+                asyncio.ensure_future(self._block(bare))
+            if len(self._sub_requests) > STRANGER_MEMORY:
+                self._sub_requests.pop(next(iter(self._sub_requests)))
             return
         item.authorize()
         if not item["to"] and not item["pending_out"]:
             item.subscribe()
+
+    async def _block(self, bare: str) -> None:
+        try:
+            await self.client.plugin["xep_0191"].block([bare], timeout=10)
+            log.warning("blocked %s after %d refused subscription requests", bare, BLOCK_AFTER)
+        except Exception as e:
+            log.info("could not block %s (server without XEP-0191?): %s", bare, e)
+
+    # ------------------------------------------------------------ alerts
+
+    def deliver(self, alert: Alert) -> None:
+        """Send an alert to its contacts now, or queue it until the session is back."""
+        if not self.online.is_set():
+            self._queue.append(alert)
+            return
+        self._send_alert(alert, delayed=False)
+
+    def _flush_queue(self) -> None:
+        while self._queue and self.online.is_set():
+            self._send_alert(self._queue.popleft(), delayed=True)
+
+    def _send_alert(self, alert: Alert, delayed: bool) -> None:
+        for jid in alert.to:
+            msg = self.client.make_message(mto=jid, mbody=alert.text, mtype="chat")
+            if delayed:
+                # XEP-0203: mark when it happened, not when the link came back.
+                msg["delay"]["stamp"] = dt.datetime.fromtimestamp(alert.time, dt.timezone.utc)
+                msg["delay"]["from"] = self.client.boundjid.bare
+            msg.send()
+        for hook in self.alert_hooks:
+            hook(alert, delayed)
 
     # ------------------------------------------------------------ presence
 
@@ -226,13 +284,39 @@ class Session:
         if len(body.encode()) > MAX_BODY:
             msg.reply(f"Message too long (over {MAX_BODY} bytes).").send()
             return
-        actor = Actor(sender, contact.role, "chat")
+        if not self.allow_rate(sender):
+            if sender not in self._throttled:
+                self._throttled.add(sender)
+                g = self.config.gateway
+                msg.reply(
+                    f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. "
+                    "Ignoring your messages until then."
+                ).send()
+            return
+        self._throttled.discard(sender)
+        msg.reply(await self.run_command(body, Actor(sender, contact.role, "chat"))).send()
+
+    async def run_command(self, text: str, actor: Actor) -> str:
+        """Run a chat command; an unexpected failure is logged and answered, never raised."""
         try:
-            reply = await self.commands.run(body.strip(), actor)
+            return await self.commands.run(text.strip(), actor)
         except Exception:
-            log.exception("command %r from %s failed", body[:100], sender)
-            reply = "Internal error while running that command; it has been logged."
-        msg.reply(reply).send()
+            log.exception("command %r from %s failed", text[:100], actor.jid)
+            return "Internal error while running that command; it has been logged."
+
+    def allow_rate(self, jid: str) -> bool:
+        """Per-JID rate limit: at most `rate_limit` commands per `rate_window` seconds."""
+        g = self.config.gateway
+        now = time.monotonic()
+        q = self._recent.setdefault(jid, deque())
+        while q and now - q[0] > g.rate_window:
+            q.popleft()
+        if len(q) >= g.rate_limit:
+            return False
+        q.append(now)
+        if len(self._recent) > STRANGER_MEMORY:
+            self._recent.pop(next(iter(self._recent)))
+        return True
 
     def _refuse_stranger(self, msg: Message, sender: str) -> None:
         log.info("ignored a message from stranger %s", sender)

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
 [gateway]
 name = "Console GW"
+state_dir = "state"
 [[devices]]
 id = "sim"
 driver = "simulated"

@@ -53,7 +53,8 @@ driver = "simulated"
             except TimeoutError:
                 continue
         await asyncio.sleep(0.5)  # let "ignored, sent while offline" replies arrive and be dropped
-        assert await alice.ask(gw, "set sim.lamp on") == "sim.lamp: off → on"
+        reply = await alice.ask(gw, "set sim.lamp on", timeout=3) if proc.poll() is None else proc.stderr.read()
+        assert reply == "sim.lamp: off → on"
     finally:
         await alice.stop()
         t0 = time.monotonic()

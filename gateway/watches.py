@@ -1,0 +1,319 @@
+"""Watches and alerts: edge-triggered conditions on fields and devices.
+
+`watch weather.temp > 30 hysteresis 0.5 interval 5m`, `watch plug.power change`,
+`watch weather offline`. A watch sends one alert when its condition becomes
+true and one when it clears; `ack` silences a firing watch until it clears.
+Device health changes go to contacts whose `alerts` setting asks for them.
+Watches are persisted in the state folder and survive a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from .config import Config
+from .hub import Field, Health, HealthState, Hub, Node, Reading
+from .state import StateDir
+from .values import BadValue, Value, coerce, fmt, parse_duration
+
+log = logging.getLogger("iot_gateway.watches")
+
+OPS: dict[str, Callable[[Value, Value], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+DEFAULT_INTERVAL = 60.0  # seconds between repeated alerts of one watch
+MAX_WATCHES = 200
+STATE_FILE = "watches.json"
+
+
+class WatchError(ValueError):
+    """A watch that cannot be created or changed; the message says why."""
+
+
+@dataclass
+class Watch:
+    """One condition a contact asked to be told about."""
+
+    id: int
+    owner: str
+    target: str  # device.field, or device for `offline`
+    kind: str  # "compare", "change" or "offline"
+    op: str = ""
+    threshold: Value | None = None
+    hysteresis: float = 0.0
+    interval: float = DEFAULT_INTERVAL
+    # Runtime state, not persisted.
+    firing: bool = field(default=False, compare=False)
+    acked: bool = field(default=False, compare=False)
+    last_sent: float = field(default=0.0, compare=False)
+    last_value: Value | None = field(default=None, compare=False)
+    notified: bool = field(default=False, compare=False)
+
+    def describe(self) -> str:
+        """The watch as the user typed it."""
+        if self.kind == "compare":
+            text = f"{self.target} {self.op} {fmt(self.threshold)}"
+            if self.hysteresis:
+                text += f" hysteresis {fmt(self.hysteresis)}"
+        else:
+            text = f"{self.target} {self.kind}"
+        if self.interval != DEFAULT_INTERVAL:
+            text += f" interval {self.interval:g}s"
+        return text
+
+    def to_json(self) -> dict[str, object]:
+        """What is persisted: the definition, not the runtime state."""
+        d = asdict(self)
+        for k in ("firing", "acked", "last_sent", "last_value", "notified"):
+            d.pop(k)
+        return d
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A message for some contacts (and the rooms), stamped with when it happened."""
+
+    text: str
+    time: float
+    to: tuple[str, ...]
+    watch_id: int | None = None
+
+
+Sink = Callable[[Alert], None]
+
+
+class Watches:
+    """Evaluates watches on every reading and health change, and sends alerts to the sinks."""
+
+    def __init__(self, hub: Hub, config: Config, state: StateDir):
+        self.hub = hub
+        self.config = config
+        self.state = state
+        self.watches: dict[int, Watch] = {}
+        self.next_id = 1
+        self.sinks: list[Sink] = []
+        self._load()
+        hub.subscribe(reading=self._on_reading, health=self._on_health)
+
+    # ------------------------------------------------------------ management
+
+    def parse(self, owner: str, words: list[str]) -> Watch:
+        """Build (not add) a watch from `watch` command words; WatchError if they make no sense."""
+        if not words:
+            raise WatchError("Say what to watch")
+        target, rest = words[0], words[1:]
+        opts: dict[str, str] = {}
+        # Trailing options: hysteresis X, interval D.
+        while len(rest) >= 2 and rest[-2].lower() in ("hysteresis", "interval"):
+            opts[rest[-2].lower()] = rest[-1]
+            rest = rest[:-2]
+        interval = DEFAULT_INTERVAL
+        if "interval" in opts:
+            try:
+                interval = parse_duration(opts["interval"])
+            except BadValue as e:
+                raise WatchError(str(e)) from None
+        if "." not in target:
+            node = self.hub.node(target)
+            if [w.lower() for w in rest] != ["offline"]:
+                raise WatchError(f"For a device say `watch {node.id} offline`; for a value, `watch {node.id}.FIELD > 30`")
+            if "hysteresis" in opts:
+                raise WatchError("hysteresis only applies to comparisons")
+            return Watch(0, owner, node.id, "offline", interval=interval)
+        f = self.hub.field(target)
+        if [w.lower() for w in rest] == ["change"]:
+            if "hysteresis" in opts:
+                raise WatchError("hysteresis only applies to comparisons")
+            return Watch(0, owner, f.ref, "change", interval=interval)
+        if len(rest) != 2 or rest[0] not in OPS:
+            raise WatchError(
+                "Say a comparison (> >= < <= == !=) and a value, `change`, or for a device `offline`"
+            )
+        op, raw = rest
+        try:
+            threshold = coerce(f.spec.type, raw)
+        except BadValue as e:
+            raise WatchError(f"{f.ref} {e}") from None
+        if f.spec.type in ("boolean", "string") and op not in ("==", "!="):
+            raise WatchError(f"{f.ref} is {f.spec.type}: only == and != apply")
+        hyst = 0.0
+        if "hysteresis" in opts:
+            try:
+                hyst = float(opts["hysteresis"])
+            except ValueError:
+                raise WatchError(f"hysteresis must be a number, got {opts['hysteresis']!r}") from None
+            if not 0 <= hyst < 1e12 or op in ("==", "!="):
+                raise WatchError("hysteresis must be a positive number and only applies to > >= < <=")
+        return Watch(0, owner, f.ref, "compare", op, threshold, hyst, interval)
+
+    def add(self, watch: Watch) -> Watch:
+        """Register a parsed watch, give it an id, persist, and evaluate it against the current state."""
+        if len(self.watches) >= MAX_WATCHES:
+            raise WatchError(f"Too many watches (at most {MAX_WATCHES}); remove some with unwatch")
+        for w in self.watches.values():
+            if w.owner == watch.owner and w.to_json() | {"id": 0} == watch.to_json() | {"id": 0}:
+                raise WatchError(f"You already have this watch as #{w.id}")
+        watch.id = self.next_id
+        self.next_id += 1
+        self.watches[watch.id] = watch
+        self._save()
+        self._prime(watch)
+        return watch
+
+    def remove(self, watch_id: int, jid: str, admin: bool) -> Watch:
+        """Delete a watch; only its owner or an admin may."""
+        w = self._get(watch_id, jid, admin)
+        del self.watches[watch_id]
+        self._save()
+        return w
+
+    def ack(self, watch_id: int, jid: str, admin: bool) -> Watch:
+        """Silence a firing watch until it clears."""
+        w = self._get(watch_id, jid, admin)
+        if not w.firing:
+            raise WatchError(f"#{w.id} is not firing")
+        w.acked = True
+        return w
+
+    def visible(self, jid: str, admin: bool) -> list[Watch]:
+        """The watches a contact may see: their own, or all for an admin."""
+        return [w for w in self.watches.values() if admin or w.owner == jid]
+
+    def _get(self, watch_id: int, jid: str, admin: bool) -> Watch:
+        w = self.watches.get(watch_id)
+        if w is None or not (admin or w.owner == jid):
+            raise WatchError(f"No watch #{watch_id} of yours")
+        return w
+
+    # ------------------------------------------------------------ persistence
+
+    def _load(self) -> None:
+        data = self.state.load(STATE_FILE, {})
+        self.next_id = int(data.get("next_id", 1)) if isinstance(data, dict) else 1
+        for raw in data.get("watches", []) if isinstance(data, dict) else []:
+            try:
+                w = Watch(**raw)
+                if w.kind == "offline":
+                    self.hub.node(w.target)
+                else:
+                    self.hub.field(w.target)
+            except Exception as e:
+                log.warning("dropping stored watch %r: %s", raw, e)
+                continue
+            self.watches[w.id] = w
+            self.next_id = max(self.next_id, w.id + 1)
+
+    def _save(self) -> None:
+        try:
+            self.state.save(
+                STATE_FILE,
+                {"next_id": self.next_id, "watches": [w.to_json() for w in self.watches.values()]},
+            )
+        except OSError as e:
+            log.error("cannot save watches to %s: %s", self.state.path, e)
+
+    # ------------------------------------------------------------ evaluation
+
+    def _prime(self, w: Watch) -> None:
+        """Take the current state as the starting point, so a new watch fires at once if true."""
+        if w.kind == "offline":
+            self._health_watch(w, self.hub.node(w.target), time.time())
+        else:
+            f = self.hub.field(w.target)
+            if w.kind == "change":
+                w.last_value = f.latest.value if f.latest else None
+            elif f.latest is not None:
+                self._compare(w, f, f.latest)
+
+    def _on_reading(self, f: Field, r: Reading) -> None:
+        ref = f.ref
+        for w in list(self.watches.values()):
+            if w.target != ref:
+                continue
+            if w.kind == "compare":
+                self._compare(w, f, r)
+            elif w.kind == "change":
+                if w.last_value is not None and r.value != w.last_value:
+                    self._send(w, f"#{w.id} {ref} changed: {fmt(w.last_value, f.spec.decimals)} → "
+                               f"{fmt(r.value, f.spec.decimals)}{_unit(f)}", r.time, repeat=True)
+                w.last_value = r.value
+
+    def _compare(self, w: Watch, f: Field, r: Reading) -> None:
+        value = r.value
+        try:
+            true_now = OPS[w.op](value, w.threshold)
+        except TypeError:
+            return
+        now_text = f"now {fmt(value, f.spec.decimals)}{_unit(f)}"
+        if not w.firing and true_now:
+            w.firing, w.acked = True, False
+            self._send(w, f"ALERT #{w.id} {w.describe()}: {now_text}", r.time)
+        elif w.firing and not true_now and self._cleared(w, value):
+            w.firing, w.acked = False, False
+            if w.notified:
+                self._send(w, f"CLEARED #{w.id} {w.describe()}: {now_text}", r.time, clear=True)
+
+    @staticmethod
+    def _cleared(w: Watch, value: Value) -> bool:
+        if not w.hysteresis or not isinstance(value, (int, float)):
+            return True
+        t = float(w.threshold)  # type: ignore[arg-type]
+        if w.op in (">", ">="):
+            return value < t - w.hysteresis
+        return value > t + w.hysteresis
+
+    def _on_health(self, node: Node, old: HealthState) -> None:
+        now = time.time()
+        for w in list(self.watches.values()):
+            if w.kind == "offline" and w.target == node.id:
+                self._health_watch(w, node, now)
+        new = node.health
+        if new.state is Health.STARTING or (old.state is Health.STARTING and new.healthy):
+            return  # a device starting up normally is not news
+        text = f"{node.id}: back to ok" if new.healthy else f"{node.id}: {new.describe()}"
+        to = tuple(c.jid for c in self.config.contacts if c.alert_level in ("all", "health"))
+        self._emit(Alert(text, now, to))
+
+    def _health_watch(self, w: Watch, node: Node, now: float) -> None:
+        bad = node.health.state in (Health.OFFLINE, Health.ERROR, Health.STALE)
+        if bad and not w.firing:
+            w.firing, w.acked = True, False
+            self._send(w, f"ALERT #{w.id} {node.id} is {node.health.describe()}", now)
+        elif not bad and w.firing and node.health.healthy:
+            w.firing, w.acked = False, False
+            if w.notified:
+                self._send(w, f"CLEARED #{w.id} {node.id} is back to ok", now, clear=True)
+
+    def _send(self, w: Watch, text: str, at: float, repeat: bool = False, clear: bool = False) -> None:
+        now = time.monotonic()
+        if not clear:
+            if w.acked or (w.last_sent and now - w.last_sent < w.interval):
+                log.info("alert suppressed (acknowledged, or within the interval): %s", text)
+                if not repeat:
+                    w.notified = False  # so its clearing is not announced either
+                return
+            w.last_sent = now
+            w.notified = True
+        to = {w.owner} | {c.jid for c in self.config.contacts if c.alert_level == "all"}
+        self._emit(Alert(text, at, tuple(sorted(to)), w.id))
+
+    def _emit(self, alert: Alert) -> None:
+        log.info("alert: %s", alert.text)
+        for sink in self.sinks:
+            try:
+                sink(alert)
+            except Exception:
+                log.exception("alert sink failed")
+
+
+def _unit(f: Field) -> str:
+    return f" {f.spec.unit}" if f.spec.unit else ""
