@@ -20,7 +20,9 @@ from slixmpp.stanza import Message, Presence
 from .auth import Actor
 from .commands import Commands
 from .config import Config
+from .adhoc import AdHoc
 from .hub import HealthState, Hub, Node
+from .rooms import Rooms
 from .watches import Alert
 
 log = logging.getLogger("iot_gateway.xmpp")
@@ -107,6 +109,8 @@ class Session:
         c.add_event_handler("failed_auth", self._on_failed_auth)
         c.add_event_handler("connection_failed", self._on_connection_failed)
         hub.subscribe(health=self._on_health)
+        self.rooms = Rooms(self)
+        self.adhoc = AdHoc(self)
 
     # ------------------------------------------------------------ lifecycle
 
