@@ -100,11 +100,13 @@ class AdHoc:
                                        value="" if current is None else str(current))
                 field["validate"]["datatype"] = XDV_TYPES[f.spec.type]
                 if f.spec.min is not None or f.spec.max is not None:
-                    field["validate"].set_range(
-                        True,
-                        minimum=None if f.spec.min is None else fmt(f.spec.min),
-                        maximum=None if f.spec.max is None else fmt(f.spec.max),
-                    )
+                    validate = field["validate"]
+                    validate.set_range(True, minimum=_num(f.spec.min), maximum=_num(f.spec.max))
+                    # slixmpp writes "None" for a missing bound; XEP-0122 wants the attribute absent.
+                    rng = validate.xml.find(f"{{{validate.namespace}}}range")
+                    for attr in ("min", "max"):
+                        if rng is not None and rng.attrib.get(attr) == "None":
+                            del rng.attrib[attr]
         sess.update(payload=form, next=self._set_submit, has_next=False, allow_complete=True)
         return sess
 
@@ -143,3 +145,9 @@ class AdHoc:
             notes.append(("error", "; ".join(errors)))
         sess.update(payload=None, next=None, has_next=False, notes=notes)
         return sess
+
+
+def _num(v: float | None) -> str | None:
+    if v is None:
+        return None
+    return str(int(v)) if float(v).is_integer() else repr(v)

@@ -20,9 +20,11 @@ from slixmpp.stanza import Message, Presence
 from .auth import Actor
 from .commands import Commands
 from .config import Config
+from .control import Control
 from .adhoc import AdHoc
 from .hub import HealthState, Hub, Node
 from .rooms import Rooms
+from .sensordata import SensorData
 from .watches import Alert
 
 log = logging.getLogger("iot_gateway.xmpp")
@@ -84,7 +86,14 @@ class Session:
 
         c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password)
         self.client = c
-        for plugin in ("xep_0030", "xep_0092", "xep_0191", "xep_0199", "xep_0203"):
+        for plugin in ("xep_0030", "xep_0092", "xep_0191", "xep_0203"):
+            c.register_plugin(plugin)
+        # The plugin arms the keepalive on each session start and disarms it on disconnect.
+        c.register_plugin(
+            "xep_0199", pconfig={"keepalive": True, "interval": self.xcfg.keepalive, "timeout": 30}
+        )
+        # XEP-0004 forms, XEP-0115 caps in presence (XEP-0323/0325 advertise themselves).
+        for plugin in ("xep_0004", "xep_0115"):
             c.register_plugin(plugin)
         c.plugin["xep_0030"].add_identity(category="client", itype="bot", name=config.gateway.name)
         c.plugin["xep_0092"].software_name = "iot-gateway"
@@ -111,6 +120,8 @@ class Session:
         hub.subscribe(health=self._on_health)
         self.rooms = Rooms(self)
         self.adhoc = AdHoc(self)
+        self.sensordata = SensorData(self)
+        self.control = Control(self)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -144,7 +155,7 @@ class Session:
     async def _on_session_start(self, _event: object) -> None:
         self._attempt = 0
         c = self.client
-        c.plugin["xep_0199"].enable_keepalive(interval=self.xcfg.keepalive, timeout=30)
+        await c.plugin["xep_0115"].update_caps(broadcast=False)  # the caps hash of every feature
         self._send_presence()
         try:
             await c.get_roster(timeout=15)

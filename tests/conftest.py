@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from gateway.app import Gateway
-from gateway.commands import Commands
 from gateway.config import Config, parse
 from gateway.localservers import Mosquitto, Prosody
 from gateway.xmpp import Session
@@ -61,7 +60,13 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.stop()
 
 
-def gateway_config(server: XmppServer, tmp_path: Path, devices: list[dict[str, Any]] | None = None, **extra: Any) -> Config:
+def gateway_config(
+    server: XmppServer,
+    tmp_path: Path,
+    devices: list[dict[str, Any]] | None = None,
+    xmpp: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Config:
     """A config for the suite's Prosody with alice/olive/victor as admin/operator/viewer."""
     data: dict[str, Any] = {
         "gateway": {"name": "Test GW", "state_dir": str(tmp_path / "state")},
@@ -70,6 +75,7 @@ def gateway_config(server: XmppServer, tmp_path: Path, devices: list[dict[str, A
             "password": server.passwords["gateway"],
             "server": server.prosody.address,
             "ca_file": str(server.prosody.ca_file),
+            **(xmpp or {}),
         },
         "contacts": [
             {"jid": server.jid(u), "role": r} for u, r in USERS.items() if r is not None
@@ -99,19 +105,27 @@ class RunningGateway:
     session: Session
     jid: str
 
+    async def stop(self) -> None:
+        await self.session.stop()
+        await self.gateway.stop()
+
 
 @pytest.fixture
 async def running_gateway(xmpp_server: XmppServer, tmp_path: Path) -> AsyncIterator[RunningGateway]:
     """The gateway with one simulated device, online on the suite's Prosody."""
-    config = gateway_config(xmpp_server, tmp_path)
+    running = await start_gateway(gateway_config(xmpp_server, tmp_path), xmpp_server.passwords["gateway"])
+    yield running
+    await running.stop()
+
+
+async def start_gateway(config: Config, password: str) -> RunningGateway:
+    """Start a gateway and its XMPP session as `iot-gateway run` does, and wait until it is online."""
     gw = Gateway(config)
     await gw.start()
-    session = Session(config, gw.hub, Commands(gw.hub, config.gateway.name), xmpp_server.passwords["gateway"])
+    session = Session(config, gw.hub, gw.commands, password, (gw.watches, gw.reverts))
     session.connect()
     await asyncio.wait_for(session.online.wait(), 10)
-    yield RunningGateway(gw, session, xmpp_server.jid("gateway"))
-    await session.stop()
-    await gw.stop()
+    return RunningGateway(gw, session, config.xmpp.jid)
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ class Peer:
 
     def __init__(self, jid: str, password: str, address: str, ca_file: Path):
         self.client = slixmpp.ClientXMPP(jid, password)
-        self.client.register_plugin("xep_0030")
-        self.client.register_plugin("xep_0199")
+        for plugin in ("xep_0030", "xep_0004", "xep_0045", "xep_0050", "xep_0199", "xep_0203"):
+            self.client.register_plugin(plugin)
         self.client.ca_certs = ca_file
         self.client.enable_direct_tls = False
         self.client.auto_authorize = True
@@ -24,6 +24,7 @@ class Peer:
         host, port = address.rsplit(":", 1)
         self.address = (host, int(port))
         self.messages: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+        self.room_messages: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
         self.presences: list[slixmpp.Presence] = []
         self.presence_event = asyncio.Event()
         self._started = asyncio.Event()
@@ -43,6 +44,8 @@ class Peer:
     def _on_message(self, msg: slixmpp.Message) -> None:
         if msg["type"] in ("chat", "normal", "error") and msg["body"]:
             self.messages.put_nowait(msg)
+        elif msg["type"] == "groupchat" and msg["body"]:
+            self.room_messages.put_nowait(msg)
 
     def _on_presence(self, pres: slixmpp.Presence) -> None:
         self.presences.append(pres)
@@ -72,10 +75,26 @@ class Peer:
 
     async def reply_from(self, frm: str, timeout: float = TIMEOUT) -> str:
         """The body of the next chat message from the bare JID `frm`."""
+        return (await self.message_from(frm, timeout))["body"]
+
+    async def message_from(self, frm: str, timeout: float = TIMEOUT) -> slixmpp.Message:
+        """The next chat message from the bare JID `frm`."""
         async with asyncio.timeout(timeout):
             while True:
                 msg = await self.messages.get()
                 if msg["from"].bare == frm:
+                    return msg
+
+    async def join(self, room: str, nick: str) -> None:
+        """Join a MUC room."""
+        await self.client.plugin["xep_0045"].join_muc_wait(room, nick, maxstanzas=0, timeout=TIMEOUT)
+
+    async def room_said(self, room: str, nick: str, timeout: float = TIMEOUT) -> str:
+        """The body of the next groupchat message from `nick` in `room`."""
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await self.room_messages.get()
+                if msg["from"].bare == room and msg["from"].resource == nick:
                     return msg["body"]
 
     async def presence_from(self, frm: str, pred=lambda p: True, timeout: float = TIMEOUT) -> slixmpp.Presence:
