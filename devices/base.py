@@ -3,6 +3,10 @@ readings into the hub and accepts writes for its writable fields."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -11,6 +15,7 @@ from gateway.hub import Health, Hub, NotWritable
 from gateway.values import Value
 
 D = TypeVar("D", bound=DeviceBase)
+log = logging.getLogger("iot_gateway.devices")
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Driver(Generic[D]):
         self.ctx = ctx
         self.hub = ctx.hub
         self.id = device.id
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Open the device and begin pushing readings. Errors are reported as device health."""
@@ -57,3 +63,28 @@ class Driver(Generic[D]):
     def health(self, state: Health, reason: str = "") -> None:
         """Report the device's health to the hub (any thread)."""
         self.hub.set_health(self.id, state, reason)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run a background task for this device; if it dies of an error, the device goes to `error`."""
+        task = asyncio.create_task(coro, name=f"{self.id}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    async def cancel_tasks(self) -> None:
+        """Cancel and await every task started with `spawn`."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("%s: driver task %s failed", self.id, task.get_name(), exc_info=exc)
+        self.health(Health.ERROR, f"driver failed: {type(exc).__name__}: {exc}")

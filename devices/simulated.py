@@ -7,7 +7,6 @@ was set, as a relay with feedback would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import random
 import time
@@ -26,7 +25,7 @@ class SimulatedDriver(Driver[SimulatedDevice]):
 
     def __init__(self, device: SimulatedDevice, ctx):
         super().__init__(device, ctx)
-        self._task: asyncio.Task[None] | None = None
+        self._started = False
         self._rng = random.Random(device.id)
         self._fields = {f.name: f for f in device.fields}
 
@@ -36,14 +35,11 @@ class SimulatedDriver(Driver[SimulatedDevice]):
                 self.push(f.name, f.initial if f.initial is not None else DEFAULTS[f.type])
         self._sample()
         self.health(Health.OK)
-        self._task = asyncio.create_task(self._run(), name=f"simulated:{self.id}")
+        self._started = True
+        self.spawn(self._run(), "sample")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self.cancel_tasks()
 
     async def write(self, field: str, value: Value) -> None:
         self.push(field, value)

@@ -510,7 +510,7 @@ class GpioField(Strict):
     def _by_kind(self) -> "GpioField":
         misplaced = [k for k in self.model_fields_set if self.kind not in GPIO_OPTIONS.get(k, {self.kind})]
         if misplaced:
-            k = sorted(misplaced)[0]
+            k = min(misplaced)
             raise ValueError(
                 f"`{k}` does not apply to kind {self.kind!r} (only to: {', '.join(sorted(GPIO_OPTIONS[k]))})"
             )
@@ -538,10 +538,12 @@ class GpioField(Strict):
                 return v
             if v in (0, 1):
                 return bool(v)
-            raise ValueError(f"`{key}` of a {self.kind} must be true or false, got {v!r}")
+            raise ValueError(f"`{key}` for kind {self.kind!r} must be true or false, got {v!r}")
         lo, hi = GPIO_RANGES[self.kind]
         if isinstance(v, bool) or not lo <= v <= hi:
-            raise ValueError(f"`{key}` of a {self.kind} must be a number from {lo:g} to {hi:g}, got {v!r}")
+            raise ValueError(
+                f"`{key}` for kind {self.kind!r} must be a number from {lo:g} to {hi:g}, got {v!r}"
+            )
         return float(v)
 
     @property

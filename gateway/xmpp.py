@@ -34,6 +34,7 @@ STRANGER_MEMORY = 1000  # JIDs remembered so each stranger gets the refusal once
 PRESENCE_MIN_GAP = 2.0  # seconds between presence updates, so a flapping device cannot flood
 MAX_BODY = 4096
 RECONNECT_MAX = 60.0
+MAX_COMMAND_AGE = 60.0  # seconds: older delayed commands are not carried out
 QUEUE_SIZE = 500  # alerts kept while disconnected; the oldest go first
 BLOCK_AFTER = 3  # subscription requests from one stranger before blocking them (XEP-0191)
 
@@ -86,7 +87,7 @@ class Session:
 
         c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password)
         self.client = c
-        for plugin in ("xep_0030", "xep_0092", "xep_0191", "xep_0203"):
+        for plugin in ("xep_0030", "xep_0092", "xep_0191", "xep_0198", "xep_0203"):
             c.register_plugin(plugin)
         # The plugin arms the keepalive on each session start and disarms it on disconnect.
         c.register_plugin(
@@ -112,6 +113,7 @@ class Session:
         c.auto_authorize = None  # we decide: contacts yes, everyone else no
         c.auto_subscribe = False
         c.add_event_handler("session_start", self._on_session_start)
+        c.add_event_handler("session_resumed", self._on_session_resumed)
         c.add_event_handler("message", self._on_message)
         c.add_event_handler("presence_subscribe", self._on_subscribe)
         c.add_event_handler("disconnected", self._on_disconnected)
@@ -166,17 +168,31 @@ class Session:
         self.online.set()
         self._flush_queue()
 
+    def _on_session_resumed(self, _event: object) -> None:
+        # XEP-0198: the server kept our session (roster, presence, rooms) and
+        # slixmpp re-sent what it had not acknowledged.
+        self._attempt = 0
+        log.info("session resumed as %s", self.client.boundjid)
+        self.online.set()
+        self._flush_queue()
+
     def _on_disconnected(self, reason: object) -> None:
         self.online.clear()
         if self._stopping:
             return
         log.warning("disconnected from the XMPP server: %s", reason)
+        self._schedule_reconnect()
+
+    def _schedule_reconnect(self) -> None:
+        if self._stopping:
+            return
         if self._reconnect_task is None or self._reconnect_task.done():
             self._reconnect_task = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self) -> None:
         self._attempt += 1
-        delay = min(RECONNECT_MAX, 2 ** min(self._attempt, 6)) * random.uniform(0.5, 1.0)
+        # Jittered exponential backoff: ~1, 2, 4, 8 … s, capped at a minute.
+        delay = min(RECONNECT_MAX, 2 ** min(self._attempt - 1, 6) * random.uniform(0.75, 1.25))
         log.info("reconnecting in %.1f s", delay)
         await asyncio.sleep(delay)
         if not self._stopping:
@@ -187,6 +203,9 @@ class Session:
 
     def _on_connection_failed(self, err: object) -> None:
         log.warning("cannot reach the XMPP server: %s", err)
+        # Take retries over from slixmpp, whose own backoff grows to 5 minutes.
+        self.client.cancel_connection_attempt()
+        self._schedule_reconnect()
 
     # ------------------------------------------------------------ roster
 
@@ -291,9 +310,11 @@ class Session:
         if contact is None:
             self._refuse_stranger(msg, sender)
             return
-        if msg["delay"]["stamp"] is not None:
+        stamp = msg["delay"]["stamp"]
+        if stamp is not None and time.time() - stamp.timestamp() > MAX_COMMAND_AGE:
             # Sent while the gateway was offline: acting on it now could flip an
-            # actuator long after the sender meant to.
+            # actuator long after the sender meant to. (A short network drop that
+            # XEP-0198 resumes delivers commands only seconds late: those run.)
             msg.reply("Ignored a command sent while the gateway was offline; send it again.").send()
             return
         if len(body.encode()) > MAX_BODY:

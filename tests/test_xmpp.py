@@ -91,13 +91,19 @@ async def test_unknown_command_and_errors_get_clear_replies(running_gateway: Run
     assert "set device.field value" in await alice.ask(gw.jid, "help")
 
 
-async def test_command_sent_while_offline_is_not_executed(xmpp_server: XmppServer, tmp_path: Path) -> None:
+async def test_command_sent_while_offline_is_not_executed(
+    xmpp_server: XmppServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.xmpp
+
+    # Commands delayed by less than MAX_COMMAND_AGE (a resumed network drop) still run.
+    monkeypatch.setattr(gateway.xmpp, "MAX_COMMAND_AGE", 0.3)
     alice = await xmpp_server.peer("alice").start()
     gw_jid = xmpp_server.jid("gateway")
     try:
         # The gateway is offline: the server stores the message for later.
         alice.client.send_message(mto=gw_jid, mbody="set sim.relay on", mtype="chat")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         config = gateway_config(xmpp_server, tmp_path)
         gw = Gateway(config)
         await gw.start()
