@@ -1,0 +1,766 @@
+"""XEP-0323 (Internet of Things - Sensor Data, v0.6), server side.
+
+Read-outs of the hub: each device is a node (nodeId = device id) and each
+field keeps its name. A client sends `<req/>` in an IQ get; the gateway
+answers `<accepted/>` and then sends the values in `<fields/>` messages, the
+last one marked done='true' (or a `<failure/>` naming the nodes it could not
+read). Refusals are IQ errors as the XEP's table says.
+
+Names in answers always come from the hub, never from the request. The XML
+Schema helpers here (xs:dateTime and friends) are shared with XEP-0325 in
+`control.py`, which builds on this XEP the way the XEPs themselves do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from slixmpp import JID, Iq, Message
+from slixmpp.xmlstream import ET
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+from .auth import Permission, allowed
+from .hub import FieldSpec, Health, Hub, Node, Reading
+from .values import Value
+
+if TYPE_CHECKING:
+    from .xmpp import Session
+
+log = logging.getLogger("iot_gateway.xep0323")
+
+NS = "urn:xmpp:iot:sensordata"
+XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+
+MAX_CHILDREN = 256  # <node/> and <field/> elements in one request
+FIELDS_PER_MESSAGE = 100  # a bigger read-out is split over several messages
+MAX_HISTORY = 10_000  # historical values in one read-out
+MAX_DELAY = 86_400.0  # how far ahead `when` may lie, in seconds
+WHEN_SLACK = 0.5  # a `when` closer than this is read out at once
+MAX_QUEUED_PER_CLIENT = 10
+MAX_QUEUED = 100
+MAX_NAME = 256  # longer nodeId/name values cannot name anything in the hub
+HEALTH_DATATYPE = "iot-gateway:health"  # dataType of the Health enum field
+
+HISTORICAL = (
+    "historicalSecond",
+    "historicalMinute",
+    "historicalHour",
+    "historicalDay",
+    "historicalWeek",
+    "historicalMonth",
+    "historicalQuarter",
+    "historicalYear",
+    "historicalOther",
+)
+FIELD_TYPES = ("momentary", "peak", "status", "computed", "identity") + HISTORICAL
+TOKENS = ("serviceToken", "deviceToken", "userToken")
+# `id` (instead of `seqnr`) and `identification` (instead of `identity`, as in
+# the v0.6 read-out example) are accepted from clients of other drafts.
+REQ_ATTRS = frozenset(
+    FIELD_TYPES
+    + TOKENS
+    + ("seqnr", "id", "all", "historical", "from", "to", "when", "identification", XML_LANG)
+)
+NODE_ATTRS = frozenset(("nodeId", "sourceId", "cacheType"))
+
+# Built-in status and identity fields of every node.
+STATUS_FIELDS = ("Health", "Health reason", "Health since", "Last seen", "Data age")
+IDENTITY_FIELDS = ("Device ID", "Name", "Driver")
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+# ---------------------------------------------------------------- errors
+
+
+class Refused(Exception):
+    """A request answered with an IQ error: condition, type and a text for the user."""
+
+    def __init__(self, condition: str, text: str, etype: str = "cancel", extra: Iterable[ET.Element] = ()):
+        super().__init__(text)
+        self.condition = condition
+        self.text = text
+        self.etype = etype
+        self.extra = list(extra)
+
+
+def bad_request(text: str) -> Refused:
+    """A malformed request (type modify, as the XEPs' error tables say)."""
+    return Refused("bad-request", text, "modify")
+
+
+def send_error(iq: Iq, err: Refused) -> None:
+    """Answer `iq` with an IQ error carrying `err`'s condition, text and extra elements."""
+    reply = iq.reply(clear=True)
+    reply["type"] = "error"
+    reply["error"]["type"] = err.etype
+    reply["error"]["condition"] = err.condition
+    reply["error"]["text"] = err.text
+    for el in err.extra:
+        reply["error"].xml.append(el)
+    reply.send()
+
+
+def role_of(session: "Session", jid: JID) -> str | None:
+    """The contact role of a sender's bare JID, or None for a stranger."""
+    contact = session.config.contact(jid.bare) if jid.bare else None
+    return contact.role if contact is not None else None
+
+
+def check_attrs(el: ET.Element, known: frozenset[str], what: str) -> None:
+    """Refuse an element carrying an attribute the XEP does not define."""
+    if any(a not in known for a in el.attrib):
+        raise bad_request(f"{what} has an attribute the XEP's schema does not define")
+
+
+def local(tag: str) -> tuple[str, str]:
+    """(namespace, local name) of an ElementTree tag."""
+    if tag.startswith("{"):
+        ns, _, name = tag[1:].partition("}")
+        return ns, name
+    return "", tag
+
+
+# ---------------------------------------------------------------- XML Schema types
+
+_TZ = r"(Z|[+-]\d{2}:\d{2})?"
+_DATE = re.compile(r"(-?\d{4,})-(\d{2})-(\d{2})" + _TZ)
+_TIME = re.compile(r"(\d{2}):(\d{2}):(\d{2})(\.\d+)?" + _TZ)
+_DATETIME = re.compile(r"(-?\d{4,})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d+)?" + _TZ)
+_DURATION = re.compile(
+    r"-?P(?:(\d+)Y)?(?:(\d+)M)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?"
+)
+_INTEGER = re.compile(r"[+-]?\d+")
+_DOUBLE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|[+-]?INF|NaN")
+_COLOR = re.compile(r"[0-9a-fA-F]{6}([0-9a-fA-F]{2})?")
+
+
+def _tz(text: str | None) -> dt.timezone:
+    if not text or text == "Z":
+        return dt.timezone.utc
+    hours, minutes = int(text[1:3]), int(text[4:6])
+    if hours > 14 or minutes > 59 or (hours == 14 and minutes):
+        raise ValueError(f"time zone offset {text} out of range")
+    sign = -1 if text[0] == "-" else 1
+    return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+
+
+def _clock(h: str, m: str, s: str) -> tuple[int, int, int, bool]:
+    """Check hh:mm:ss; (hour, minute, second, end_of_day) where 24:00:00 is the end of the day."""
+    hour, minute, second = int(h), int(m), int(s)
+    if hour == 24 and minute == 0 and second == 0:
+        return 0, 0, 0, True
+    if hour > 23 or minute > 59 or second > 59:
+        raise ValueError("time out of range")
+    return hour, minute, second, False
+
+
+def parse_datetime(text: str) -> float:
+    """An xs:dateTime as Unix seconds; without a time zone it is taken as UTC. ValueError if invalid."""
+    m = _DATETIME.fullmatch(text.strip())
+    if m is None:
+        raise ValueError("not an xs:dateTime (like 2013-03-07T16:24:30Z)")
+    year, month, day = int(m[1]), int(m[2]), int(m[3])
+    hour, minute, second, end = _clock(m[4], m[5], m[6])
+    frac = float(m[7]) if m[7] else 0.0
+    try:
+        when = dt.datetime(year, month, day, hour, minute, second, tzinfo=_tz(m[8]))
+    except (ValueError, OverflowError) as e:
+        raise ValueError(f"not a valid date and time: {e}") from None
+    return when.timestamp() + frac + (86400 if end else 0)
+
+
+def check_date(text: str) -> str:
+    """Validate an xs:date; returns it stripped."""
+    t = text.strip()
+    m = _DATE.fullmatch(t)
+    if m is None:
+        raise ValueError("not an xs:date (like 2013-05-01)")
+    try:
+        dt.date(int(m[1]), int(m[2]), int(m[3]))
+        _tz(m[4])
+    except ValueError as e:
+        raise ValueError(f"not a valid date: {e}") from None
+    return t
+
+
+def check_time(text: str) -> str:
+    """Validate an xs:time; returns it stripped."""
+    t = text.strip()
+    m = _TIME.fullmatch(t)
+    if m is None:
+        raise ValueError("not an xs:time (like 08:00:00)")
+    _clock(m[1], m[2], m[3])
+    _tz(m[5])
+    return t
+
+
+def check_datetime(text: str) -> str:
+    """Validate an xs:dateTime; returns it stripped."""
+    parse_datetime(text)
+    return text.strip()
+
+
+def check_duration(text: str) -> str:
+    """Validate an xs:duration (like PT3M30S); returns it stripped."""
+    t = text.strip()
+    m = _DURATION.fullmatch(t)
+    if m is None or not any(m.groups()) or t.endswith("T"):
+        raise ValueError("not an xs:duration (like PT3M30S)")
+    return t
+
+
+def check_color(text: str) -> str:
+    """Validate an XEP-0325 color, RRGGBB or RRGGBBAA in hexadecimal; returns it stripped."""
+    t = text.strip()
+    if _COLOR.fullmatch(t) is None:
+        raise ValueError("not a color (RRGGBB or RRGGBBAA in hexadecimal)")
+    return t
+
+
+def parse_boolean(text: str) -> bool:
+    """An xs:boolean: true, false, 1 or 0."""
+    t = text.strip()
+    if t in ("true", "1"):
+        return True
+    if t in ("false", "0"):
+        return False
+    raise ValueError("not an xs:boolean (true, false, 1 or 0)")
+
+
+def parse_integer(text: str, bits: int) -> int:
+    """An xs:int (bits=32) or xs:long (bits=64)."""
+    t = text.strip()
+    if _INTEGER.fullmatch(t) is None:
+        raise ValueError(f"not an xs:{'int' if bits == 32 else 'long'} (a whole number)")
+    n = int(t)
+    lo, hi = INT32 if bits == 32 else INT64
+    if not lo <= n <= hi:
+        raise ValueError(f"{n} does not fit in {bits} bits")
+    return n
+
+
+def parse_double(text: str) -> float:
+    """An xs:double (INF and NaN included; the hub refuses those for fields)."""
+    t = text.strip()
+    if _DOUBLE.fullmatch(t) is None:
+        raise ValueError("not an xs:double (a number like 8.192 or 1e-3)")
+    return float(t.replace("INF", "inf"))
+
+
+def format_datetime(t: float) -> str:
+    """Unix seconds as an xs:dateTime in UTC with milliseconds: 2013-03-07T16:24:30.000Z."""
+    d = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S") + f".{d.microsecond // 1000:03d}Z"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as an xs:duration: PT12.5S, PT1H2M3S, P2DT3H."""
+    s = max(0.0, seconds)
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = "P" + (f"{int(days)}D" if days else "")
+    clock = (f"{int(hours)}H" if hours else "") + (f"{int(minutes)}M" if minutes else "")
+    secs = round(secs, 3)
+    if secs or not (days or clock):
+        clock += (f"{secs:.3f}".rstrip("0").rstrip(".") or "0") + "S"
+    return out + ("T" + clock if clock else "")
+
+
+def format_number(value: float, decimals: int | None) -> str:
+    """A numeric value with the field's decimals kept (10 °C is not 10.00 °C)."""
+    if decimals is not None:
+        return f"{value:.{decimals}f}"
+    return repr(float(value))
+
+
+def integer_kind(spec: FieldSpec) -> str:
+    """`int` when the field's bounds fit 32 bits, else `long` (XEP-0323 and XEP-0325 alike)."""
+    if spec.min is not None and spec.max is not None and INT32[0] <= spec.min and spec.max <= INT32[1]:
+        return "int"
+    return "long"
+
+
+def value_element(spec: FieldSpec, value: Value | None) -> ET.Element:
+    """The typed field element for a value (None: a placeholder for a missing value)."""
+    if spec.type == "numeric" or (spec.type == "integer" and spec.unit):
+        # An integer with a unit stays numeric: <int/> and <long/> have no unit.
+        if value is None:
+            text = "NaN"
+        elif spec.type == "integer":
+            text = str(int(value))
+        else:
+            text = format_number(float(value), spec.decimals)
+        el = ET.Element(f"{{{NS}}}numeric")
+        el.set("name", spec.name)
+        el.set("value", text)
+        el.set("unit", spec.unit)
+        return el
+    if spec.type == "integer":
+        el = ET.Element(f"{{{NS}}}{integer_kind(spec)}")
+        el.set("name", spec.name)
+        el.set("value", "0" if value is None else str(int(value)))
+        return el
+    if spec.type == "boolean":
+        el = ET.Element(f"{{{NS}}}boolean")
+        el.set("name", spec.name)
+        el.set("value", "true" if value else "false")
+        return el
+    el = ET.Element(f"{{{NS}}}string")
+    el.set("name", spec.name)
+    el.set("value", "" if value is None else str(value))
+    return el
+
+
+def _typed(tag: str, name: str, value: str, **extra: str) -> ET.Element:
+    el = ET.Element(f"{{{NS}}}{tag}")
+    el.set("name", name)
+    el.set("value", value)
+    for k, v in extra.items():
+        el.set(k, v)
+    return el
+
+
+def _flag(el: ET.Element, *names: str) -> ET.Element:
+    for n in names:
+        el.set(n, "true")
+    return el
+
+
+# ---------------------------------------------------------------- requests
+
+
+@dataclass
+class ReadoutRequest:
+    """A parsed and validated `<req/>`."""
+
+    seqnr: int
+    seq_attr: str = "seqnr"
+    types: frozenset[str] = frozenset({"momentary"})
+    nodes: list[Node] = field(default_factory=list)
+    fields: frozenset[str] | None = None
+    start: float | None = None
+    end: float | None = None
+    when: float | None = None
+
+    @property
+    def historical(self) -> bool:
+        """Whether any historical field type is asked for."""
+        return any(t in self.types for t in HISTORICAL)
+
+
+def parse_seqnr(el: ET.Element, what: str) -> tuple[int, str]:
+    """(sequence number, attribute it came in): `seqnr` per the XEP, `id` from other drafts."""
+    attr = "seqnr" if "seqnr" in el.attrib else "id" if "id" in el.attrib else None
+    if attr is None:
+        raise bad_request(f"{what} needs a seqnr attribute")
+    try:
+        return parse_integer(el.attrib[attr], 32), attr
+    except ValueError:
+        raise bad_request(f"the seqnr of {what} must be an xs:int") from None
+
+
+def parse_req(el: ET.Element, hub: Hub) -> ReadoutRequest:
+    """Validate a `<req/>` against the XEP's schema and the hub; Refused when it cannot be served."""
+    if len(el) > MAX_CHILDREN:
+        raise Refused(
+            "not-acceptable",
+            f"too many <node/> and <field/> elements: at most {MAX_CHILDREN} per request",
+            "modify",
+        )
+    check_attrs(el, REQ_ATTRS, "<req/>")
+    seqnr, seq_attr = parse_seqnr(el, "<req/>")
+    req = ReadoutRequest(seqnr, seq_attr)
+
+    flags: dict[str, bool] = {}
+    for name in FIELD_TYPES + ("all", "historical", "identification"):
+        if name in el.attrib:
+            try:
+                flags[name] = parse_boolean(el.attrib[name])
+            except ValueError:
+                raise bad_request(f"<req/> attribute {name} must be true or false") from None
+    types = {t for t in FIELD_TYPES if flags.get(t)}
+    if flags.get("identification"):
+        types.add("identity")
+    if flags.get("historical"):
+        types.update(HISTORICAL)
+    if flags.get("all"):
+        types.update(FIELD_TYPES)
+    # No field type at all: the values themselves, the common case.
+    req.types = frozenset(types or {"momentary"})
+
+    for attr in ("from", "to", "when"):
+        if attr in el.attrib:
+            try:
+                setattr(req, {"from": "start", "to": "end", "when": "when"}[attr], parse_datetime(el.attrib[attr]))
+            except ValueError as e:
+                raise bad_request(f"<req/> attribute {attr}: {e}") from None
+    if req.start is not None and req.end is not None and req.start > req.end:
+        raise bad_request("<req/> has from later than to")
+
+    node_ids: list[str] = []
+    names: set[str] = set()
+    for child in el:
+        ns, tag = local(child.tag)
+        if ns != NS or tag not in ("node", "field"):
+            raise bad_request("<req/> may contain only <node/> and <field/> elements")
+        if tag == "node":
+            check_attrs(child, NODE_ATTRS, "<node/>")
+            if "nodeId" not in child.attrib:
+                raise bad_request("<node/> needs a nodeId attribute")
+            if "sourceId" in child.attrib or "cacheType" in child.attrib:
+                raise Refused(
+                    "item-not-found",
+                    "this gateway has no data sources or cache types; name nodes by nodeId only",
+                )
+            node_ids.append(child.attrib["nodeId"])
+        else:
+            check_attrs(child, frozenset(("name",)), "<field/>")
+            if "name" not in child.attrib:
+                raise bad_request("<field/> needs a name attribute")
+            names.add(child.attrib["name"][:MAX_NAME])
+
+    if node_ids:
+        unknown = [n for n in node_ids if n not in hub.nodes]
+        if unknown:
+            raise Refused(
+                "item-not-found",
+                f"unknown nodeId; the nodes here are: {', '.join(hub.nodes) or 'none'}",
+            )
+        req.nodes = [hub.nodes[n] for n in dict.fromkeys(node_ids)]
+    else:
+        req.nodes = list(hub.nodes.values())
+
+    if names:
+        known = {n for node in req.nodes for n in field_names(node)}
+        req.fields = frozenset(names & known)
+        if not req.fields:
+            raise Refused("item-not-found", "none of the requested fields exists on the requested nodes")
+    return req
+
+
+def field_names(node: Node) -> Iterator[str]:
+    """Every field name a read-out of `node` can contain."""
+    yield from node.fields
+    yield from STATUS_FIELDS
+    yield from IDENTITY_FIELDS
+
+
+# ---------------------------------------------------------------- read-outs
+
+
+@dataclass
+class NodeError:
+    """A node that could not be read, for a `<failure/>`."""
+
+    node: str
+    text: str
+    time: float
+
+
+@dataclass
+class Readout:
+    """What a read-out sends: (node id, timestamp, field element) items and node errors."""
+
+    items: list[tuple[str, str, ET.Element]] = field(default_factory=list)
+    errors: list[NodeError] = field(default_factory=list)
+
+
+def read(req: ReadoutRequest, now: float | None = None) -> Readout:
+    """Gather the values `req` asks for from the hub's nodes.
+
+    Raises Refused (not-acceptable) when the historical part is larger than MAX_HISTORY.
+    """
+    now = time.time() if now is None else now
+    wanted = (lambda n: True) if req.fields is None else req.fields.__contains__
+    if req.historical:
+        count = sum(
+            1
+            for node in req.nodes
+            for f in node.fields.values()
+            if wanted(f.name)
+            for r in f.history
+            if _in_range(r, req)
+        )
+        if count > MAX_HISTORY:
+            raise Refused(
+                "not-acceptable",
+                f"the read-out would hold {count} historical values, more than {MAX_HISTORY}; "
+                "narrow it with from/to or <field/>",
+                "modify",
+            )
+    out = Readout()
+    for node in req.nodes:
+        _read_node(node, req, wanted, now, out)
+    return out
+
+
+def _in_range(r: Reading, req: ReadoutRequest) -> bool:
+    return (req.start is None or r.time >= req.start) and (req.end is None or r.time <= req.end)
+
+
+def _read_node(node: Node, req: ReadoutRequest, wanted, now: float, out: Readout) -> None:
+    state = node.health.state
+    broken = state in (Health.ERROR, Health.OFFLINE)
+    quality = ("error",) if broken else ("warning",) if state is Health.STALE else ()
+    fields = [f for f in node.fields.values() if wanted(f.name)]
+    blocks: dict[str, list[ET.Element]] = {}
+
+    def add(t: float, el: ET.Element) -> None:
+        blocks.setdefault(format_datetime(t), []).append(el)
+
+    values = 0
+    if "momentary" in req.types:
+        for f in fields:
+            if f.latest is None:
+                el = _flag(value_element(f.spec, None), "momentary", "missing", *quality)
+                t = now
+            else:
+                el = _flag(value_element(f.spec, f.latest.value), "momentary", "automaticReadout", *quality)
+                t = f.latest.time
+                values += 1
+            el.set("writable", "true" if f.spec.writable else "false")
+            add(t, el)
+    momentary = blocks
+    blocks = {}
+    if req.historical:
+        readings = sorted(
+            ((f, r) for f in fields for r in f.history if _in_range(r, req)),
+            key=lambda item: item[1].time,
+        )
+        values += len(readings)
+        for f, r in readings:
+            add(r.time, _flag(value_element(f.spec, r.value), "historicalOther", "automaticReadout"))
+    historical = blocks
+
+    if broken and ("momentary" in req.types or req.historical) and values == 0 and fields:
+        # Nothing was ever read, or nothing in range, from a device that is down.
+        out.errors.append(NodeError(node.id, f"{node.id} is {node.health.describe()}", node.health.since))
+        momentary, historical = {}, {}
+
+    blocks = {}
+    stamp = format_datetime(now)
+    if "status" in req.types:
+        h = node.health
+        status = [
+            _typed("enum", "Health", h.state.value, dataType=HEALTH_DATATYPE),
+            _typed("string", "Health reason", h.reason) if h.reason else None,
+            _typed("dateTime", "Health since", format_datetime(h.since)),
+        ]
+        if node.last_seen is not None:
+            status.append(_typed("dateTime", "Last seen", format_datetime(node.last_seen)))
+            status.append(_typed("duration", "Data age", format_duration(now - node.last_seen)))
+        for el in status:
+            if el is not None and wanted(el.get("name")):
+                blocks.setdefault(stamp, []).append(_flag(el, "status", "automaticReadout"))
+    if "identity" in req.types:
+        for name, value in zip(IDENTITY_FIELDS, (node.id, node.name, node.driver)):
+            if wanted(name):
+                blocks.setdefault(stamp, []).append(_flag(_typed("string", name, value), "identity", "automaticReadout"))
+
+    for part in (momentary, blocks, historical):
+        for ts, els in part.items():
+            for el in els:
+                out.items.append((node.id, ts, el))
+
+
+def messages(seqnr: int, seq_attr: str, readout: Readout, per_message: int = FIELDS_PER_MESSAGE) -> list[ET.Element]:
+    """The `<fields/>` (and `<failure/>`) payloads of a read-out; the last is marked done."""
+    payloads: list[ET.Element] = []
+    items = readout.items
+    for start in range(0, len(items), per_message):
+        fields_el = ET.Element(f"{{{NS}}}fields")
+        fields_el.set(seq_attr, str(seqnr))
+        node_el: ET.Element | None = None
+        ts_el: ET.Element | None = None
+        for node_id, ts, el in items[start : start + per_message]:
+            if node_el is None or node_el.get("nodeId") != node_id:
+                node_el = ET.SubElement(fields_el, f"{{{NS}}}node")
+                node_el.set("nodeId", node_id)
+                ts_el = None
+            if ts_el is None or ts_el.get("value") != ts:
+                ts_el = ET.SubElement(node_el, f"{{{NS}}}timestamp")
+                ts_el.set("value", ts)
+            ts_el.append(el)
+        payloads.append(fields_el)
+    if readout.errors:
+        failure = ET.Element(f"{{{NS}}}failure")
+        failure.set(seq_attr, str(seqnr))
+        for err in readout.errors:
+            e = ET.SubElement(failure, f"{{{NS}}}error")
+            e.set("nodeId", err.node)
+            e.set("timestamp", format_datetime(err.time))
+            e.text = err.text
+        payloads.append(failure)
+    if not payloads:
+        empty = ET.Element(f"{{{NS}}}fields")
+        empty.set(seq_attr, str(seqnr))
+        payloads.append(empty)
+    payloads[-1].set("done", "true")
+    return payloads
+
+
+# ---------------------------------------------------------------- the XMPP side
+
+
+@dataclass
+class Queued:
+    """A read-out waiting for its `when`."""
+
+    requester: JID
+    req: ReadoutRequest
+    task: asyncio.Task[None] | None = None
+
+
+class SensorData:
+    """The XEP-0323 server of a Session: read-outs, queued read-outs, cancel, discovery."""
+
+    def __init__(self, session: "Session"):
+        self.session = session
+        self.hub: Hub = session.hub
+        self.client = session.client
+        self.per_message = FIELDS_PER_MESSAGE
+        self._queued: dict[tuple[str, int], Queued] = {}
+        c = self.client
+        ns = c.default_ns
+        c.register_handler(Callback("XEP-0323 req", MatchXPath(f"{{{ns}}}iq/{{{NS}}}req"), self._on_req))
+        c.register_handler(Callback("XEP-0323 cancel", MatchXPath(f"{{{ns}}}iq/{{{NS}}}cancel"), self._on_cancel))
+        c.add_event_handler("disconnected", self._on_disconnected)
+        disco = c.plugin["xep_0030"]
+        disco.add_feature(NS)
+        # disco#items lists the nodes; each node answers disco#info for itself.
+        for node in self.hub.nodes.values():
+            disco.add_item(jid=c.boundjid.full, name=node.name, subnode=node.id)
+            disco.add_identity(category="hierarchy", itype="leaf", name=node.name, node=node.id)
+            disco.add_feature(NS, node=node.id)
+
+    # ------------------------------------------------------------ requests
+
+    def _on_req(self, iq: Iq) -> None:
+        if iq["type"] not in ("get", "set"):
+            return
+        try:
+            self._serve(iq)
+        except Refused as e:
+            log.info("read-out from %s refused: %s", iq["from"], e.text)
+            send_error(iq, e)
+        except Exception:
+            log.exception("read-out request from %s failed", iq["from"])
+            send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))
+
+    def _serve(self, iq: Iq) -> None:
+        requester = iq["from"]
+        if not allowed(role_of(self.session, requester), Permission.READ):
+            raise Refused("forbidden", "Access denied.")
+        if iq["type"] != "get":
+            raise bad_request("send <req/> in an IQ of type get")
+        req = parse_req(iq.xml.find(f"{{{NS}}}req"), self.hub)
+        now = time.time()
+        accepted = ET.Element(f"{{{NS}}}accepted")
+        accepted.set(req.seq_attr, str(req.seqnr))
+        if req.when is not None and req.when > now + WHEN_SLACK:
+            self._queue(requester, req, req.when - now)
+            accepted.set("queued", "true")
+            reply = iq.reply()
+            reply.append(accepted)
+            reply.send()
+            return
+        readout = read(req, now)  # may refuse: before anything is accepted
+        reply = iq.reply()
+        reply.append(accepted)
+        reply.send()
+        self._send(requester, req, readout)
+
+    def _queue(self, requester: JID, req: ReadoutRequest, delay: float) -> None:
+        if delay > MAX_DELAY:
+            raise Refused(
+                "not-acceptable",
+                f"when lies more than {MAX_DELAY / 3600:g} h ahead; ask again closer to the time",
+                "modify",
+            )
+        key = (requester.full, req.seqnr)
+        if key in self._queued:
+            raise Refused("conflict", f"a read-out with seqnr {req.seqnr} is already queued")
+        mine = sum(1 for q in self._queued.values() if q.requester.full == requester.full)
+        if mine >= MAX_QUEUED_PER_CLIENT or len(self._queued) >= MAX_QUEUED:
+            raise Refused("resource-constraint", "too many queued read-outs; cancel some or wait", "wait")
+        if req.historical:
+            read(req)  # refuse now a read-out that is already too large
+        q = Queued(requester, req)
+        q.task = asyncio.ensure_future(self._run_later(key, q, delay))
+        self._queued[key] = q
+
+    async def _run_later(self, key: tuple[str, int], q: Queued, delay: float) -> None:
+        await asyncio.sleep(delay)
+        self._queued.pop(key, None)
+        req = q.req
+        started = ET.Element(f"{{{NS}}}started")
+        started.set(req.seq_attr, str(req.seqnr))
+        self._message(q.requester, started)
+        if not allowed(role_of(self.session, q.requester), Permission.READ):
+            readout = Readout(errors=[NodeError(n.id, "access denied", time.time()) for n in req.nodes])
+        else:
+            try:
+                readout = read(req)
+            except Refused as e:
+                readout = Readout(errors=[NodeError(n.id, e.text, time.time()) for n in req.nodes])
+        try:
+            self._send(q.requester, req, readout)
+        except Exception:
+            log.exception("queued read-out %s for %s failed", req.seqnr, q.requester)
+
+    def _send(self, to: JID, req: ReadoutRequest, readout: Readout) -> None:
+        for payload in messages(req.seqnr, req.seq_attr, readout, self.per_message):
+            self._message(to, payload)
+        log.debug("read-out %s for %s: %d values, %d node errors", req.seqnr, to, len(readout.items), len(readout.errors))
+
+    def _message(self, to: JID, payload: ET.Element) -> None:
+        msg: Message = self.client.Message()
+        msg["to"] = to
+        msg.append(payload)
+        msg.send()
+
+    # ------------------------------------------------------------ cancel
+
+    def _on_cancel(self, iq: Iq) -> None:
+        if iq["type"] not in ("get", "set"):
+            return
+        try:
+            if not allowed(role_of(self.session, iq["from"]), Permission.READ):
+                raise Refused("forbidden", "Access denied.")
+            el = iq.xml.find(f"{{{NS}}}cancel")
+            check_attrs(el, frozenset(("seqnr", "id", XML_LANG)), "<cancel/>")
+            if len(el):
+                raise bad_request("<cancel/> has no child elements")
+            seqnr, attr = parse_seqnr(el, "<cancel/>")
+            q = self._queued.pop((iq["from"].full, seqnr), None)
+            if q is None:
+                raise Refused("item-not-found", "no queued read-out of yours has that seqnr")
+            if q.task is not None:
+                q.task.cancel()
+            cancelled = ET.Element(f"{{{NS}}}cancelled")
+            cancelled.set(attr, str(seqnr))
+            reply = iq.reply()
+            reply.append(cancelled)
+            reply.send()
+        except Refused as e:
+            send_error(iq, e)
+        except Exception:
+            log.exception("cancel from %s failed", iq["from"])
+            send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))
+
+    def _on_disconnected(self, _reason: object) -> None:
+        # The XEP lets a device forget queued read-outs; the requesters' sessions may be gone too.
+        for q in self._queued.values():
+            if q.task is not None:
+                q.task.cancel()
+        self._queued.clear()
