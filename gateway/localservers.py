@@ -10,6 +10,7 @@ TLS through `ca_file` instead of switching verification off.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -47,6 +48,9 @@ def wait_port(port: int, timeout: float = START_TIMEOUT, proc: subprocess.Popen 
 
 def _check_free(port: int) -> None:
     with socket.socket() as s:
+        # Like the servers themselves: a restart must not trip over the stopped
+        # server's connections in TIME_WAIT; a listening socket still counts as in use.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -190,6 +194,7 @@ class Mosquitto:
         self.config.write_text(
             f"""# written by gateway.localservers: a throwaway broker on loopback
 listener {self.port} 127.0.0.1
+user {_user()}
 allow_anonymous true
 persistence true
 persistence_location {self.root}/
@@ -220,6 +225,12 @@ max_queued_messages 100000
     def url(self) -> str:
         """`mqtt://127.0.0.1:port`, as the config's `[mqtt] url` wants it."""
         return f"mqtt://127.0.0.1:{self.port}"
+
+
+def _user() -> str:
+    """Who runs the servers: a broker started as root would otherwise drop to the
+    `mosquitto` user and could no longer write its log and sessions into our folder."""
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
