@@ -589,7 +589,7 @@ class MqttDriver(Driver[MqttDevice]):
         if self.device.availability_topic is None or self._available is True:
             self.health(Health.OK)
         elif self._available is False:
-            self.health(Health.OFFLINE, "offline (LWT)")
+            self.health(Health.OFFLINE, "(LWT)")
         else:
             self.health(Health.STARTING, f"waiting for availability on {self.device.availability_topic}")
 

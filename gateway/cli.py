@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -55,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "check":
         print(summary(path, config))
+        for warning in loose_permissions(path, config):
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     setup_logging("debug" if args.debug else config.gateway.log_level)
+    for warning in loose_permissions(path, config):
+        log.warning("%s", warning)
     if args.cmd == "run":
         if config.xmpp is None:
             print(f"{path}: invalid configuration\n  xmpp: missing (required to run)", file=sys.stderr)
@@ -66,13 +71,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging(level: str) -> None:
-    """Log to stderr; without timestamps under systemd, which adds its own."""
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+    """Log to stderr; to the journal without timestamps and with `<N>` priority prefixes."""
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     if level != "debug":
         logging.getLogger("slixmpp").setLevel(logging.WARNING)
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd announced in $JOURNAL_STREAM (device:inode)."""
+    dev, _, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    # Compared, as systemd.exec(5) advises, so `2>file` under a unit still gets timestamps.
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefixes every line with its syslog priority (`<3>` error … `<7>` debug), which journald reads."""
+
+    PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = next((p for lvl, p in self.PRIORITIES.items() if record.levelno >= lvl), 7)
+        # journald reads each line as its own entry: a traceback keeps the priority on every line.
+        return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
+
+
+def loose_permissions(path: Path, config: Config) -> list[str]:
+    """A warning for the config file and each password_file that every user on the machine may read or write."""
+    files = [path]
+    for section in (config.xmpp, config.mqtt):
+        if section is not None and section.password_file is not None:
+            files.append(section.password_file)
+    warnings = []
+    for f in files:
+        try:
+            mode = f.stat().st_mode
+        except OSError:
+            continue
+        what = [w for w, bit in (("readable", stat.S_IROTH), ("writable", stat.S_IWOTH)) if mode & bit]
+        if what:
+            warnings.append(
+                f"{f} is {' and '.join(what)} by every user (mode {stat.S_IMODE(mode):04o}) and may hold a password: "
+                f"run `chmod 640 {f}`"
+            )
+    return warnings
 
 
 def summary(path: Path, config: Config) -> str:
@@ -126,32 +178,56 @@ class _Stopper:
 
 async def _run(config: Config) -> int:
     from .app import Gateway
-    from .commands import Commands
-    from .xmpp import Session
+    from .systemd import Notifier
+    from .xmpp import Session, health_summary
 
     assert config.xmpp is not None
     stopper = _Stopper()
+    notifier = Notifier()
+    notifier.start_watchdog()
+    notifier.status("Starting devices")
     gw = Gateway(config)
     await gw.start()
-    session = Session(config, gw.hub, Commands(gw.hub, config.gateway.name), config.xmpp.resolve_password())
+    session = Session(config, gw.hub, gw.commands, config.xmpp.resolve_password(), (gw.watches, gw.reverts))
+
+    def status() -> str:
+        text = health_summary(config.gateway.name, gw.hub)[1]
+        return text if session.online.is_set() else f"{text} (XMPP offline)"
+
+    async def report() -> None:
+        await session.online.wait()
+        notifier.ready(status())
+        while True:  # the session going off or online has no event of its own
+            await asyncio.sleep(5)
+            notifier.status(status())
+
+    def on_health(_node: object, _old: object) -> None:
+        notifier.status(status())
+
+    gw.hub.subscribe(health=on_health)
+    notifier.status(status())
     session.connect()
+    reporter = asyncio.create_task(report(), name="systemd-status")
     try:
         await stopper.event.wait()
     finally:
+        notifier.stopping()
+        reporter.cancel()
+        gw.hub.unsubscribe(on_health)
         await session.stop()
         await gw.stop()
+        await notifier.close()
     return 0
 
 
 async def _console(config: Config) -> int:
     from .app import Gateway
     from .auth import Actor
-    from .commands import Commands
 
     stopper = _Stopper()
     gw = Gateway(config)
     await gw.start()
-    commands = Commands(gw.hub, config.gateway.name)
+    commands = gw.commands
     actor = Actor("console", "admin", "console")
     lines = _stdin_lines()
     tty = sys.stdin.isatty()
@@ -171,7 +247,7 @@ async def _console(config: Config) -> int:
             if line is None:
                 break
             if line.strip():
-                print(await commands.run(line.strip(), actor), flush=True)
+                print(await commands.run(line.strip(), actor, styled=False), flush=True)
     finally:
         await gw.stop()
     return 0

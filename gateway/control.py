@@ -339,7 +339,7 @@ def control_form(nodes: list[Node]) -> Form:
 class Control:
     """The XEP-0325 server of a Session: typed sets, control forms, discovery."""
 
-    def __init__(self, session: "Session"):
+    def __init__(self, session: Session):
         self.session = session
         self.hub: Hub = session.hub
         self.client = session.client
@@ -436,9 +436,10 @@ class Control:
             ids = parse_get_form(iq.xml.find(f"{{{NS}}}getForm"))
             if ids:
                 nodes = _known_nodes(self.hub, ids)
+            elif len(self.hub.nodes) == 1:
+                nodes = list(self.hub.nodes.values())  # the device itself, as in the XEP's examples
             else:
-                fits = [n for n in self.hub.nodes.values() if writable(n)]
-                nodes = [_one_node(self.hub, fits, "control parameters")] if len(self.hub.nodes) != 1 else list(self.hub.nodes.values())
+                nodes = [_one_node(self.hub, [n for n in self.hub.nodes.values() if writable(n)], "control parameters")]
             reply = iq.reply()
             reply.append(control_form(nodes))
             reply.send()

@@ -59,8 +59,11 @@ class HealthState:
         return self.state is Health.OK
 
     def describe(self) -> str:
-        """`ok`, or the state with its reason: `offline: serial port gone`."""
-        return self.state.value + (f": {self.reason}" if self.reason else "")
+        """`ok`, or the state with its reason: `offline: serial port gone`, `offline (LWT)`."""
+        if not self.reason:
+            return self.state.value
+        sep = " " if self.reason.startswith("(") else ": "
+        return self.state.value + sep + self.reason
 
 
 @dataclass(frozen=True, slots=True)

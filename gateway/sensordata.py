@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -109,7 +109,7 @@ def send_error(iq: Iq, err: Refused) -> None:
     reply.send()
 
 
-def role_of(session: "Session", jid: JID) -> str | None:
+def role_of(session: Session, jid: JID) -> str | None:
     """The contact role of a sender's bare JID, or None for a stranger."""
     contact = session.config.contact(jid.bare) if jid.bare else None
     return contact.role if contact is not None else None
@@ -145,7 +145,7 @@ _COLOR = re.compile(r"[0-9a-fA-F]{6}([0-9a-fA-F]{2})?")
 
 def _tz(text: str | None) -> dt.timezone:
     if not text or text == "Z":
-        return dt.timezone.utc
+        return dt.UTC
     hours, minutes = int(text[1:3]), int(text[4:6])
     if hours > 14 or minutes > 59 or (hours == 14 and minutes):
         raise ValueError(f"time zone offset {text} out of range")
@@ -258,7 +258,7 @@ def parse_double(text: str) -> float:
 
 def format_datetime(t: float) -> str:
     """Unix seconds as an xs:dateTime in UTC with milliseconds: 2013-03-07T16:24:30.000Z."""
-    d = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    d = dt.datetime.fromtimestamp(t, dt.UTC)
     return d.strftime("%Y-%m-%dT%H:%M:%S") + f".{d.microsecond // 1000:03d}Z"
 
 
@@ -398,12 +398,14 @@ def parse_req(el: ET.Element, hub: Hub) -> ReadoutRequest:
     # No field type at all: the values themselves, the common case.
     req.types = frozenset(types or {"momentary"})
 
+    times: dict[str, float] = {}
     for attr in ("from", "to", "when"):
         if attr in el.attrib:
             try:
-                setattr(req, {"from": "start", "to": "end", "when": "when"}[attr], parse_datetime(el.attrib[attr]))
+                times[attr] = parse_datetime(el.attrib[attr])
             except ValueError as e:
                 raise bad_request(f"<req/> attribute {attr}: {e}") from None
+    req.start, req.end, req.when = times.get("from"), times.get("to"), times.get("when")
     if req.start is not None and req.end is not None and req.start > req.end:
         raise bad_request("<req/> has from later than to")
 
@@ -508,17 +510,21 @@ def _in_range(r: Reading, req: ReadoutRequest) -> bool:
     return (req.start is None or r.time >= req.start) and (req.end is None or r.time <= req.end)
 
 
-def _read_node(node: Node, req: ReadoutRequest, wanted, now: float, out: Readout) -> None:
+def _put(blocks: dict[str, list[ET.Element]], t: float, el: ET.Element) -> None:
+    """File a field element under its timestamp; fields of the same time share one <timestamp/>."""
+    blocks.setdefault(format_datetime(t), []).append(el)
+
+
+def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], now: float, out: Readout) -> None:
     state = node.health.state
     broken = state in (Health.ERROR, Health.OFFLINE)
     quality = ("error",) if broken else ("warning",) if state is Health.STALE else ()
     fields = [f for f in node.fields.values() if wanted(f.name)]
-    blocks: dict[str, list[ET.Element]] = {}
-
-    def add(t: float, el: ET.Element) -> None:
-        blocks.setdefault(format_datetime(t), []).append(el)
-
+    momentary: dict[str, list[ET.Element]] = {}
+    current: dict[str, list[ET.Element]] = {}  # status and identity, as of now
+    historical: dict[str, list[ET.Element]] = {}
     values = 0
+
     if "momentary" in req.types:
         for f in fields:
             if f.latest is None:
@@ -529,9 +535,7 @@ def _read_node(node: Node, req: ReadoutRequest, wanted, now: float, out: Readout
                 t = f.latest.time
                 values += 1
             el.set("writable", "true" if f.spec.writable else "false")
-            add(t, el)
-    momentary = blocks
-    blocks = {}
+            _put(momentary, t, el)
     if req.historical:
         readings = sorted(
             ((f, r) for f in fields for r in f.history if _in_range(r, req)),
@@ -539,16 +543,12 @@ def _read_node(node: Node, req: ReadoutRequest, wanted, now: float, out: Readout
         )
         values += len(readings)
         for f, r in readings:
-            add(r.time, _flag(value_element(f.spec, r.value), "historicalOther", "automaticReadout"))
-    historical = blocks
-
+            _put(historical, r.time, _flag(value_element(f.spec, r.value), "historicalOther", "automaticReadout"))
     if broken and ("momentary" in req.types or req.historical) and values == 0 and fields:
         # Nothing was ever read, or nothing in range, from a device that is down.
         out.errors.append(NodeError(node.id, f"{node.id} is {node.health.describe()}", node.health.since))
         momentary, historical = {}, {}
 
-    blocks = {}
-    stamp = format_datetime(now)
     if "status" in req.types:
         h = node.health
         status = [
@@ -561,14 +561,14 @@ def _read_node(node: Node, req: ReadoutRequest, wanted, now: float, out: Readout
             status.append(_typed("duration", "Data age", format_duration(now - node.last_seen)))
         for el in status:
             if el is not None and wanted(el.get("name")):
-                blocks.setdefault(stamp, []).append(_flag(el, "status", "automaticReadout"))
+                _put(current, now, _flag(el, "status", "automaticReadout"))
     if "identity" in req.types:
         for name, value in zip(IDENTITY_FIELDS, (node.id, node.name, node.driver)):
             if wanted(name):
-                blocks.setdefault(stamp, []).append(_flag(_typed("string", name, value), "identity", "automaticReadout"))
+                _put(current, now, _flag(_typed("string", name, value), "identity", "automaticReadout"))
 
-    for part in (momentary, blocks, historical):
-        for ts, els in part.items():
+    for blocks in (momentary, current, historical):
+        for ts, els in blocks.items():
             for el in els:
                 out.items.append((node.id, ts, el))
 
@@ -624,7 +624,7 @@ class Queued:
 class SensorData:
     """The XEP-0323 server of a Session: read-outs, queued read-outs, cancel, discovery."""
 
-    def __init__(self, session: "Session"):
+    def __init__(self, session: Session):
         self.session = session
         self.hub: Hub = session.hub
         self.client = session.client

@@ -4,16 +4,26 @@ roles, device failures, messages, malformed requests and slixmpp's own client pl
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
 from slixmpp import Message
 from slixmpp.xmlstream import ET
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
+from tests.conftest import XmppServer
 from tests.peer import Peer
-from tests.xep_helpers import CTRL, XDATA, XDV, XepGateway, child, error_of, iq, xgw  # noqa: F401
+from tests.xep_helpers import CTRL, XDATA, XDV, XepGateway, child, error_of, iq, running
 
 XDD = "urn:xmpp:xdata:dynamic"
+
+
+@pytest.fixture
+async def xgw(xmpp_server: XmppServer, tmp_path: Path) -> AsyncIterator[XepGateway]:
+    async with running(xmpp_server, tmp_path) as gw:
+        yield gw
 
 
 def value(gw: XepGateway, ref: str) -> object:
@@ -148,7 +158,7 @@ async def test_nodes_named_or_found_by_parameter(xgw: XepGateway, peers: dict[st
     assert value(xgw, "sim.speed") == 33
     # Several nodes could be meant: refused rather than guessed.
     answer = await iq(olive, xgw.jid, "<set xmlns='urn:xmpp:iot:control'><boolean name='relay' value='false'/></set>", "set")
-    typ, cond, text = error_of(answer)
+    _, cond, text = error_of(answer)
     assert cond == "bad-request" and "sim, pump" in text
     assert (value(xgw, "sim.relay"), value(xgw, "pump.relay")) == (True, True)
 
@@ -275,7 +285,7 @@ async def test_control_form_get_and_submit(xgw: XepGateway, peers: dict[str, Pee
     assert form.find(f"{{{XDATA}}}field/{{{XDATA}}}value") is None  # on here, off there
     # No <node/> while two nodes have parameters: the gateway asks which.
     answer = await iq(olive, xgw.jid, "<getForm xmlns='urn:xmpp:iot:control'/>")
-    typ, cond, text = error_of(answer)
+    _, cond, text = error_of(answer)
     assert cond == "bad-request" and "sim, pump" in text
 
 
@@ -291,8 +301,7 @@ async def test_malformed_and_huge_requests(xgw: XepGateway, peers: dict[str, Pee
         ("<set xmlns='urn:xmpp:iot:control'><node/><int name='speed' value='3'/></set>", "set", "bad-request"),
         ("<set xmlns='urn:xmpp:iot:control'><node nodeId='sim'/><int name='speed' value='3'/></set>", "get", "bad-request"),
         ("<set xmlns='urn:xmpp:iot:control'><node nodeId='sim'/><x xmlns='jabber:x:data' type='form'/></set>", "set", "bad-request"),
-        ("<set xmlns='urn:xmpp:iot:control'><node nodeId='sim'/><x xmlns='jabber:x:data' type='submit'>"
-         "<field var='speed'/></x></set>", "set", "bad-request"),
+        ("<set xmlns='urn:xmpp:iot:control'><node nodeId='sim'/><x xmlns='jabber:x:data' type='submit'><field var='speed'/></x></set>", "set", "bad-request"),
         ("<getForm xmlns='urn:xmpp:iot:control'><field name='x'/></getForm>", "get", "bad-request"),
         ("<getForm xmlns='urn:xmpp:iot:control'><node nodeId='sim'/></getForm>", "set", "bad-request"),
     ]

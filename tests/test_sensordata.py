@@ -8,19 +8,40 @@ import datetime as dt
 import math
 import re
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
 from slixmpp.xmlstream import ET
 
 from gateway.hub import Health
+from tests.conftest import XmppServer
 from tests.peer import Peer
-from tests.xep_helpers import SD, Inbox, XepGateway, by_name, child, error_of, iq, values, xgw  # noqa: F401
+from tests.xep_helpers import (
+    SD,
+    Inbox,
+    Value,
+    XepGateway,
+    by_name,
+    child,
+    error_of,
+    iq,
+    running,
+    values,
+)
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
+@pytest.fixture
+async def xgw(xmpp_server: XmppServer, tmp_path: Path) -> AsyncIterator[XepGateway]:
+    async with running(xmpp_server, tmp_path) as gw:
+        yield gw
+
+
 def stamp(t: float) -> str:
     """The xs:dateTime the gateway uses for Unix time `t` (UTC, milliseconds)."""
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def when(seconds_from_now: float) -> str:
@@ -172,7 +193,10 @@ async def test_large_readout_is_split_over_messages(xgw: XepGateway, peers: dict
     assert len(msgs) == math.ceil(len(whole) / 4) and len(msgs) > 5
     assert [m.get("done") for m in msgs] == [None] * (len(msgs) - 1) + ["true"]
     assert all(len(values([m])) <= 4 for m in msgs)
-    key = lambda v: (v.node, v.type, v.name, v.value, tuple(sorted(v.flags())))  # noqa: E731
+
+    def key(v: Value) -> tuple:
+        return (v.node, v.type, v.name, v.value, tuple(sorted(v.flags())))
+
     # Same read-out either way (the Data age of the status part moves on).
     assert [key(v) for v in values(msgs) if v.name != "Data age"] == [key(v) for v in whole if v.name != "Data age"]
 

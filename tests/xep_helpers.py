@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from slixmpp import Iq, Message
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream import ET
@@ -81,19 +81,21 @@ class XepGateway:
         return self.session.client.boundjid.full
 
 
-@pytest.fixture
-async def xgw(xmpp_server: XmppServer, tmp_path: Path) -> AsyncIterator[XepGateway]:
+@asynccontextmanager
+async def running(xmpp_server: XmppServer, tmp_path: Path) -> AsyncIterator[XepGateway]:
     """The gateway with `sim`, `pump` and the driverless `probe`, online on Prosody."""
     config = gateway_config(xmpp_server, tmp_path, devices=DEVICES)
     gw = Gateway(config)
     await gw.start()
     gw.hub.add_node("probe", "Probe", "none", PROBE)
     session = Session(config, gw.hub, Commands(gw.hub, config.gateway.name), xmpp_server.passwords["gateway"])
-    session.connect()
-    await asyncio.wait_for(session.online.wait(), TIMEOUT)
-    yield XepGateway(gw, session)
-    await session.stop()
-    await gw.stop()
+    try:
+        session.connect()
+        await asyncio.wait_for(session.online.wait(), TIMEOUT)
+        yield XepGateway(gw, session)
+    finally:
+        await session.stop()
+        await gw.stop()
 
 
 def xml(text: str) -> ET.Element:
