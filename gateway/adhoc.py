@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from slixmpp.exceptions import XMPPError
 from slixmpp.stanza import Iq
 
-from .auth import Actor, Forbidden, Permission, allowed
+from .auth import Actor, Forbidden, Permission, allowed, require
 from .hub import Field, HubError
 from .values import BadValue, Value, age, check_bounds, coerce, fmt
 
@@ -43,10 +43,18 @@ class AdHoc:
     def _actor(self, iq_or_session: Any, perm: Permission) -> Actor:
         frm = iq_or_session["from"]
         contact = self.session.config.contact(frm.bare)
-        if contact is None or not allowed(contact.role, perm):
-            log.info("ad-hoc command refused for %s", frm.bare)
+        if contact is None:
+            log.info("ad-hoc command refused for stranger %s", frm.bare)
             raise XMPPError("forbidden", text="Not allowed for your account.")
-        return Actor(contact.jid, contact.role, "adhoc")
+        actor = Actor(contact.jid, contact.role, "adhoc")
+        if not allowed(contact.role, perm):
+            try:
+                require(actor, perm)
+            except Forbidden as e:
+                if perm is Permission.SET:  # an attempt to change actuators: audited
+                    self.hub.audit.record(actor, "(set form)", None, None, "refused", str(e))
+                raise XMPPError("forbidden", text=f"{e}.") from None
+        return actor
 
     def _form(self, ftype: str, title: str) -> Any:
         return self.session.client.plugin["xep_0004"].make_form(ftype=ftype, title=title)
