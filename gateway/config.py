@@ -36,6 +36,29 @@ FieldType = Literal["numeric", "boolean", "integer", "string"]
 Role = Literal["viewer", "operator", "admin"]
 
 
+BARE_JID = re.compile(r"[^@/\s]+@[^@/\s]+")
+
+
+def _bare_jid(v: str) -> str:
+    if not BARE_JID.fullmatch(v):
+        raise ValueError(f"must be a bare JID like name@example.org, got {v!r}")
+    return v
+
+
+def _existing_file(v: Path | None) -> Path | None:
+    if v is not None and not v.is_file():
+        raise ValueError(f"file not found: {v}")
+    return v
+
+
+def _read_secret(section: str, path: Path) -> str:
+    """The first line of a password file; ConfigError naming the key if unreadable."""
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise ConfigError([f"{section}.password_file: cannot read: {e.strerror}"]) from e
+
+
 class ConfigError(Exception):
     """A configuration that cannot be used; `errors` holds one line per problem."""
 
@@ -100,16 +123,12 @@ class XmppSection(Strict):
     @classmethod
     def _room_jids(cls, v: list[str]) -> list[str]:
         for room in v:
-            if not re.fullmatch(r"[^@/\s]+@[^@/\s]+", room):
+            if not BARE_JID.fullmatch(room):
                 raise ValueError(f"must be room JIDs like ops@conference.example.org, got {room!r}")
         return v
 
-    @field_validator("jid")
-    @classmethod
-    def _bare_jid(cls, v: str) -> str:
-        if not re.fullmatch(r"[^@/\s]+@[^@/\s]+", v):
-            raise ValueError(f"must be a bare JID like name@example.org, got {v!r}")
-        return v
+    _jid = field_validator("jid")(_bare_jid)
+    _ca = field_validator("ca_file")(_existing_file)
 
     @field_validator("server")
     @classmethod
@@ -119,13 +138,6 @@ class XmppSection(Strict):
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"must be host:port, like 127.0.0.1:5222, got {v!r}")
-        return v
-
-    @field_validator("ca_file")
-    @classmethod
-    def _ca_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"file not found: {v}")
         return v
 
     @model_validator(mode="after")
@@ -152,10 +164,7 @@ class XmppSection(Strict):
         if self.password is not None:
             return self.password
         if self.password_file is not None:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as e:
-                raise ConfigError([f"xmpp.password_file: cannot read: {e.strerror}"]) from e
+            return _read_secret("xmpp", self.password_file)
         env = os.environ.get(PASSWORD_ENV)
         if env:
             return env
@@ -180,10 +189,8 @@ class Contact(Strict):
 
     @field_validator("jid")
     @classmethod
-    def _bare_jid(cls, v: str) -> str:
-        if not re.fullmatch(r"[^@/\s]+@[^@/\s]+", v):
-            raise ValueError(f"must be a bare JID like name@example.org, got {v!r}")
-        return v.lower()
+    def _lower_bare_jid(cls, v: str) -> str:
+        return _bare_jid(v).lower()
 
 
 class MqttSection(Strict):
@@ -205,12 +212,7 @@ class MqttSection(Strict):
             raise ValueError(f"must be mqtt://host[:port] or mqtts://host[:port], got {v!r}")
         return v
 
-    @field_validator("ca_file")
-    @classmethod
-    def _ca_exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"file not found: {v}")
-        return v
+    _ca = field_validator("ca_file")(_existing_file)
 
     @model_validator(mode="after")
     def _credentials(self) -> "MqttSection":
@@ -245,10 +247,7 @@ class MqttSection(Strict):
         if self.password is not None:
             return self.password
         if self.password_file is not None:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as e:
-                raise ConfigError([f"mqtt.password_file: cannot read: {e.strerror}"]) from e
+            return _read_secret("mqtt", self.password_file)
         return None
 
 

@@ -26,6 +26,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from .auth import Actor, Forbidden, Permission, allowed
 from .hub import DeviceError, FieldSpec, Hub, Node, NotWritable, UnknownField
 from .sensordata import (
+    check_rate,
     MAX_NAME,
     NODE_ATTRS,
     TOKENS,
@@ -390,6 +391,7 @@ class Control:
             role = role_of(self.session, iq["from"])
             if role is None:
                 raise Refused("forbidden", "Access denied.")
+            check_rate(self.session, iq["from"])
             p = await self.apply(iq.xml.find(f"{{{NS}}}set"), iq["from"], role)
             response = ET.Element(f"{{{NS}}}setResponse")
             if p.name_nodes:
@@ -433,6 +435,7 @@ class Control:
                 raise bad_request("send <getForm/> in an IQ of type get")
             if not allowed(role_of(self.session, iq["from"]), Permission.SET):
                 raise Refused("forbidden", "Access denied.")
+            check_rate(self.session, iq["from"])
             ids = parse_get_form(iq.xml.find(f"{{{NS}}}getForm"))
             if ids:
                 nodes = _known_nodes(self.hub, ids)

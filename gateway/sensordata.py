@@ -115,6 +115,12 @@ def role_of(session: Session, jid: JID) -> str | None:
     return contact.role if contact is not None else None
 
 
+def check_rate(session: Session, jid: JID) -> None:
+    """Refuse a contact over the per-JID command rate limit (shared with chat)."""
+    if not session.allow_rate(jid.bare.lower()):
+        raise Refused("resource-constraint", "Too many requests; slow down.", etype="wait")
+
+
 def check_attrs(el: ET.Element, known: frozenset[str], what: str) -> None:
     """Refuse an element carrying an attribute the XEP does not define."""
     if any(a not in known for a in el.attrib):
@@ -661,6 +667,7 @@ class SensorData:
         requester = iq["from"]
         if not allowed(role_of(self.session, requester), Permission.READ):
             raise Refused("forbidden", "Access denied.")
+        check_rate(self.session, requester)
         if iq["type"] != "get":
             raise bad_request("send <req/> in an IQ of type get")
         req = parse_req(iq.xml.find(f"{{{NS}}}req"), self.hub)
