@@ -144,3 +144,36 @@ async def test_roles_by_entry_point(entry: str, gw: RunningGateway, peers: dict[
             assert all(e.outcome != "applied" for e in new)
             if role is not None:  # a known viewer's attempt is audited as refused
                 assert [(e.actor.jid, e.outcome) for e in new] == [(f"{user}@localhost", "refused")]
+
+
+async def test_tls_is_verified_and_an_untrusted_server_gets_no_login(
+    xmpp_server: XmppServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway.app import Gateway
+    from gateway.xmpp import Session
+
+    config = gateway_config(xmpp_server, tmp_path)
+    config.xmpp.ca_file = None  # the suite's private CA is not among the system's trust anchors
+    gw = Gateway(config)
+    await gw.start()
+    session = Session(config, gw.hub, gw.commands, xmpp_server.passwords["gateway"])
+    session.connect()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(session.online.wait(), 3)
+        assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+    finally:
+        await session.stop()
+        await gw.stop()
+
+
+async def test_tls_verify_off_is_allowed_on_loopback_only_and_warned(
+    xmpp_server: XmppServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = gateway_config(xmpp_server, tmp_path, xmpp={"tls_verify": False})
+    config.xmpp.ca_file = None
+    gw = await start_gateway(config, xmpp_server.passwords["gateway"])
+    try:
+        assert "TLS certificate verification is OFF" in caplog.text
+    finally:
+        await gw.stop()
