@@ -15,6 +15,7 @@ while the gateway is away and delivers it when the gateway comes back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import logging
@@ -45,6 +46,8 @@ RECONNECT_MAX = 30  # ...up to this
 START_GRACE = 2.0  # seconds to wait for every mqtt device to attach before connecting anyway
 STOP_TIMEOUT = 2.0  # seconds to wait for the broker to take the "offline" status at stop
 LOG_EVERY = 60.0  # seconds between two warnings about the same field
+DRAIN_BATCH = 500  # paho callbacks run per event-loop turn, so a flood cannot starve the loop
+MATCH_CACHE = 4096  # topics whose matching routes are remembered
 SHOWN = 80  # characters of a bad payload quoted in a warning
 ONLINE, OFFLINE = "online", "offline"
 
@@ -102,12 +105,12 @@ def lookup(doc: Any, path: str) -> Any:
     cur = doc
     done: list[str] = []
     for part in path.split("."):
-        where = ".".join(done) or "the payload"
         if isinstance(cur, dict):
             if part not in cur:
                 raise BadPayload(f"no {'.'.join(done + [part])!r} in the payload")
             cur = cur[part]
         elif isinstance(cur, list):
+            where = ".".join(done) or "the payload"
             try:
                 i = int(part)
             except ValueError:
@@ -116,6 +119,7 @@ def lookup(doc: Any, path: str) -> Any:
                 raise BadPayload(f"{where} has {len(cur)} items, no index {i}")
             cur = cur[i]
         else:
+            where = ".".join(done) or "the payload"
             raise BadPayload(f"{where} is {_kind(cur)}, cannot look up {part!r} in it")
         done.append(part)
     return cur
@@ -127,8 +131,8 @@ def to_value(f: MqttField, raw: Any) -> Value:
         raise BadPayload("the value is null")
     if isinstance(raw, (dict, list)):
         raise BadPayload(f"expected a single value, got {_kind(raw)}")
-    text = raw if isinstance(raw, str) else json.dumps(raw)
     if f.type == "boolean" and f.payload_on is not None and f.payload_off is not None:
+        text = raw if isinstance(raw, str) else json.dumps(raw)
         word = text.strip().lower()
         if word == f.payload_on.strip().lower():
             return True
@@ -138,8 +142,10 @@ def to_value(f: MqttField, raw: Any) -> Value:
             return coerce("boolean", raw)
         except BadValue:
             raise BadPayload(f"expects {f.payload_on!r} or {f.payload_off!r}, got {_short(text)}") from None
+    if f.type == "string" and not isinstance(raw, str):
+        raw = json.dumps(raw)
     try:
-        return coerce(f.type, text if f.type == "string" else raw)
+        return coerce(f.type, raw)
     except BadValue as e:
         raise BadPayload(str(e)) from None
 
@@ -251,6 +257,9 @@ class Broker:
         self._expected = expected
         self._users: list[MqttDriver] = []
         self._routes: list[tuple[object, str, Handler]] = []
+        self._matches: dict[str, list[tuple[str, Handler]]] = {}  # topic -> matching routes
+        self._inbox: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
+        self._drain_due = False  # a `_drain` is scheduled on the loop
         self._subs: dict[str, None] = {}
         self._sub_mids: dict[int, list[str]] = {}
         self._acks: dict[int, asyncio.Future[None]] = {}
@@ -314,11 +323,13 @@ class Broker:
         if user in self._users:
             self._users.remove(user)
         self._routes = [r for r in self._routes if r[0] is not user]
+        self._matches = {}
         return not self._users
 
     def route(self, owner: object, sub: str, handler: Handler) -> None:
         """Call `handler(sub, topic, payload)` on the event loop for each message matching `sub`."""
         self._routes.append((owner, sub, handler))
+        self._matches = {}
         if sub not in self._subs:
             self._subs[sub] = None
             if self.connected:
@@ -388,7 +399,13 @@ class Broker:
     # ------------------------------------------------------------ paho thread
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        self.loop.call_soon_threadsafe(fn, *args)
+        # One wake-up of the loop per batch, not per message: call_soon_threadsafe
+        # costs a write to the loop's self-pipe each time, as much as the rest of a
+        # message's way into the hub. Order is kept: everything goes through the inbox.
+        self._inbox.append((fn, args))
+        if not self._drain_due:
+            self._drain_due = True
+            self.loop.call_soon_threadsafe(self._drain)
 
     @_guarded
     def _on_connect(
@@ -483,18 +500,37 @@ class Broker:
             if not fut.done():
                 fut.set_exception(MqttError(why))
 
+    def _drain(self) -> None:
+        """Run what the paho thread handed over, up to DRAIN_BATCH items per loop turn."""
+        # Cleared first: anything the paho thread adds from now on schedules another drain.
+        self._drain_due = False
+        inbox = self._inbox
+        for _ in range(min(len(inbox), DRAIN_BATCH)):
+            fn, args = inbox.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("mqtt: error in %s", getattr(fn, "__name__", fn))
+        if inbox and not self._drain_due:
+            self._drain_due = True
+            self.loop.call_soon(self._drain)
+
     def _deliver(self, topic: str, payload: bytes) -> None:
         if self._closed:
             return
-        matched = False
-        for _owner, sub, handler in list(self._routes):
-            if paho.topic_matches_sub(sub, topic):
-                matched = True
-                try:
-                    handler(sub, topic, payload)
-                except Exception:
-                    log.exception("mqtt: handling a message on %s failed", topic)
-        if not matched:
+        routes = self._matches.get(topic)
+        if routes is None:
+            # paho's topic_matches_sub builds a matcher tree on every call: match each topic once.
+            routes = [(sub, h) for _owner, sub, h in self._routes if paho.topic_matches_sub(sub, topic)]
+            if len(self._matches) >= MATCH_CACHE:
+                self._matches = {}
+            self._matches[topic] = routes
+        for sub, handler in routes:
+            try:
+                handler(sub, topic, payload)
+            except Exception:
+                log.exception("mqtt: handling a message on %s failed", topic)
+        if not routes:
             log.debug("mqtt: message on %s matches no device", topic)
 
     def _acked(self, mid: int, failure: str | None) -> None:

@@ -87,15 +87,13 @@ class Session:
 
         c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password)
         self.client = c
-        for plugin in ("xep_0030", "xep_0092", "xep_0191", "xep_0198", "xep_0203"):
+        # Forms, disco, version, caps in presence, blocking, stream management, delay.
+        for plugin in ("xep_0004", "xep_0030", "xep_0092", "xep_0115", "xep_0191", "xep_0198", "xep_0203"):
             c.register_plugin(plugin)
         # The plugin arms the keepalive on each session start and disarms it on disconnect.
         c.register_plugin(
             "xep_0199", pconfig={"keepalive": True, "interval": self.xcfg.keepalive, "timeout": 30}
         )
-        # XEP-0004 forms, XEP-0115 caps in presence (XEP-0323/0325 advertise themselves).
-        for plugin in ("xep_0004", "xep_0115"):
-            c.register_plugin(plugin)
         c.plugin["xep_0030"].add_identity(category="client", itype="bot", name=config.gateway.name)
         c.plugin["xep_0092"].software_name = "iot-gateway"
         c.plugin["xep_0092"].version = _version()
