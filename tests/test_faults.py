@@ -13,7 +13,6 @@ from pathlib import Path
 
 from gateway.localservers import Prosody
 from tests.conftest import XmppServer, gateway_config, start_gateway
-from tests.peer import Peer
 from tests.proxy import Proxy
 
 ROOT = Path(__file__).resolve().parent.parent
