@@ -30,10 +30,11 @@ class SimulatedDriver(Driver[SimulatedDevice]):
         self._fields = {f.name: f for f in device.fields}
 
     async def start(self) -> None:
+        now = time.time()  # one timestamp for the whole first read-out
         for f in self.device.fields:
             if f.writable:
-                self.push(f.name, f.initial if f.initial is not None else DEFAULTS[f.type])
-        self._sample()
+                self.push(f.name, f.initial if f.initial is not None else DEFAULTS[f.type], now)
+        self._sample(now)
         self.health(Health.OK)
         self._started = True
         self.spawn(self._run(), "sample")
@@ -49,8 +50,8 @@ class SimulatedDriver(Driver[SimulatedDevice]):
             await asyncio.sleep(self.device.interval)
             self._sample()
 
-    def _sample(self) -> None:
-        now = time.time()
+    def _sample(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         for f in self.device.fields:
             if not f.writable:
                 self.push(f.name, self._value(f, now), now)

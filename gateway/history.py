@@ -11,18 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .hub import Field, Hub, Reading
+from .values import Value
 
 log = logging.getLogger("iot_gateway.history")
 
 FLUSH_EVERY = 2.0  # seconds
 FLUSH_AT = 1000  # pending readings
 PRUNE_EVERY = 300.0  # seconds
+SHARED_VALUES = 10_000  # distinct stored values a load keeps, so equal readings share one object
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -31,6 +34,12 @@ CREATE TABLE IF NOT EXISTS readings (
     v TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS readings_ref_t ON readings (ref, t);
+"""
+# Rows of a JSON array [[ref, t, v], ...]: many readings in one statement.
+INSERT_BATCH = """
+INSERT INTO readings (ref, t, v)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+FROM json_each(?)
 """
 
 
@@ -50,13 +59,16 @@ class HistoryStore:
         """Open the database, load stored readings into the hub, and start mirroring."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        stored = await loop.run_in_executor(self._pool, self._open_and_load)
-        for ref, rows in stored.items():
+        refs = await loop.run_in_executor(self._pool, self._open)
+        # Field by field: a full history (200 fields of 1000 readings) fetched at once
+        # would leave its rows' memory behind, fragmented, for the life of the process.
+        shared: dict[str, Value] = {}
+        for ref in refs:
             try:
                 f = self.hub.field(ref)
             except Exception:
                 continue  # a field no longer in the config
-            self._restore(f, rows)
+            self._restore(f, await loop.run_in_executor(self._pool, self._load, ref), shared)
         self.hub.subscribe(reading=self._on_reading)
         self._task = asyncio.create_task(self._run(), name="history-flush")
 
@@ -83,8 +95,8 @@ class HistoryStore:
         await loop.run_in_executor(self._pool, self._insert, batch)
 
     def _on_reading(self, f: Field, r: Reading) -> None:
-        self._pending.append((f.ref, r.time, json.dumps(r.value)))
-        if len(self._pending) >= FLUSH_AT:
+        self._pending.append((f.ref, r.time, encode(r.value)))
+        if len(self._pending) == FLUSH_AT:  # once: until the flush runs, more readings only queue up
             asyncio.ensure_future(self.flush())
 
     async def _run(self) -> None:
@@ -100,38 +112,50 @@ class HistoryStore:
             except sqlite3.Error as e:
                 log.error("cannot write history to %s: %s", self.path, e)
 
-    def _restore(self, f: Field, rows: list[tuple[float, str]]) -> None:
+    def _restore(self, f: Field, rows: list[tuple[float, str]], shared: dict[str, Value]) -> None:
         for t, v in rows:
-            try:
-                value = json.loads(v)
-            except ValueError:
-                continue
+            value = shared.get(v)
+            if value is None:
+                try:
+                    value = json.loads(v)
+                except ValueError:
+                    continue
+                if len(shared) >= SHARED_VALUES:
+                    shared.clear()
+                shared[v] = value
             f.history.append(Reading(value, t))
         if f.history and f.latest is None:
             f.latest = f.history[-1]
 
     # ---------------------------------------------------------- worker thread
 
-    def _open_and_load(self) -> dict[str, list[tuple[float, str]]]:
+    def _open(self) -> list[str]:
+        """Open (and prune) the database; the fields it holds readings of."""
         db = sqlite3.connect(self.path, check_same_thread=False)
         db.executescript(SCHEMA)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         self._db = db
         self._prune()
-        out: dict[str, list[tuple[float, str]]] = {}
-        for ref in [r[0] for r in db.execute("SELECT DISTINCT ref FROM readings")]:
-            rows = db.execute(
-                "SELECT t, v FROM readings WHERE ref = ? ORDER BY t DESC LIMIT ?",
-                (ref, self.hub.history_size),
-            ).fetchall()
-            out[ref] = list(reversed(rows))
-        return out
+        return [r[0] for r in db.execute("SELECT DISTINCT ref FROM readings")]
+
+    def _load(self, ref: str) -> list[tuple[float, str]]:
+        """The newest `history_size` readings of one field, oldest first."""
+        assert self._db is not None
+        rows = self._db.execute(
+            "SELECT t, v FROM readings WHERE ref = ? ORDER BY t DESC LIMIT ?",
+            (ref, self.hub.history_size),
+        ).fetchall()
+        rows.reverse()
+        return rows
 
     def _insert(self, batch: list[tuple[str, float, str]]) -> None:
         assert self._db is not None
         with self._db:
-            self._db.executemany("INSERT INTO readings (ref, t, v) VALUES (?, ?, ?)", batch)
+            # One statement for the whole batch: sqlite3 lets go of the GIL around every step,
+            # and executemany steps once per row, so a busy event loop thread would have to
+            # win the GIL back a thousand times per flush.
+            self._db.execute(INSERT_BATCH, (json.dumps(batch),))
 
     def _prune(self) -> None:
         assert self._db is not None
@@ -151,3 +175,13 @@ class HistoryStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def encode(value: Value) -> str:
+    """A value as the JSON text stored; numbers without json.dumps, which costs ten times more."""
+    kind = type(value)
+    if kind is float and math.isfinite(value):
+        return repr(value)
+    if kind is int:
+        return str(value)
+    return json.dumps(value)

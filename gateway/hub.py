@@ -12,10 +12,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from array import array
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from .audit import AuditLog
@@ -80,22 +81,72 @@ class FieldSpec:
     description: str = ""
 
 
+class History:
+    """A field's last `maxlen` readings, oldest first, as a ring of times and values.
+
+    Reading objects would cost about 100 bytes each, and a gateway keeps
+    history_size of them for every field; here a numeric reading takes 16
+    bytes (two doubles) and any other 16 bytes plus its value. Appending,
+    len(), indexing and iteration work as on a deque of Readings.
+    """
+
+    __slots__ = ("_start", "_times", "_values", "maxlen")
+
+    def __init__(self, maxlen: int, numeric: bool = False):
+        self.maxlen = maxlen
+        self._times = array("d")
+        self._values: array[float] | list[Value] = array("d") if numeric else []
+        self._start = 0  # where the oldest reading is, once the ring is full
+
+    def append(self, reading: Reading) -> None:
+        """Add the newest reading, dropping the oldest when full."""
+        value = reading.value
+        if isinstance(self._values, array) and type(value) is not float:
+            self._values = list(self._values)  # not a number after all: keep any value
+        if len(self._times) < self.maxlen:
+            self._times.append(reading.time)
+            self._values.append(value)
+        else:
+            i = self._start
+            self._times[i] = reading.time
+            self._values[i] = value
+            self._start = (i + 1) % self.maxlen
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def __getitem__(self, index: int) -> Reading:
+        n = len(self._times)
+        if not -n <= index < n:
+            raise IndexError("history index out of range")
+        i = (self._start + index) % n
+        return Reading(self._values[i], self._times[i])
+
+    def __iter__(self) -> Iterator[Reading]:
+        s = self._start
+        times, values = self._times, self._values
+        for t, v in zip(times[s:], values[s:]):
+            yield Reading(v, t)
+        for t, v in zip(times[:s], values[:s]):
+            yield Reading(v, t)
+
+
 @dataclass(eq=False)
 class Field:
     """A field of a node: its metadata, latest reading and bounded history."""
 
     node: "Node"
     spec: FieldSpec
-    history: deque[Reading]
+    history: History
     latest: Reading | None = None
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    @property
+    @cached_property
     def ref(self) -> str:
-        """`device.field`, the name users type."""
+        """`device.field`, the name users type (built once: every reading's listeners ask for it)."""
         return f"{self.node.id}.{self.spec.name}"
 
 
@@ -162,7 +213,7 @@ class Hub:
         node = Node(node_id, name, driver, stale_after)
         node.health = HealthState(Health.STARTING, "not started yet", time.time())
         for spec in fields:
-            node.fields[spec.name] = Field(node, spec, deque(maxlen=self.history_size))
+            node.fields[spec.name] = Field(node, spec, History(self.history_size, spec.type == "numeric"))
         self.nodes[node_id] = node
         return node
 

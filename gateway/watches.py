@@ -253,14 +253,13 @@ class Watches:
             true_now = OPS[w.op](value, w.threshold)
         except TypeError:
             return
-        now_text = f"now {fmt(value, f.spec.decimals)}{_unit(f)}"
         if not w.firing and true_now:
             w.firing, w.acked = True, False
-            self._send(w, f"ALERT #{w.id} {w.describe()}: {now_text}", r.time)
+            self._send(w, f"ALERT #{w.id} {w.describe()}: {_now(f, value)}", r.time)
         elif w.firing and not true_now and self._cleared(w, value):
             w.firing, w.acked = False, False
             if w.notified:
-                self._send(w, f"CLEARED #{w.id} {w.describe()}: {now_text}", r.time, clear=True)
+                self._send(w, f"CLEARED #{w.id} {w.describe()}: {_now(f, value)}", r.time, clear=True)
 
     @staticmethod
     def _cleared(w: Watch, value: Value) -> bool:
@@ -317,3 +316,7 @@ class Watches:
 
 def _unit(f: Field) -> str:
     return f" {f.spec.unit}" if f.spec.unit else ""
+
+
+def _now(f: Field, value: Value) -> str:
+    return f"now {fmt(value, f.spec.decimals)}{_unit(f)}"

@@ -84,10 +84,10 @@ async def test_a_crashing_driver_marks_its_device_and_the_rest_carries_on(xmpp_s
     ]
     original = SimulatedDriver._sample
 
-    def sample(self: SimulatedDriver) -> None:
+    def sample(self: SimulatedDriver, now: float | None = None) -> None:
         if self.id == "bad" and self._started:
             raise RuntimeError("sensor library blew up")
-        original(self)
+        original(self, now)
 
     SimulatedDriver._sample = sample  # type: ignore[method-assign]
     try:

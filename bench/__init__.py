@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway against the limits of its own stack: `make bench`."""
