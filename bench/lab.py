@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from typing import Any
 
 from gateway.config import load
 from gateway.history import SCHEMA
-from gateway.localservers import Mosquitto, Prosody
+from gateway.localservers import Mosquitto, Prosody, stop_process
 
 from .clients import Client
 
@@ -133,14 +132,7 @@ class GatewayProcess:
     def stop(self) -> None:
         """SIGTERM, as systemd stops it; SIGKILL after 10 s."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, grace=10)
 
 
 def rss(pid: int) -> float:

@@ -173,7 +173,7 @@ Component "{self.muc}" "muc"
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s)."""
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     @property
@@ -218,7 +218,7 @@ max_queued_messages 100000
 
     def stop(self) -> None:
         """Stop the broker (it saves its persistent sessions on SIGTERM)."""
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     @property
@@ -233,12 +233,13 @@ def _user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
+    """SIGTERM a child process, SIGKILL it if it has not exited after `grace` seconds."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(5)
+        proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)

@@ -30,12 +30,10 @@ from devices.mqtt import (
 )
 from gateway.app import Gateway
 from gateway.auth import Actor
-from gateway.commands import Commands
 from gateway.config import Config, ConfigError, MqttField, parse
 from gateway.hub import DeviceError, Health
 from gateway.localservers import Mosquitto, free_port, make_certs
-from gateway.xmpp import Session
-from tests.conftest import XmppServer, gateway_config
+from tests.conftest import XmppServer, gateway_config, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = Actor("admin@example.org", "admin", "test")
@@ -657,13 +655,10 @@ async def test_contact_reads_and_sets_an_mqtt_device_over_xmpp(
              "command_topic": f"cmnd/{p}/POWER"},
         ],
     }], mqtt={"url": mosquitto.url})
-    gw = Gateway(config)
-    await gw.start()
-    session = Session(config, gw.hub, Commands(gw.hub, config.gateway.name), xmpp_server.passwords["gateway"])
-    session.connect()
+    running = await start_gateway(config, xmpp_server.passwords["gateway"])
+    gw = running.gateway
     alice = None
     try:
-        await asyncio.wait_for(session.online.wait(), 10)
         alice = await xmpp_server.peer("alice").start()
         gw_jid = xmpp_server.jid("gateway")
         await until(lambda: health(gw, "plug") == (Health.OK, ""), "broker connection")
@@ -684,5 +679,4 @@ async def test_contact_reads_and_sets_an_mqtt_device_over_xmpp(
     finally:
         if alice is not None:
             await alice.stop()
-        await session.stop()
-        await gw.stop()
+        await running.stop()

@@ -25,13 +25,11 @@ import serial
 
 import devices.serial as sd
 from devices.base import Context
-from gateway.app import Gateway, build_hub
+from gateway.app import build_hub
 from gateway.auth import Actor
-from gateway.commands import Commands
 from gateway.config import ConfigError, SerialDevice, load, parse
 from gateway.hub import DeviceError, Health, Hub
-from gateway.xmpp import Session
-from tests.conftest import XmppServer, gateway_config
+from tests.conftest import XmppServer, gateway_config, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCAT = shutil.which("socat") or "/usr/bin/socat"
@@ -547,13 +545,10 @@ async def test_contact_reads_and_sets_over_xmpp(xmpp_server: XmppServer, tmp_pat
              "payload_on": "ON", "payload_off": "OFF", "ack_pattern": "^OK$"},
         ],
     }])
-    gw = Gateway(config)
-    await gw.start()
-    session = Session(config, gw.hub, Commands(gw.hub, config.gateway.name), xmpp_server.passwords["gateway"])
-    session.connect()
+    running = await start_gateway(config, xmpp_server.passwords["gateway"])
+    gw = running.gateway
     alice = None
     try:
-        await asyncio.wait_for(session.online.wait(), 10)
         alice = await xmpp_server.peer("alice").start()
         gw_jid = xmpp_server.jid("gateway")
         driver = gw.drivers["bench"]
@@ -573,5 +568,4 @@ async def test_contact_reads_and_sets_over_xmpp(xmpp_server: XmppServer, tmp_pat
     finally:
         if alice is not None:
             await alice.stop()
-        await session.stop()
-        await gw.stop()
+        await running.stop()
