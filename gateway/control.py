@@ -26,6 +26,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from .auth import Actor, Forbidden, Permission, allowed
 from .hub import DeviceError, FieldSpec, Hub, Node, NotWritable, UnknownField
 from .sensordata import (
+    answering,
     check_rate,
     MAX_NAME,
     NODE_ATTRS,
@@ -46,7 +47,6 @@ from .sensordata import (
     parse_double,
     parse_integer,
     role_of,
-    send_error,
 )
 from .values import BadValue, Value, check_bounds, coerce
 
@@ -385,7 +385,7 @@ class Control:
     async def _on_set(self, iq: Iq) -> None:
         if iq["type"] not in ("get", "set"):
             return
-        try:
+        with answering(iq, "control request"):
             if iq["type"] != "set":
                 raise bad_request("send <set/> in an IQ of type set")
             role = role_of(self.session, iq["from"])
@@ -400,12 +400,6 @@ class Control:
             reply = iq.reply()
             reply.append(response)
             reply.send()
-        except Refused as e:
-            log.info("control request from %s refused: %s", iq["from"], e.text)
-            send_error(iq, e)
-        except Exception:
-            log.exception("control request from %s failed", iq["from"])
-            send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))
 
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] in ("error", "groupchat"):
@@ -430,7 +424,7 @@ class Control:
     async def _on_get_form(self, iq: Iq) -> None:
         if iq["type"] not in ("get", "set"):
             return
-        try:
+        with answering(iq, "control form request"):
             if iq["type"] != "get":
                 raise bad_request("send <getForm/> in an IQ of type get")
             if not allowed(role_of(self.session, iq["from"]), Permission.SET):
@@ -446,8 +440,3 @@ class Control:
             reply = iq.reply()
             reply.append(control_form(nodes))
             reply.send()
-        except Refused as e:
-            send_error(iq, e)
-        except Exception:
-            log.exception("control form request from %s failed", iq["from"])
-            send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))

@@ -19,6 +19,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -107,6 +108,20 @@ def send_error(iq: Iq, err: Refused) -> None:
     for el in err.extra:
         reply["error"].xml.append(el)
     reply.send()
+
+
+@contextmanager
+def answering(iq: Iq, what: str) -> Iterator[None]:
+    """Answer `iq` with an IQ error for a Refused raised inside, and with
+    internal-server-error (logged) for any other failure, so a handler never dies silently."""
+    try:
+        yield
+    except Refused as e:
+        log.info("%s from %s refused: %s", what, iq["from"], e.text)
+        send_error(iq, e)
+    except Exception:
+        log.exception("%s from %s failed", what, iq["from"])
+        send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))
 
 
 def role_of(session: Session, jid: JID) -> str | None:
@@ -654,14 +669,8 @@ class SensorData:
     def _on_req(self, iq: Iq) -> None:
         if iq["type"] not in ("get", "set"):
             return
-        try:
+        with answering(iq, "read-out request"):
             self._serve(iq)
-        except Refused as e:
-            log.info("read-out from %s refused: %s", iq["from"], e.text)
-            send_error(iq, e)
-        except Exception:
-            log.exception("read-out request from %s failed", iq["from"])
-            send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))
 
     def _serve(self, iq: Iq) -> None:
         requester = iq["from"]
@@ -741,7 +750,7 @@ class SensorData:
     def _on_cancel(self, iq: Iq) -> None:
         if iq["type"] not in ("get", "set"):
             return
-        try:
+        with answering(iq, "cancel"):
             if not allowed(role_of(self.session, iq["from"]), Permission.READ):
                 raise Refused("forbidden", "Access denied.")
             el = iq.xml.find(f"{{{NS}}}cancel")
@@ -759,11 +768,6 @@ class SensorData:
             reply = iq.reply()
             reply.append(cancelled)
             reply.send()
-        except Refused as e:
-            send_error(iq, e)
-        except Exception:
-            log.exception("cancel from %s failed", iq["from"])
-            send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))
 
     def _on_disconnected(self, _reason: object) -> None:
         # The XEP lets a device forget queued read-outs; the requesters' sessions may be gone too.
