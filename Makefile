@@ -5,16 +5,21 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 APT    := prosody mosquitto mosquitto-clients socat openssl
+# Only the tests need these: systemd-analyze for the unit, Profanity under tmux as an XMPP
+# client not built on slixmpp.
+APT_TEST := systemd profanity tmux
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps venv test demo bench clean
+.PHONY: all deps test-deps venv test demo bench clean
 
 all: test
 
 # Debian packages: the XMPP and MQTT servers the demo and tests start, socat for serial ptys.
-deps:
+deps test-deps: PACKAGES = $(APT)
+test-deps: PACKAGES += $(APT_TEST)
+deps test-deps:
 	@missing=""; \
-	for p in $(APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages:$$missing"; \
@@ -30,7 +35,7 @@ $(BIN)/.installed: pyproject.toml | deps
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
-test: deps venv
+test: test-deps venv
 	$(BIN)/python -m pytest
 
 demo: deps venv

@@ -21,6 +21,7 @@ from .footprint import gateway_200, scale_10k_fields, startup_and_rss
 from .ingest import mqtt_ingest, serial_ingest
 from .lab import Lab
 from .latency import alert_latency, chat_latency, readout_latency
+from .plot import plot_cost
 from .results import RESULTS, Result, table, write
 
 NAMES = (
@@ -32,6 +33,8 @@ NAMES = (
     "chat_latency",
     "alert_latency",
     "scale_10k_fields",
+    "plot_render",
+    "plot_rss",
 )
 ON_G200 = NAMES[2:7]  # the benchmarks that share the 200-field gateway process
 
@@ -56,7 +59,7 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         await step("mqtt_ingest", results, mqtt_ingest(lab, work))
     if wanted("serial_ingest"):
         await step("serial_ingest", results, serial_ingest(lab, work))
-    if not wanted(*ON_G200, "scale_10k_fields"):
+    if not wanted(*ON_G200, "scale_10k_fields", "plot_render", "plot_rss"):
         return results
     alice = await lab.client("alice").start()
     gw = gateway_200(lab, work)
@@ -73,6 +76,8 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         gw.stop()
         if wanted("scale_10k_fields"):
             await step("scale_10k_fields", results, scale_10k_fields(lab, alice, work))
+        if wanted("plot_render", "plot_rss"):
+            await step("plot_render, plot_rss", results, plot_cost(lab, alice, work))
     finally:
         gw.stop()
         await alice.stop()

@@ -8,11 +8,14 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from gateway.config import Config, DeviceBase
+from gateway.configbase import DeviceBase
 from gateway.hub import Health, Hub, NotWritable
 from gateway.values import Value
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 D = TypeVar("D", bound=DeviceBase)
 log = logging.getLogger("iot_gateway.devices")
@@ -24,7 +27,7 @@ class Context:
     and a place to share one resource (say, one MQTT client) among devices."""
 
     hub: Hub
-    config: Config
+    config: "Config"
     shared: dict[str, Any] = field(default_factory=dict)
 
 

@@ -41,7 +41,11 @@ from gpiozero import (
 from gpiozero.pins import Factory
 from gpiozero.pins.mock import MockFactory, MockPin, MockPWMPin
 
-from gateway.config import (
+from gateway.hub import Health
+from gateway.values import Value
+
+from .base import Context, Driver
+from .gpio_config import (
     GPIO_ANALOG_OUT,
     GPIO_INPUTS,
     GPIO_NEEDS_PIN,
@@ -50,10 +54,6 @@ from gateway.config import (
     GpioDevice,
     GpioField,
 )
-from gateway.hub import Health
-from gateway.values import Value
-
-from .base import Context, Driver
 
 log = logging.getLogger("iot_gateway.gpio")
 

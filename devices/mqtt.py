@@ -31,11 +31,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.config import Config, MqttDevice, MqttField, MqttSection
+from gateway.config import Config, MqttSection
 from gateway.hub import Health, NotWritable
 from gateway.values import BadValue, Value, coerce
 
 from .base import Context, Driver
+from .mqtt_config import MqttDevice, MqttField
 
 log = logging.getLogger("iot_gateway.mqtt")
 
@@ -98,6 +99,8 @@ def parse_json(text: str) -> Any:
         raise BadPayload(
             f"not valid JSON ({msg}" + (f" at character {pos})" if pos is not None else ")")
         ) from None
+    except RecursionError:
+        raise BadPayload("JSON nested too deeply") from None
 
 
 def lookup(doc: Any, path: str) -> Any:

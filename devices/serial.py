@@ -33,11 +33,11 @@ from typing import Any
 
 import serial
 
-from gateway.config import SerialDevice, SerialField
 from gateway.hub import Health, NotWritable
 from gateway.values import BadValue, Value, coerce
 
 from .base import Context, Driver
+from .serial_config import SerialDevice, SerialField
 
 log = logging.getLogger("iot_gateway.serial")
 

@@ -10,12 +10,37 @@ import asyncio
 import math
 import random
 import time
+from typing import Literal
 
-from gateway.config import SimulatedDevice, SimulatedField
+from pydantic import Field, field_validator
+
+from gateway.configbase import DeviceBase, FieldBase, finite, unique_names
 from gateway.hub import Health
 from gateway.values import Value
 
 from .base import Driver
+
+class SimulatedField(FieldBase):
+    """A field of the `simulated` driver: a wave plus noise, or an echoed writable value."""
+
+    base: float = 20.0
+    amplitude: float = 5.0
+    period: float = Field(300.0, gt=0)
+    noise: float = Field(0.2, ge=0)
+    initial: bool | float | int | str | None = None
+
+    _initial = field_validator("initial", mode="before")(finite)
+
+
+class SimulatedDevice(DeviceBase):
+    """`driver = "simulated"`: made-up readings, for demos and tests."""
+
+    driver: Literal["simulated"]
+    interval: float = Field(2.0, gt=0, le=3600)
+    fields: list[SimulatedField] = Field(min_length=1)
+
+    _unique = field_validator("fields")(unique_names)
+
 
 DEFAULTS: dict[str, Value] = {"boolean": False, "integer": 0, "numeric": 0.0, "string": ""}
 
@@ -69,3 +94,4 @@ class SimulatedDriver(Driver[SimulatedDevice]):
 
 
 DRIVER = SimulatedDriver
+CONFIG = SimulatedDevice

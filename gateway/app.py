@@ -43,17 +43,19 @@ def build_hub(config: Config) -> Hub:
 class Gateway:
     """Runs the devices of a config and feeds their readings into one hub."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, state: StateDir | None = None):
+        """`state`: the state folder, already locked (or read-only) by the caller; else an unlocked one."""
         self.config = config
         self.hub = build_hub(config)
         self.ctx = Context(self.hub, config)
-        self.state = StateDir(config.gateway.state_dir)
+        self.state = state if state is not None else StateDir(config.gateway.state_dir)
         self.watches = Watches(self.hub, config, self.state)
         self.reverts = Reverts(self.hub, self.state)
         self.history = HistoryStore(
             self.hub, self.state.path / "history.db", config.gateway.retention_seconds
         )
         self.commands = Commands(self.hub, config.gateway.name, self.watches, self.reverts)
+        self.commands.plots.cache_dir = self.state.path / "matplotlib"
         self.drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -62,9 +64,11 @@ class Gateway:
         self.hub.bind(asyncio.get_running_loop())
         try:
             self.state.ensure()
-            await self.history.start()
         except OSError as e:
-            log.error("state folder %s unusable (%s): history will not persist", self.state.path, e)
+            log.error("state folder %s unusable (%s): nothing will be saved", self.state.path, e)
+        if self.state.readonly is None:  # else the owning process writes history.db
+            # Never fails: without a usable database, history stays in memory and the hub's problems say why.
+            await self.history.start()
         for d in self.config.devices:
             try:
                 driver = driver_class(d.driver)(d, self.ctx)
@@ -86,14 +90,16 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
-        self.reverts.stop()
+        await self.reverts.stop()
         for dev_id, driver in reversed(list(self.drivers.items())):
             try:
                 await asyncio.wait_for(driver.stop(), 5)
             except Exception:
                 log.exception("%s: error while stopping", dev_id)
         self.drivers.clear()
-        try:
-            await self.history.stop()
-        except Exception:
-            log.exception("could not flush history")
+        self.state.stop()
+        if self.state.readonly is None:
+            try:
+                await self.history.stop()
+            except Exception:
+                log.exception("could not flush history")

@@ -47,5 +47,5 @@ def require(actor: Actor, perm: Permission) -> None:
     """Raise Forbidden unless the actor's role grants `perm`."""
     if not allowed(actor.role, perm):
         raise Forbidden(
-            f"not allowed: {perm.value} needs the {ROLE_NEEDED[perm]} role, you are {actor.role}"
+            f"{perm.value} needs the {ROLE_NEEDED[perm]} role, you are {actor.role}"
         )

@@ -12,11 +12,14 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import Config, ConfigError, load
+from .config import PASSWORD_ENV, Config, ConfigError, load
+from .redact import SaslRedactor
+from .state import StateDir, StateLocked
 
 DEFAULT_CONFIG = "/etc/iot-gateway/gateway.toml"
 CONFIG_ENV = "IOT_GATEWAY_CONFIG"
 EXIT_CONFIG = 2
+EXIT_LOCKED = 3  # another process holds the state folder; under systemd, Restart= tries again
 
 log = logging.getLogger("iot_gateway")
 
@@ -46,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
     try:
         config = load(path)
-        if args.cmd in ("check", "run") and config.xmpp is not None:
+        if args.cmd == "run" and config.xmpp is not None:
             config.xmpp.resolve_password()
+        if args.cmd == "check":
+            check_secrets(config)
     except ConfigError as e:
         print(f"{path}: invalid configuration", file=sys.stderr)
         for line in e.errors:
@@ -66,13 +71,36 @@ def main(argv: list[str] | None = None) -> int:
         if config.xmpp is None:
             print(f"{path}: invalid configuration\n  xmpp: missing (required to run)", file=sys.stderr)
             return EXIT_CONFIG
-        return asyncio.run(_run(config))
-    return asyncio.run(_console(config))
+    state = StateDir(config.gateway.state_dir)
+    try:
+        state.lock()
+    except StateLocked as e:
+        if args.cmd == "run":
+            print(f"error: {e}: stop it, or give this gateway its own [gateway] state_dir", file=sys.stderr)
+            return EXIT_LOCKED
+        # The console next to a running gateway: it may look, but the gateway's state is the gateway's.
+        state.use_readonly(e)
+        print(
+            f"note: {e}; this console uses it read-only: watches, acks and timed sets made here are not saved,"
+            " and history.db is not read or written",
+            file=sys.stderr,
+            flush=True,
+        )
+    except OSError as e:
+        log.error("state folder %s unusable (%s): nothing will be saved", state.path, e)
+    try:
+        if args.cmd == "run":
+            return asyncio.run(_run(config, state))
+        return asyncio.run(_console(config, state))
+    finally:
+        state.unlock()
 
 
 def setup_logging(level: str) -> None:
     """Log to stderr; to the journal without timestamps and with `<N>` priority prefixes."""
     handler = logging.StreamHandler(sys.stderr)
+    # On the handler, so it sees records of every slixmpp logger, propagated ones included.
+    handler.addFilter(SaslRedactor())
     if stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
@@ -106,6 +134,36 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{prio}>{line}" for line in super().format(record).splitlines())
 
 
+def check_secrets(config: Config) -> None:
+    """Read every password file the config names; ConfigError listing each one that cannot be used.
+
+    A password left to $IOT_GATEWAY_XMPP_PASSWORD is not required here: the
+    service may set it only at run time (`summary` says so instead).
+    """
+    errors: list[str] = []
+    for section in (config.xmpp, config.mqtt):
+        if section is not None and section.password_file is not None:
+            try:
+                section.resolve_password()
+            except ConfigError as e:
+                errors += e.errors
+    if errors:
+        raise ConfigError(errors)
+
+
+def password_source(config: Config) -> str:
+    """Where the XMPP password will come from, for the `check` summary."""
+    x = config.xmpp
+    if x is None:
+        return "none"
+    if x.password is not None:
+        return "in the config file"
+    if x.password_file is not None:
+        return f"from {x.password_file}"
+    now = "set" if os.environ.get(PASSWORD_ENV) else "not set"
+    return f"from ${PASSWORD_ENV} at run time ({now} in this environment)"
+
+
 def loose_permissions(path: Path, config: Config) -> list[str]:
     """A warning for the config file and each password_file that every user on the machine may read or write."""
     files = [path]
@@ -136,6 +194,7 @@ def summary(path: Path, config: Config) -> str:
         where = x.server or "its domain (SRV)"
         ca = f", CA {x.ca_file}" if x.ca_file else ""
         lines.append(f"XMPP: {x.jid} via {where}{ca}")
+        lines.append(f"  password: {password_source(config)}")
     else:
         lines.append("XMPP: not configured (console only)")
     if config.mqtt:
@@ -176,7 +235,7 @@ class _Stopper:
         self.event.set()
 
 
-async def _run(config: Config) -> int:
+async def _run(config: Config, state: StateDir) -> int:
     from .app import Gateway
     from .systemd import Notifier
     from .xmpp import Session, health_summary
@@ -186,7 +245,7 @@ async def _run(config: Config) -> int:
     notifier = Notifier()
     notifier.start_watchdog()
     notifier.status("Starting devices")
-    gw = Gateway(config)
+    gw = Gateway(config, state)
     await gw.start()
     session = Session(config, gw.hub, gw.commands, config.xmpp.resolve_password(), (gw.watches, gw.reverts))
 
@@ -220,12 +279,12 @@ async def _run(config: Config) -> int:
     return 0
 
 
-async def _console(config: Config) -> int:
+async def _console(config: Config, state: StateDir) -> int:
     from .app import Gateway
     from .auth import Actor
 
     stopper = _Stopper()
-    gw = Gateway(config)
+    gw = Gateway(config, state)
     await gw.start()
     commands = gw.commands
     actor = Actor("console", "admin", "console")

@@ -13,8 +13,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .audit import Entry
 from .auth import Actor, Forbidden, Permission, allowed, require
 from .hub import Field, Hub, HubError, Node
+from .plot import MAX_FIELDS, Picture, PlotError, Plots, check_fields, history_spark
 from .reverts import Reverts
 from .values import BadValue, age, fmt, parse_duration
 from .watches import Watches, WatchError
@@ -25,6 +27,8 @@ HISTORY_MAX = 100
 HISTORY_SHOWN = 5  # readings listed under a windowed history summary
 LOG_DEFAULT = 10
 MAX_TIMED = 7 * 86400.0  # longest `set ... for D`
+PLOT_DEFAULT = "24h"
+PLOT_MAX = 31 * 86400.0  # longest `plot` window
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Commands:
         self.name = name
         self.watches = watches
         self.reverts = reverts
+        self.plots = Plots()  # the XMPP session gives it an uploader
 
     async def run(self, text: str, actor: Actor, styled: bool = True) -> str:
         """Answer one command line on behalf of `actor`.
@@ -78,10 +83,12 @@ class Commands:
             reply = await cmd.handler(self, words[1:], actor)
         except Forbidden as e:
             return f"Refused: {e}."
-        except (HubError, BadValue, WatchError) as e:
+        except (HubError, BadValue, WatchError, PlotError) as e:
             return f"Error: {str(e).rstrip('.')}."
         except UsageError as e:
             return f"{e}. Usage: {cmd.usage}"
+        if isinstance(reply, Picture):
+            return reply  # the bare URL, so clients show the picture inline
         return block(reply) if styled else reply
 
     # ------------------------------------------------------------ commands
@@ -104,7 +111,11 @@ class Commands:
             lines.append(f"{n.id:<{width}}  {n.health.describe()}{seen}")
         if self.reverts and self.reverts.pending:
             for r in self.reverts.pending.values():
-                lines.append(f"pending: {r.ref} back to {fmt(r.value)} in {age(r.due - now)} (set by {r.jid})")
+                lines.append(r.describe(now))
+        unsaved = [e for e in (self.watches and self.watches.unsaved, self.reverts and self.reverts.unsaved) if e]
+        for reason in dict.fromkeys(e.reason for e in unsaved):
+            lines.append(f"NOT saving state: {reason}")
+        lines.extend(p.describe() for p in self.hub.problems.values())  # `history: not saved: …`
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:
@@ -152,8 +163,13 @@ class Commands:
             back = self.reverts.pending[ref].value if ref in self.reverts.pending else old
             self.reverts.add(ref, back, seconds, actor)
             text += f", back to {fmt(back, f.spec.decimals)} in {age(seconds)}"
+            if self.reverts.unsaved:
+                text += ", but " + self.reverts.unsaved.note("a restart before then would forget to go back")
         elif self.reverts is not None and self.reverts.cancel(ref) is not None:
-            text += " (the pending timed revert is cancelled)"
+            text += " (the pending timed revert is cancelled"
+            if self.reverts.unsaved:
+                text += ", but " + self.reverts.unsaved.note("after a restart it would still run")
+            text += ")"
         return text
 
     async def history(self, args: list[str], actor: Actor) -> str:
@@ -170,6 +186,7 @@ class Commands:
                 return f"{f.ref}: no readings in the last {args[1]}."
             title = f"{f.ref} over the last {args[1]}: {len(readings)} readings"
             shown = readings[-HISTORY_SHOWN:]
+            start, end = now - window, now
         else:
             n = HISTORY_DEFAULT
             if len(args) == 2:
@@ -181,7 +198,11 @@ class Commands:
                 return f"{f.ref}: no readings yet."
             title = f"{f.ref}: last {len(readings)} of {len(f.history)} readings"
             shown = readings
+            start, end = readings[0].time, readings[-1].time
         lines = [title]
+        line = history_spark(f, start, end)
+        if line:  # a sparkline on top
+            lines.append(line)
         nums = [r.value for r in readings if isinstance(r.value, (int, float)) and not isinstance(r.value, bool)]
         if nums:
             lines.append(
@@ -192,10 +213,31 @@ class Commands:
             lines.append(f"{fmt(r.value, d):>10}{unit}  {age(now - r.time)} ago")
         return "\n".join(lines)
 
+    async def plot(self, args: list[str], actor: Actor) -> str:
+        label = PLOT_DEFAULT
+        if args and args[-1][:1].isdigit() and not _is_field(args[-1]):
+            if args[-1].replace(".", "").isdigit():
+                raise UsageError("Give the window with its unit, like 15m, 6h or 2d")
+            label = args[-1].lower()
+            args = args[:-1]
+        window = parse_duration(label)
+        if not 60 <= window <= PLOT_MAX:
+            raise UsageError("The window must be from 1m to 31d")
+        if not args:
+            raise UsageError("Say which field")
+        refs = list(dict.fromkeys(args))
+        if len(refs) > MAX_FIELDS:
+            raise UsageError(f"At most {MAX_FIELDS} fields in one plot")
+        fields = [self.hub.field(ref) for ref in refs]
+        check_fields(fields)
+        return await self.plots.answer(fields, window, label, actor, self.watches)
+
     async def watch(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None
         w = self.watches.add(self.watches.parse(actor.jid, args))
         state = " (firing now)" if w.firing else ""
+        if self.watches.unsaved:
+            state += ", but " + self.watches.unsaved.note("it will be lost on restart")
         return f"Watch #{w.id} set: {w.describe()}{state}. Remove it with: unwatch {w.id}"
 
     async def watches_(self, args: list[str], actor: Actor) -> str:
@@ -213,11 +255,17 @@ class Commands:
     async def unwatch(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None
         w = self.watches.remove(_watch_id(args), actor.jid, actor.role == "admin")
+        if self.watches.unsaved:
+            return f"Watch #{w.id} removed: {w.describe()}, but " + self.watches.unsaved.note("it will be back after a restart")
         return f"Watch #{w.id} removed: {w.describe()}"
 
     async def ack(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None
         w = self.watches.ack(_watch_id(args), actor.jid, actor.role == "admin")
+        if self.watches.unsaved:
+            return f"Watch #{w.id} acknowledged: silent until it clears, but " + self.watches.unsaved.note(
+                "it will alert again after a restart"
+            )
         return f"Watch #{w.id} acknowledged: silent until it clears."
 
     async def log(self, args: list[str], actor: Actor) -> str:
@@ -236,9 +284,11 @@ class Commands:
         if not entries:
             return "No actuator changes recorded" + (f" for {args[0]}." if args else ".")
         now = time.time()
+        rows = [(f"{age(now - e.time)} ago", e.actor.jid, f"via {e.actor.via}", e.ref, _change(e)) for e in reversed(entries)]
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [f"Last {len(entries)} actuator changes and attempts:"]
-        for e in reversed(entries):
-            lines.append(f"{age(now - e.time)} ago  {e.line()}")
+        for when, who, via, ref, change in rows:
+            lines.append(f"{when:>{w[0]}}  {who:<{w[1]}}  {via:<{w[2]}}  {ref:<{w[3]}}  {change}")
         return "\n".join(lines)
 
 
@@ -253,10 +303,25 @@ def block(reply: str) -> str:
     return lines[0] + "\n```\n" + "\n".join(lines[1:]) + "\n```"
 
 
+def _is_field(word: str) -> bool:
+    """Whether a word is a `device.field` rather than a window (device ids may start with a digit)."""
+    try:
+        parse_duration(word)
+    except BadValue:
+        return "." in word
+    return False
+
+
 def _watch_id(args: list[str]) -> int:
     if len(args) != 1 or not args[0].lstrip("#").isdigit():
         raise UsageError("Give the watch number, as listed by watches")
     return int(args[0].lstrip("#"))
+
+
+def _change(e: Entry) -> str:
+    if e.outcome == "applied":
+        return f"{fmt(e.old)} → {fmt(e.new)}"
+    return f"{e.outcome} ({fmt(e.new)}): {e.reason}"
 
 
 def _clip(text: str, n: int = 30) -> str:
@@ -324,6 +389,14 @@ COMMANDS: dict[str, Command] = {
             "history device.field [n | 15m | 6h | 2d]",
             f"the last n readings (default {HISTORY_DEFAULT}), or a time window, with min/avg/max",
             Commands.history,
+        ),
+        Command(
+            "plot",
+            Permission.READ,
+            "plot device.field [device.field ...] [15m | 6h | 2d | 7d]",
+            f"a chart of the last {PLOT_DEFAULT} (or the window), fields of one unit together;"
+            " a text sparkline where pictures cannot be sent",
+            Commands.plot,
         ),
         Command(
             "watch",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from slixmpp import JID, Iq, Message
 from slixmpp.plugins.xep_0004.stanza import Form
-from slixmpp.xmlstream import ET
+from slixmpp.xmlstream import ET, StanzaBase
 from slixmpp.xmlstream.handler import CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 
@@ -94,6 +94,13 @@ LEXICAL: dict[str, Callable[[str], Value]] = {
 }
 FORM_PARAM = {"boolean": "boolean", "numeric": "double", "string": "string"}  # integer: int or long
 DATATYPE = {"boolean": "xs:boolean", "int": "xs:int", "long": "xs:long", "double": "xs:double", "string": "xs:string"}
+# XEP-0004's schema: <x/> holds instructions*, title?, field*, reported?, item*; <field/> holds
+# desc?, required?, value*, option*. Extensions (XEP-0122 validate, XEP-0336 notSame) go last,
+# where XEP-0325's examples put them.
+FORM_ORDER = {f"{{{XDATA}}}{t}": i for i, t in enumerate(("instructions", "title", "field", "reported", "item"))}
+FIELD_ORDER = {f"{{{XDATA}}}{t}": i for i, t in enumerate(("desc", "required", "value", "option"))}
+FORM_TAG = f"{{{XDATA}}}x"
+FORM_DEPTH = 3  # how deep in a stanza forms are looked for: iq/command/x, iq/query/x, message/set/x
 
 
 @dataclass
@@ -281,6 +288,45 @@ def param_error(var: str, text: str) -> ET.Element:
 # ---------------------------------------------------------------- forms
 
 
+def _reorder(el: ET.Element, ranks: dict[str, int]) -> None:
+    kids = list(el)
+    ordered = sorted(kids, key=lambda c: ranks.get(c.tag, len(ranks)))  # stable: values keep their order
+    if ordered != kids:
+        el[:] = ordered
+
+
+def schema_order(x: ET.Element) -> None:
+    """Put a data form's elements in the order XEP-0004's schema requires, in place.
+
+    slixmpp's Form writes them in the order they were set (`<value/>` before
+    `<desc/>`, `<title/>` before `<instructions/>`), which the schema rejects.
+    """
+    _reorder(x, FORM_ORDER)
+    for el in x:
+        if el.tag == f"{{{XDATA}}}field":
+            _reorder(el, FIELD_ORDER)
+        elif el.tag in (f"{{{XDATA}}}reported", f"{{{XDATA}}}item"):
+            for f in el:
+                _reorder(f, FIELD_ORDER)
+
+
+def _forms(el: ET.Element, depth: int) -> list[ET.Element]:
+    found = []
+    for c in el:
+        if c.tag == FORM_TAG:
+            found.append(c)
+        elif depth > 1:
+            found += _forms(c, depth - 1)
+    return found
+
+
+def forms_in_order(stanza: StanzaBase) -> StanzaBase:
+    """Outgoing stanza filter: every data form the session sends, in schema order (see schema_order)."""
+    for x in _forms(stanza.xml, FORM_DEPTH):
+        schema_order(x)
+    return stanza
+
+
 def _bound(v: float | None, integer: bool, up: bool) -> str | None:
     if v is None:
         return None
@@ -331,6 +377,7 @@ def control_form(nodes: list[Node]) -> Form:
             ET.SubElement(validate, f"{{{XDV}}}basic")
         # XEP-0325 requires notSame on every parameter: an untouched field is not sent back.
         ET.SubElement(fld.xml, f"{{{XDD}}}notSame")
+    schema_order(form.xml)
     return form
 
 
@@ -364,7 +411,7 @@ class Control:
         p = plan(self.hub, req)
         actor = Actor(sender.bare.lower(), role, "xep-0325")
         if not p.writes and not allowed(role, Permission.SET):
-            raise Refused("forbidden", "not allowed: set needs the operator role, you are " + role)
+            raise Refused("forbidden", "set needs the operator role, you are " + role)
         done: list[str] = []
         for ref, value in p.writes:
             name = ref.partition(".")[2]

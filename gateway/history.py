@@ -3,7 +3,14 @@
 The hub keeps the live history in memory; this store mirrors it to
 `state_dir/history.db` in batches (a busy field costs one INSERT per batch, not
 one transaction per reading), and loads it back at start. Rows are bounded by
-`history_size` per field and by the optional `retention` window.
+`history_size` per field (trimmed as batches are written, so a flood cannot
+fill the disk) and by the optional `retention` window.
+
+The database is a convenience, never a reason to stop: when it cannot be
+opened or written (a full disk, a read-only folder, a file that is not a
+database) readings stay in memory, the hub's `history` problem says why, and
+writing resumes by itself once it works again. A corrupt database is moved
+aside (`history.db.corrupt-<time>`) and a new one started.
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ import asyncio
 import json
 import logging
 import math
+import os
 import sqlite3
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from pathlib import Path
 
 from .hub import Field, Hub, Reading
@@ -24,8 +34,13 @@ log = logging.getLogger("iot_gateway.history")
 
 FLUSH_EVERY = 2.0  # seconds
 FLUSH_AT = 1000  # pending readings
-PRUNE_EVERY = 300.0  # seconds
+PRUNE_EVERY = 300.0  # seconds between retention sweeps
+REOPEN_EVERY = 30.0  # seconds between attempts to open a database that could not be opened
+PENDING_MAX = 20_000  # readings kept for the database while it cannot be written; the oldest go first
 SHARED_VALUES = 10_000  # distinct stored values a load keeps, so equal readings share one object
+PROBLEM = "history"  # the component name in the hub's problems
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
+CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (
@@ -41,6 +56,11 @@ INSERT INTO readings (ref, t, v)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
 FROM json_each(?)
 """
+# One field down to its newest ?2 rows: an index range, found from the (ref, t) index.
+TRIM_FIELD = """
+DELETE FROM readings WHERE ref = ?1 AND rowid IN (
+    SELECT rowid FROM readings WHERE ref = ?1 ORDER BY t DESC LIMIT -1 OFFSET ?2)
+"""
 
 
 class HistoryStore:
@@ -54,21 +74,41 @@ class HistoryStore:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
         self._db: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        # Flushes, reopening and sweeps one at a time, so a failure is handled before the next try.
+        self._lock = asyncio.Lock()
+        self._cause: str | None = None  # why readings are not being saved, while they are not
+        self._next_open = 0.0  # monotonic time of the next attempt to open the database
+        self._moved: str | None = None  # the notice after a corrupt database was moved aside
+        # Rows written per field since its last trim (worker thread only).
+        self._added: dict[str, int] = {}
+
+    @property
+    def slack(self) -> int:
+        """Rows a field may gain over history_size before it is trimmed: the table stays under 1.5×."""
+        return max(1, self.hub.history_size // 2)
 
     async def start(self) -> None:
-        """Open the database, load stored readings into the hub, and start mirroring."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open the database, load stored readings into the hub, and start mirroring.
+
+        Never fails for the database's sake: without one, history is kept in memory only.
+        """
         loop = asyncio.get_running_loop()
-        refs = await loop.run_in_executor(self._pool, self._open)
-        # Field by field: a full history (200 fields of 1000 readings) fetched at once
-        # would leave its rows' memory behind, fragmented, for the life of the process.
-        shared: dict[str, Value] = {}
-        for ref in refs:
-            try:
-                f = self.hub.field(ref)
-            except Exception:
-                continue  # a field no longer in the config
-            self._restore(f, await loop.run_in_executor(self._pool, self._load, ref), shared)
+        self._next_open = time.monotonic() + REOPEN_EVERY
+        try:
+            refs = await loop.run_in_executor(self._pool, self._open, None)
+            # Field by field: a full history (200 fields of 1000 readings) fetched at once
+            # would leave its rows' memory behind, fragmented, for the life of the process.
+            shared: dict[str, Value] = {}
+            for ref in refs:
+                try:
+                    f = self.hub.field(ref)
+                except Exception:
+                    continue  # a field no longer in the config
+                self._restore(f, await loop.run_in_executor(self._pool, self._load, ref), shared)
+        except (sqlite3.Error, OSError) as e:
+            await self._failed(e)
+        else:
+            self._opened()
         self.hub.subscribe(reading=self._on_reading)
         self._task = asyncio.create_task(self._run(), name="history-flush")
 
@@ -87,12 +127,26 @@ class HistoryStore:
         self._pool.shutdown(wait=True)
 
     async def flush(self) -> None:
-        """Write pending readings in one transaction."""
+        """Write pending readings in one transaction; on failure keep them (bounded) for the next try."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending:
+            return
+        if self._db is None:  # memory only until the database opens again
+            del self._pending[:-PENDING_MAX]
             return
         batch, self._pending = self._pending, []
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._insert, batch)
+        try:
+            await loop.run_in_executor(self._pool, self._insert, batch)
+        except (sqlite3.Error, OSError) as e:
+            self._pending[:0] = batch
+            del self._pending[:-PENDING_MAX]
+            await self._failed(e)
+        else:
+            self._worked()
 
     def _on_reading(self, f: Field, r: Reading) -> None:
         self._pending.append((f.ref, r.time, encode(r.value)))
@@ -100,17 +154,80 @@ class HistoryStore:
             asyncio.ensure_future(self.flush())
 
     async def _run(self) -> None:
-        last_prune = 0.0
+        last_prune = time.monotonic()
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(FLUSH_EVERY)
             try:
-                await self.flush()
-                if time.monotonic() - last_prune > PRUNE_EVERY:
-                    last_prune = time.monotonic()
-                    loop = asyncio.get_running_loop()
-                    await loop.run_in_executor(self._pool, self._prune)
-            except sqlite3.Error as e:
-                log.error("cannot write history to %s: %s", self.path, e)
+                async with self._lock:
+                    if self._db is None and time.monotonic() >= self._next_open:
+                        await self._reopen()
+                    await self._flush()
+                    if (
+                        self.retention is not None
+                        and self._db is not None
+                        and time.monotonic() - last_prune > PRUNE_EVERY
+                    ):
+                        last_prune = time.monotonic()
+                        try:
+                            await loop.run_in_executor(self._pool, self._expire)
+                        except (sqlite3.Error, OSError) as e:
+                            await self._failed(e)
+            except Exception:
+                log.exception("history: unexpected error; trying again in %g s", FLUSH_EVERY)
+
+    async def _reopen(self) -> None:
+        """Try to open the database again; the readings since are in the hub and in `_pending`."""
+        self._next_open = time.monotonic() + REOPEN_EVERY
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self._open, None)
+        except (sqlite3.Error, OSError) as e:
+            await self._failed(e)
+        else:
+            self._opened()
+
+    def _opened(self) -> None:
+        if self._moved is not None:
+            # The new database works, but what was stored before is gone: the admins should know
+            # (often a failing SD card), so this stays shown until the next start.
+            log.error("history: %s", self._moved)
+            self._cause = None
+            self.hub.set_problem(PROBLEM, self._moved)
+            self._moved = None
+        else:
+            self._worked()
+
+    async def _failed(self, e: Exception) -> None:
+        """Report a database failure once per cause; a corrupt database is moved aside and replaced."""
+        loop = asyncio.get_running_loop()
+        if _corrupt(e) and self._db is not None:
+            try:
+                await loop.run_in_executor(self._pool, self._open, str(e))
+            except (sqlite3.Error, OSError) as again:
+                e = again
+            else:
+                self._opened()
+                return
+        cause = self._describe(e)
+        if cause != self._cause:
+            self._cause = cause
+            log.error(
+                "history is not saved to %s: %s; readings stay in memory until it works again", self.path, cause
+            )
+            self.hub.set_problem(PROBLEM, f"not saved: {cause}")
+
+    def _worked(self) -> None:
+        if self._cause is not None:
+            self._cause = None
+            log.warning("history is saved to %s again", self.path)
+            self.hub.set_problem(PROBLEM, None)
+
+    def _describe(self, e: Exception) -> str:
+        if isinstance(e, OSError):
+            where = self.path.name if e.filename in (None, str(self.path)) else e.filename
+            return f"{where}: {e.strerror or e}"
+        return str(e) or type(e).__name__
 
     def _restore(self, f: Field, rows: list[tuple[float, str]], shared: dict[str, Value]) -> None:
         for t, v in rows:
@@ -129,15 +246,59 @@ class HistoryStore:
 
     # ---------------------------------------------------------- worker thread
 
-    def _open(self) -> list[str]:
-        """Open (and prune) the database; the fields it holds readings of."""
+    def _open(self, corrupt: str | None) -> list[str]:
+        """Open (and prune) the database; the fields it holds readings of.
+
+        A corrupt database (or the current one, when `corrupt` says why it is) is moved
+        aside and a new one started. Raises OSError or sqlite3.Error when there is no usable database.
+        """
+        self._close()
+        if corrupt is not None:
+            self._set_aside(corrupt)
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as e:
+            if not _corrupt(e):
+                raise
+            self._set_aside(str(e))
+            return self._connect()
+
+    def _connect(self) -> list[str]:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private(self.path)
         db = sqlite3.connect(self.path, check_same_thread=False)
-        db.executescript(SCHEMA)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            db.executescript(SCHEMA)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._prune(db)
+            refs = [r[0] for r in db.execute("SELECT DISTINCT ref FROM readings")]
+        except BaseException:
+            db.close()
+            raise
+        for suffix in SIDE_FILES:  # created by SQLite with the database's mode; older ones may not be
+            private(self.path.with_name(self.path.name + suffix), create=False)
         self._db = db
-        self._prune()
-        return [r[0] for r in db.execute("SELECT DISTINCT ref FROM readings")]
+        self._added.clear()
+        return refs
+
+    def _set_aside(self, why: str) -> None:
+        """Rename the database (and its -wal/-shm/-journal) to `history.db.corrupt-<time>`."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        try:
+            os.rename(self.path, target)
+            for suffix in SIDE_FILES:
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    os.rename(side, target.with_name(target.name + suffix))
+        except OSError as e:
+            raise OSError(e.errno, f"corrupt ({why}) and cannot be moved aside: {e.strerror}", str(self.path)) from e
+        self._moved = f"database was corrupt ({why}): moved aside to {target.name}, new one started"
 
     def _load(self, ref: str) -> list[tuple[float, str]]:
         """The newest `history_size` readings of one field, oldest first."""
@@ -150,20 +311,38 @@ class HistoryStore:
         return rows
 
     def _insert(self, batch: list[tuple[str, float, str]]) -> None:
-        assert self._db is not None
-        with self._db:
+        db = self._db
+        if db is None:
+            raise sqlite3.OperationalError("database closed")
+        counts = Counter(map(itemgetter(0), batch))
+        added = self._added
+        slack = self.slack
+        full = []
+        for ref, n in counts.items():
+            total = added.get(ref, 0) + n
+            if total >= slack:
+                full.append(ref)
+        with db:
             # One statement for the whole batch: sqlite3 lets go of the GIL around every step,
             # and executemany steps once per row, so a busy event loop thread would have to
             # win the GIL back a thousand times per flush.
-            self._db.execute(INSERT_BATCH, (json.dumps(batch),))
+            db.execute(INSERT_BATCH, (json.dumps(batch),))
+            # A field trimmed only once it has gained `slack` rows: one DELETE of a run of rows
+            # then, instead of a few rows every batch.
+            for ref in full:
+                db.execute(TRIM_FIELD, (ref, self.hub.history_size))
+        for ref, n in counts.items():
+            added[ref] = added.get(ref, 0) + n
+        for ref in full:
+            added[ref] = 0
 
-    def _prune(self) -> None:
-        assert self._db is not None
-        with self._db:
+    def _prune(self, db: sqlite3.Connection) -> None:
+        """Every field down to history_size rows, and rows past the retention window gone."""
+        with db:
             if self.retention is not None:
-                self._db.execute("DELETE FROM readings WHERE t < ?", (time.time() - self.retention,))
+                db.execute("DELETE FROM readings WHERE t < ?", (time.time() - self.retention,))
             # Keep at most history_size rows per field: drop those older than the Nth newest.
-            self._db.execute(
+            db.execute(
                 """DELETE FROM readings WHERE rowid IN (
                      SELECT rowid FROM (
                        SELECT rowid, ROW_NUMBER() OVER (PARTITION BY ref ORDER BY t DESC) AS n
@@ -171,10 +350,39 @@ class HistoryStore:
                 (self.hub.history_size,),
             )
 
+    def _expire(self) -> None:
+        """Drop readings older than the retention window."""
+        if self._db is None or self.retention is None:
+            return
+        with self._db:
+            self._db.execute("DELETE FROM readings WHERE t < ?", (time.time() - self.retention,))
+
     def _close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def private(path: Path, create: bool = True) -> None:
+    """Make `path` owner-only (0600), creating it empty if missing and `create`.
+
+    SQLite creates files 0644 (less the umask), and its -wal and -shm files take the
+    database file's mode; readings can tell when a house is empty.
+    """
+    if create:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    try:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # not ours to change: worth a line in the log, not a failure
+        log.warning("cannot make %s private (chmod 600): %s", path, e.strerror or e)
+
+
+def _corrupt(e: BaseException) -> bool:
+    """True for SQLite's 'file is not a database' and 'database disk image is malformed'."""
+    return isinstance(e, sqlite3.DatabaseError) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in CORRUPT
 
 
 def encode(value: Value) -> str:

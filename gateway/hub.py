@@ -9,6 +9,7 @@ entry point can skip them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import threading
 import time
@@ -65,6 +66,19 @@ class HealthState:
             return self.state.value
         sep = " " if self.reason.startswith("(") else ": "
         return self.state.value + sep + self.reason
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something wrong with the gateway itself rather than a device: `history: not saved: disk full`."""
+
+    component: str
+    message: str
+    since: float = 0.0
+
+    def describe(self) -> str:
+        """`component: message`, as status, presence and alerts show it."""
+        return f"{self.component}: {self.message}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +144,15 @@ class History:
         for t, v in zip(times[:s], values[:s]):
             yield Reading(v, t)
 
+    def since(self, start: float) -> tuple[list[float], list[Value]]:
+        """(times, values) of the readings at or after `start`, oldest first: copied in C, so a
+        day of readings is not turned into Reading objects on the event loop (plots)."""
+        s = self._start
+        times = self._times[s:] + self._times[:s]
+        values = self._values[s:] + self._values[:s]
+        i = bisect.bisect_left(times, start)
+        return times[i:].tolist(), (values[i:].tolist() if isinstance(values, array) else values[i:])
+
 
 @dataclass(eq=False)
 class Field:
@@ -181,6 +204,8 @@ class DeviceError(HubError):
 
 ReadingListener = Callable[[Field, Reading], None]
 HealthListener = Callable[[Node, HealthState], None]
+# (component, new, old): new is None when the problem cleared, old None when it is new.
+ProblemListener = Callable[[str, Problem | None, Problem | None], None]
 Writer = Callable[[str, Value], Awaitable[None]]
 
 
@@ -194,6 +219,9 @@ class Hub:
         self._writers: dict[str, Writer] = {}
         self._reading_listeners: list[ReadingListener] = []
         self._health_listeners: list[HealthListener] = []
+        # Gateway-wide problems by component (`history`, ...); devices have their health instead.
+        self.problems: dict[str, Problem] = {}
+        self._problem_listeners: list[ProblemListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
 
@@ -226,16 +254,20 @@ class Hub:
         self,
         reading: ReadingListener | None = None,
         health: HealthListener | None = None,
+        problem: ProblemListener | None = None,
     ) -> None:
-        """Call `reading(field, reading)` on each new reading, `health(node, old)` on health changes."""
+        """Call `reading(field, reading)` on each new reading, `health(node, old)` on health changes,
+        `problem(component, new, old)` when a gateway problem appears, changes or clears."""
         if reading is not None:
             self._reading_listeners.append(reading)
         if health is not None:
             self._health_listeners.append(health)
+        if problem is not None:
+            self._problem_listeners.append(problem)
 
     def unsubscribe(self, callback: Callable[..., None]) -> None:
         """Stop calling a listener given to `subscribe`."""
-        for lst in (self._reading_listeners, self._health_listeners):
+        for lst in (self._reading_listeners, self._health_listeners, self._problem_listeners):
             if callback in lst:
                 lst.remove(callback)
 
@@ -287,6 +319,36 @@ class Hub:
             self._loop.call_soon_threadsafe(self._set_health, node_id, state, reason)
         else:
             self._set_health(node_id, state, reason)
+
+    def set_problem(self, component: str, message: str | None) -> None:
+        """Report a problem of a gateway component (`history`), or clear it with None; safe from any thread.
+
+        Listeners hear of changes only: the same message again is not news.
+        """
+        if self._loop is not None and threading.get_ident() != self._thread:
+            self._loop.call_soon_threadsafe(self._set_problem, component, message)
+        else:
+            self._set_problem(component, message)
+
+    def _set_problem(self, component: str, message: str | None) -> None:
+        old = self.problems.get(component)
+        if message is None:
+            if old is None:
+                return
+            new = None
+            del self.problems[component]
+            log.warning("%s: problem cleared", component)
+        else:
+            if old is not None and old.message == message:
+                return
+            new = Problem(component, message, old.since if old else time.time())
+            self.problems[component] = new
+            log.warning("gateway problem: %s", new.describe())
+        for listener in self._problem_listeners:
+            try:
+                listener(component, new, old)
+            except Exception:
+                log.exception("problem listener failed for %s", component)
 
     def _push(self, node_id: str, name: str, value: Any, at: float | None) -> None:
         node = self.nodes.get(node_id)

@@ -107,13 +107,18 @@ def make_certs(folder: Path, names: list[str]) -> tuple[Path, Path, Path]:
 
 
 class Prosody:
-    """A Prosody XMPP server for one domain (plus a MUC component) in `root`."""
+    """A Prosody XMPP server for one domain (plus a MUC component) in `root`.
 
-    def __init__(self, root: Path, port: int | None = None, domain: str = "localhost"):
+    With `uploads`, also an XEP-0363 upload service (`http_file_share` as
+    `upload.DOMAIN`) over HTTPS on `https_port`, with the same certificate.
+    """
+
+    def __init__(self, root: Path, port: int | None = None, domain: str = "localhost", uploads: bool = True):
         self.root = Path(root).resolve()
         self.port = port or free_port()
         self.domain = domain
         self.muc = f"conference.{domain}"
+        self.https_port = free_port() if uploads else None
         self.config = self.root / "prosody.cfg.lua"
         self.proc: subprocess.Popen | None = None
         self.ca_file, self.cert, self.key = make_certs(self.root, [domain, self.muc])
@@ -122,6 +127,15 @@ class Prosody:
     def _write_config(self) -> None:
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
+        https_ports, upload = "", ""
+        if self.https_port is not None:
+            https_ports = f"{self.https_port} "
+            # Served as https://DOMAIN:PORT/ so the URLs match the certificate's name.
+            upload = f"""
+Component "upload.{self.domain}" "http_file_share"
+  http_host = "{self.domain}"
+  http_external_url = "https://{self.domain}:{self.https_port}/"
+"""
         self.config.write_text(
             f"""-- written by gateway.localservers: a throwaway server on loopback
 run_as_root = true
@@ -138,7 +152,8 @@ c2s_interfaces = {{ "127.0.0.1" }}
 c2s_direct_tls_ports = {{ }}
 s2s_ports = {{ }}
 http_ports = {{ }}
-https_ports = {{ }}
+https_ports = {{ {https_ports}}}
+https_interfaces = {{ "127.0.0.1" }}
 c2s_require_encryption = true
 allow_registration = false
 authentication = "internal_hashed"
@@ -149,7 +164,7 @@ VirtualHost "{self.domain}"
 
 Component "{self.muc}" "muc"
   restrict_room_creation = false
-"""
+{upload}"""
         )
 
     def register(self, user: str, password: str) -> str:

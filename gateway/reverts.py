@@ -1,7 +1,13 @@
 """Timed sets: `set device.field value for 10m` reverts by itself when the time is up.
 
 Pending reverts are persisted in the state folder, so a restart does not leave
-a heater on that was meant to run for ten minutes.
+a heater on that was meant to run for ten minutes. A revert the device cannot
+take right now (broker down, device offline, no answer) is kept, persisted and
+retried with backoff, and at once when the device is back to ok, until it
+applies or a newer `set` of the field replaces it; the owner is told when it
+first fails and when it finally applies. A revert the hub refuses (the value is
+out of bounds under a changed config, the field is gone or read-only, the role
+no longer allows it) will never apply, so it is dropped and the owner told why.
 """
 
 from __future__ import annotations
@@ -12,26 +18,46 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from .auth import Actor
-from .hub import Hub
-from .state import StateDir
-from .values import Value, fmt
+from .auth import Actor, Forbidden
+from .hub import Health, HealthState, Hub, Node, NotWritable, UnknownField
+from .state import SaveError, StateDir
+from .values import BadValue, Value, age, fmt
 from .watches import Alert
 
 log = logging.getLogger("iot_gateway.reverts")
 
 STATE_FILE = "reverts.json"
+RETRY_FIRST = 2.0  # seconds after the first failed try
+RETRY_MAX = 60.0  # the backoff doubles up to this
+# Refusals by the hub's own checks, before any I/O: trying again cannot help.
+PERMANENT = (Forbidden, BadValue, NotWritable, UnknownField)
 
 
 @dataclass
 class Revert:
-    """Put `ref` back to `value` at `due` (Unix time), on behalf of `jid`."""
+    """Put `ref` back to `value` at `due` (Unix time), on behalf of `jid`.
+
+    After a failed try, `due` is the next try, `tries` counts the failures and
+    `error` is the latest one.
+    """
 
     ref: str
     value: Value | None
     due: float
     jid: str
     role: str
+    tries: int = 0
+    error: str = ""
+
+    def describe(self, now: float) -> str:
+        """One line for `status`."""
+        if not self.tries:
+            return f"pending: {self.ref} back to {fmt(self.value)} in {age(self.due - now)} (set by {self.jid})"
+        return (
+            f"retrying: {self.ref} back to {fmt(self.value)}, {self.tries} "
+            f"{'try' if self.tries == 1 else 'tries'} failed ({self.error}), "
+            f"next in {age(self.due - now)} (set by {self.jid})"
+        )
 
 
 class Reverts:
@@ -43,9 +69,15 @@ class Reverts:
         self.pending: dict[str, Revert] = {}
         self.sinks: list[Callable[[Alert], None]] = []
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         """Load stored reverts and arm their timers (overdue ones run at once)."""
+        self.hub.subscribe(health=self._on_health)
+        if self.state.readonly is not None:
+            # They belong to the process that owns the folder: it runs them.
+            log.info("stored timed reverts are left to the process that owns %s", self.state.path)
+            return
         raw = self.state.load(STATE_FILE, [])
         for item in raw if isinstance(raw, list) else []:
             try:
@@ -57,15 +89,23 @@ class Reverts:
             self.pending[r.ref] = r
             self._arm(r)
 
-    def stop(self) -> None:
-        """Disarm timers; pending reverts stay on disk for the next start."""
+    async def stop(self) -> None:
+        """Disarm timers and wait out a try in flight; pending reverts stay on disk for the next start."""
+        self.hub.unsubscribe(self._on_health)
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def add(self, ref: str, value: Value | None, seconds: float, actor: Actor) -> Revert:
-        """Schedule putting `ref` back to `value` in `seconds`; replaces a pending one."""
-        self.cancel(ref)
+        """Schedule putting `ref` back to `value` in `seconds`; replaces a pending one.
+
+        Check `unsaved` afterwards: the revert runs either way, but survives a restart only if saved.
+        """
+        self._drop(ref)
         r = Revert(ref, value, time.time() + seconds, actor.jid, actor.role)
         self.pending[ref] = r
         self._save()
@@ -73,35 +113,96 @@ class Reverts:
         return r
 
     def cancel(self, ref: str) -> Revert | None:
-        """Drop the pending revert of `ref`, if any."""
-        h = self._timers.pop(ref, None)
-        if h is not None:
-            h.cancel()
-        r = self.pending.pop(ref, None)
+        """Drop the pending (or retrying) revert of `ref`, if any."""
+        r = self._drop(ref)
         if r is not None:
             self._save()
         return r
 
+    @property
+    def unsaved(self) -> SaveError | None:
+        """Why the pending reverts in memory are not all on disk, or None when they are."""
+        return self.state.error(STATE_FILE)
+
+    def _drop(self, ref: str) -> Revert | None:
+        h = self._timers.pop(ref, None)
+        if h is not None:
+            h.cancel()
+        return self.pending.pop(ref, None)
+
     def _arm(self, r: Revert) -> None:
         loop = asyncio.get_running_loop()
         delay = max(0.0, r.due - time.time())
-        self._timers[r.ref] = loop.call_later(delay, lambda: asyncio.ensure_future(self._run(r)))
+        self._timers[r.ref] = loop.call_later(delay, self._spawn, r)
+
+    def _spawn(self, r: Revert) -> None:
+        self._timers.pop(r.ref, None)
+        task = asyncio.create_task(self._run(r), name=f"revert:{r.ref}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("timed revert failed unexpectedly", exc_info=task.exception())
+
+    def _on_health(self, node: Node, old: HealthState) -> None:
+        """A device back to ok: retry its failed reverts now rather than at the next backoff."""
+        if node.health.state is not Health.OK:
+            return
+        for r in list(self.pending.values()):
+            if r.tries and r.ref.split(".", 1)[0] == node.id and r.ref in self._timers:
+                self._timers.pop(r.ref).cancel()
+                self._spawn(r)
 
     async def _run(self, r: Revert) -> None:
         if self.pending.get(r.ref) is not r:
             return
-        self._timers.pop(r.ref, None)
-        del self.pending[r.ref]
-        self._save()
         if r.value is None:
-            text = f"{r.ref}: time is up, but there was no earlier value to go back to"
-        else:
-            try:
-                old, new = await self.hub.write(r.ref, r.value, Actor(r.jid, r.role, "timer"))
-                text = f"{r.ref}: time is up, back to {fmt(new)} (was {fmt(old)})"
-            except Exception as e:  # whatever it was, tell the owner rather than lose it
-                text = f"{r.ref}: time is up, but going back to {fmt(r.value)} failed: {e}"
+            self._finish(r, f"{r.ref}: time is up, but there was no earlier value to go back to")
+            return
+        try:
+            old, new = await self.hub.write(r.ref, r.value, Actor(r.jid, r.role, "timer"))
+        except PERMANENT as e:
+            text = f"{r.ref}: time is up, but going back to {fmt(r.value)} was refused: {e}; it stays as it is"
+            log.error("%s", text)
+            self._finish(r, text)
+            return
+        except Exception as e:  # the device, not the request: it may work later
+            if self.pending.get(r.ref) is not r:
+                return  # replaced while the write was in flight
+            r.tries += 1
+            r.error = str(e)
+            r.due = time.time() + min(RETRY_MAX, RETRY_FIRST * 2 ** (r.tries - 1))
+            self._save()
+            self._arm(r)
+            if r.tries == 1:
+                text = (
+                    f"{r.ref}: time is up, but going back to {fmt(r.value)} failed: {e}. "
+                    "Retrying until it works; status shows it"
+                )
                 log.error("%s", text)
+                self._tell(r, text)
+            else:
+                log.info("%s: revert try %d failed: %s", r.ref, r.tries, e)
+            return
+        if self.pending.get(r.ref) is not r:
+            return
+        text = f"{r.ref}: time is up, back to {fmt(new)} (was {fmt(old)})"
+        if r.tries:
+            text = f"{r.ref}: back to {fmt(new)} (was {fmt(old)}), applied after {r.tries} failed " + (
+                "try" if r.tries == 1 else "tries"
+            )
+            log.info("%s", text)
+        self._finish(r, text)
+
+    def _finish(self, r: Revert, text: str) -> None:
+        if self.pending.get(r.ref) is r:
+            self._drop(r.ref)
+            self._save()
+        self._tell(r, text)
+
+    def _tell(self, r: Revert, text: str) -> None:
         for sink in self.sinks:
             try:
                 sink(Alert(text, time.time(), (r.jid,)))
@@ -109,7 +210,8 @@ class Reverts:
                 log.exception("revert sink failed")
 
     def _save(self) -> None:
+        """Write the pending reverts; on failure `unsaved` says why (the state folder logs it, once)."""
         try:
             self.state.save(STATE_FILE, [asdict(r) for r in self.pending.values()])
-        except OSError as e:
-            log.error("cannot save pending reverts to %s: %s", self.state.path, e)
+        except SaveError:
+            pass

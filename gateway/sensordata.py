@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from slixmpp import JID, Iq, Message
+from slixmpp.exceptions import XMPPError
+from slixmpp.plugins.xep_0030.stanza import DiscoInfo, DiscoItems
 from slixmpp.xmlstream import ET
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
@@ -659,10 +661,29 @@ class SensorData:
         disco = c.plugin["xep_0030"]
         disco.add_feature(NS)
         # disco#items lists the nodes; each node answers disco#info for itself.
+        # Only to contacts: a stranger sees no item, and a node as if it did not exist.
+        me = c.boundjid.full
         for node in self.hub.nodes.values():
-            disco.add_item(jid=c.boundjid.full, name=node.name, subnode=node.id)
+            disco.add_item(jid=me, name=node.name, subnode=node.id)
             disco.add_identity(category="hierarchy", itype="leaf", name=node.name, node=node.id)
             disco.add_feature(NS, node=node.id)
+            disco.set_node_handler("get_info", jid=me, node=node.id, handler=self._node_info)
+        disco.set_node_handler("get_items", jid=me, node=None, handler=self._items)
+
+    def _stranger(self, ifrom: JID | None) -> bool:
+        return ifrom is not None and role_of(self.session, JID(ifrom)) is None  # None: the gateway asking itself
+
+    def _items(self, jid: JID, node: str | None, ifrom: JID | None, data: object) -> DiscoItems:
+        """disco#items of the gateway: its nodes, for contacts only."""
+        if self._stranger(ifrom):
+            return DiscoItems()
+        return self.client.plugin["xep_0030"].static.get_items(jid, node, ifrom, data)
+
+    def _node_info(self, jid: JID, node: str | None, ifrom: JID | None, data: object) -> DiscoInfo:
+        """disco#info of a node, for contacts only; a stranger gets the answer for a missing node."""
+        if self._stranger(ifrom):
+            raise XMPPError("item-not-found")
+        return self.client.plugin["xep_0030"].static.get_info(jid, node, ifrom, data)
 
     # ------------------------------------------------------------ requests
 

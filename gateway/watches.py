@@ -4,11 +4,13 @@
 `watch weather offline`. A watch sends one alert when its condition becomes
 true and one when it clears; `ack` silences a firing watch until it clears.
 Device health changes go to contacts whose `alerts` setting asks for them.
-Watches are persisted in the state folder and survive a restart.
+Watches, and which firing watches are acknowledged, are persisted in the
+state folder and survive a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import operator
 import time
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from .config import Config
 from .hub import Field, Health, HealthState, Hub, Node, Reading
-from .state import StateDir
+from .state import SaveError, StateDir
 from .values import BadValue, Value, coerce, fmt, parse_duration
 
 log = logging.getLogger("iot_gateway.watches")
@@ -51,9 +53,10 @@ class Watch:
     threshold: Value | None = None
     hysteresis: float = 0.0
     interval: float = DEFAULT_INTERVAL
+    interval_text: str = ""  # the interval as the user typed it (`5m`), echoed back as given
+    acked: bool = field(default=False, compare=False)  # persisted: an ack survives a restart
     # Runtime state, not persisted.
     firing: bool = field(default=False, compare=False)
-    acked: bool = field(default=False, compare=False)
     last_sent: float = field(default=0.0, compare=False)
     last_value: Value | None = field(default=None, compare=False)
     notified: bool = field(default=False, compare=False)
@@ -66,14 +69,16 @@ class Watch:
                 text += f" hysteresis {fmt(self.hysteresis)}"
         else:
             text = f"{self.target} {self.kind}"
-        if self.interval != DEFAULT_INTERVAL:
+        if self.interval_text:
+            text += f" interval {self.interval_text}"
+        elif self.interval != DEFAULT_INTERVAL:
             text += f" interval {self.interval:g}s"
         return text
 
     def to_json(self) -> dict[str, object]:
-        """What is persisted: the definition, not the runtime state."""
+        """What is persisted: the definition and the ack, not the runtime state."""
         d = asdict(self)
-        for k in ("firing", "acked", "last_sent", "last_value", "notified"):
+        for k in ("firing", "last_sent", "last_value", "notified"):
             d.pop(k)
         return d
 
@@ -101,6 +106,7 @@ class Watches:
         self.watches: dict[int, Watch] = {}
         self.next_id = 1
         self.sinks: list[Sink] = []
+        self._held: list[Alert] | None = None  # alerts raised while a new watch is primed
         self._load()
         hub.subscribe(reading=self._on_reading, health=self._on_health)
 
@@ -128,12 +134,12 @@ class Watches:
                 raise WatchError(f"For a device say `watch {node.id} offline`; for a value, `watch {node.id}.FIELD > 30`")
             if "hysteresis" in opts:
                 raise WatchError("hysteresis only applies to comparisons")
-            return Watch(0, owner, node.id, "offline", interval=interval)
+            return Watch(0, owner, node.id, "offline", interval=interval, interval_text=opts.get("interval", ""))
         f = self.hub.field(target)
         if [w.lower() for w in rest] == ["change"]:
             if "hysteresis" in opts:
                 raise WatchError("hysteresis only applies to comparisons")
-            return Watch(0, owner, f.ref, "change", interval=interval)
+            return Watch(0, owner, f.ref, "change", interval=interval, interval_text=opts.get("interval", ""))
         if len(rest) != 2 or rest[0] not in OPS:
             raise WatchError(
                 "Say a comparison (> >= < <= == !=) and a value, `change`, or for a device `offline`"
@@ -153,20 +159,31 @@ class Watches:
                 raise WatchError(f"hysteresis must be a number, got {opts['hysteresis']!r}") from None
             if not 0 <= hyst < 1e12 or op in ("==", "!="):
                 raise WatchError("hysteresis must be a positive number and only applies to > >= < <=")
-        return Watch(0, owner, f.ref, "compare", op, threshold, hyst, interval)
+        return Watch(0, owner, f.ref, "compare", op, threshold, hyst, interval, opts.get("interval", ""))
 
     def add(self, watch: Watch) -> Watch:
         """Register a parsed watch, give it an id, persist, and evaluate it against the current state."""
         if len(self.watches) >= MAX_WATCHES:
             raise WatchError(f"Too many watches (at most {MAX_WATCHES}); remove some with unwatch")
         for w in self.watches.values():
-            if w.owner == watch.owner and w.to_json() | {"id": 0} == watch.to_json() | {"id": 0}:
+            if w.owner == watch.owner and _definition(w) == _definition(watch):
                 raise WatchError(f"You already have this watch as #{w.id}")
         watch.id = self.next_id
         self.next_id += 1
         self.watches[watch.id] = watch
         self._save()
-        self._prime(watch)
+        # A watch that holds already alerts at once, but after the command's reply
+        # ("Watch #1 set"): its alerts wait for the next turn of the event loop.
+        self._held = []
+        try:
+            self._prime(watch)
+        finally:
+            held, self._held = self._held, None
+        if held:
+            try:
+                asyncio.get_running_loop().call_soon(self._emit_all, held)
+            except RuntimeError:  # no event loop (a script): nothing to wait for
+                self._emit_all(held)
         return watch
 
     def remove(self, watch_id: int, jid: str, admin: bool) -> Watch:
@@ -182,7 +199,13 @@ class Watches:
         if not w.firing:
             raise WatchError(f"#{w.id} is not firing")
         w.acked = True
+        self._save()
         return w
+
+    @property
+    def unsaved(self) -> SaveError | None:
+        """Why the watches in memory are not all on disk, or None when they are."""
+        return self.state.error(STATE_FILE)
 
     def visible(self, jid: str, admin: bool) -> list[Watch]:
         """The watches a contact may see: their own, or all for an admin."""
@@ -202,6 +225,10 @@ class Watches:
         for raw in data.get("watches", []) if isinstance(data, dict) else []:
             try:
                 w = Watch(**raw)
+                if w.acked:
+                    # It was firing and acknowledged: it stays silent until it clears,
+                    # and its clearing is announced (the alert was sent before the restart).
+                    w.firing = w.notified = True
                 if w.kind == "offline":
                     self.hub.node(w.target)
                 else:
@@ -213,13 +240,14 @@ class Watches:
             self.next_id = max(self.next_id, w.id + 1)
 
     def _save(self) -> None:
+        """Write the watches; on failure `unsaved` says why (the state folder logs it, once)."""
         try:
             self.state.save(
                 STATE_FILE,
                 {"next_id": self.next_id, "watches": [w.to_json() for w in self.watches.values()]},
             )
-        except OSError as e:
-            log.error("cannot save watches to %s: %s", self.state.path, e)
+        except SaveError:
+            pass
 
     # ------------------------------------------------------------ evaluation
 
@@ -257,7 +285,7 @@ class Watches:
             w.firing, w.acked = True, False
             self._send(w, f"ALERT #{w.id} {w.describe()}: {_now(f, value)}", r.time)
         elif w.firing and not true_now and self._cleared(w, value):
-            w.firing, w.acked = False, False
+            self._clear(w)
             if w.notified:
                 self._send(w, f"CLEARED #{w.id} {w.describe()}: {_now(f, value)}", r.time, clear=True)
 
@@ -288,9 +316,15 @@ class Watches:
             w.firing, w.acked = True, False
             self._send(w, f"ALERT #{w.id} {node.id} is {node.health.describe()}", now)
         elif not bad and w.firing and node.health.healthy:
-            w.firing, w.acked = False, False
+            self._clear(w)
             if w.notified:
                 self._send(w, f"CLEARED #{w.id} {node.id} is back to ok", now, clear=True)
+
+    def _clear(self, w: Watch) -> None:
+        was_acked = w.acked
+        w.firing, w.acked = False, False
+        if was_acked:
+            self._save()  # the stored ack no longer applies
 
     def _send(self, w: Watch, text: str, at: float, repeat: bool = False, clear: bool = False) -> None:
         now = time.monotonic()
@@ -305,13 +339,24 @@ class Watches:
         to = {w.owner} | {c.jid for c in self.config.contacts if c.alert_level == "all"}
         self._emit(Alert(text, at, tuple(sorted(to)), w.id))
 
+    def _emit_all(self, alerts: list[Alert]) -> None:
+        for a in alerts:
+            self._emit(a)
+
     def _emit(self, alert: Alert) -> None:
+        if self._held is not None:
+            self._held.append(alert)
+            return
         log.info("alert: %s", alert.text)
         for sink in self.sinks:
             try:
                 sink(alert)
             except Exception:
                 log.exception("alert sink failed")
+
+
+def _definition(w: Watch) -> dict[str, object]:
+    return w.to_json() | {"id": 0, "acked": False, "interval_text": ""}
 
 
 def _unit(f: Field) -> str:

@@ -20,11 +20,13 @@ from slixmpp.stanza import Message, Presence
 from .auth import Actor
 from .commands import Commands
 from .config import Config
-from .control import Control
+from . import redact
+from .control import Control, forms_in_order
 from .adhoc import AdHoc
-from .hub import HealthState, Hub, Node
+from .hub import HealthState, Hub, Node, Problem
 from .rooms import Rooms
 from .sensordata import SensorData
+from .upload import Uploader, attach_oob
 from .watches import Alert
 
 log = logging.getLogger("iot_gateway.xmpp")
@@ -40,13 +42,15 @@ BLOCK_AFTER = 3  # subscription requests from one stranger before blocking them 
 
 
 def health_summary(name: str, hub: Hub) -> tuple[str | None, str]:
-    """(show, status) for the gateway's presence from the devices' health."""
+    """(show, status) for the gateway's presence from the devices' health and the gateway's own problems."""
     nodes = list(hub.nodes.values())
     bad = [n for n in nodes if not n.health.healthy]
     ok = len(nodes) - len(bad)
+    problems = [p.describe() for p in hub.problems.values()]  # `history: not saved: …`
     if not bad:
-        return None, f"{name}: {ok}/{len(nodes)} devices OK"
-    details = " · ".join(f"{n.id}: {n.health.describe()}" for n in bad)
+        text = f"{name}: {ok}/{len(nodes)} devices OK"
+        return ("away", " · ".join([text, *problems])) if problems else (None, text)
+    details = " · ".join([*(f"{n.id}: {n.health.describe()}" for n in bad), *problems])
     show = "xa" if ok == 0 else "away"
     return show, f"{name}: {ok}/{len(nodes)} OK · {details}"
 
@@ -85,6 +89,7 @@ class Session:
         for source in sources:
             source.sinks.append(self.deliver)  # type: ignore[attr-defined]
 
+        redact.install()  # slixmpp's debug log of the stream must not carry SASL payloads
         c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password)
         self.client = c
         # Forms, disco, version, caps in presence, blocking, stream management, delay.
@@ -97,6 +102,7 @@ class Session:
         c.plugin["xep_0030"].add_identity(category="client", itype="bot", name=config.gateway.name)
         c.plugin["xep_0092"].software_name = "iot-gateway"
         c.plugin["xep_0092"].version = _version()
+        c.add_filter("out", forms_in_order)  # slixmpp writes form elements out of XEP-0004's order
         if self.xcfg.ca_file is not None:
             c.ca_certs = self.xcfg.ca_file
         if not self.xcfg.tls_verify:
@@ -117,11 +123,19 @@ class Session:
         c.add_event_handler("disconnected", self._on_disconnected)
         c.add_event_handler("failed_auth", self._on_failed_auth)
         c.add_event_handler("connection_failed", self._on_connection_failed)
-        hub.subscribe(health=self._on_health)
+        hub.subscribe(health=self._on_health, problem=self._on_problem)
         self.rooms = Rooms(self)
         self.adhoc = AdHoc(self)
         self.sensordata = SensorData(self)
         self.control = Control(self)
+        # Plots go up through XEP-0363 on our own server; off: sparklines only.
+        if self.xcfg.uploads:
+            commands.plots.uploads = Uploader(c, self.xcfg.jid.split("@", 1)[1], self.xcfg.ca_file)
+        else:
+            commands.plots.no_uploads = "picture uploads are off in this gateway ([xmpp] uploads = false)"
+        # Problems found while starting, before this session existed: told once it is online.
+        for p in list(hub.problems.values()):
+            self._on_problem(p.component, p, None)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -138,6 +152,7 @@ class Session:
         """Say goodbye and disconnect; no reconnect afterwards."""
         self._stopping = True
         self.hub.unsubscribe(self._on_health)
+        self.hub.unsubscribe(self._on_problem)
         for task in (self._presence_task, self._reconnect_task):
             if task is not None:
                 task.cancel()
@@ -213,6 +228,9 @@ class Session:
         wanted = {c.jid for c in self.config.contacts}
         for jid in list(roster.keys()):
             bare = str(jid).lower()
+            # A room's presences put its JID in slixmpp's local roster; it is no contact.
+            if bare in self.rooms.jids:
+                continue
             if bare not in wanted and bare != self.xcfg.jid.lower():
                 log.info("removing %s from the roster: not a configured contact", bare)
                 self.client.del_roster_item(bare)
@@ -278,6 +296,16 @@ class Session:
         if self._presence_task is None or self._presence_task.done():
             self._presence_task = asyncio.ensure_future(self._debounced_presence())
 
+    def _on_problem(self, component: str, new: Problem | None, old: Problem | None) -> None:
+        """A gateway problem appeared, changed or cleared: presence shows it; admins hear when it appears and clears."""
+        if self.online.is_set() and (self._presence_task is None or self._presence_task.done()):
+            self._presence_task = asyncio.ensure_future(self._debounced_presence())
+        if (new is None) == (old is None):
+            return  # only its wording changed (another cause): no new message for the same trouble
+        text = new.describe() if new is not None else f"{component}: back to ok"
+        to = tuple(c.jid for c in self.config.contacts if c.role == "admin" and c.alert_level != "none")
+        self.deliver(Alert(text, time.time(), to))
+
     async def _debounced_presence(self) -> None:
         wait = self._last_presence + PRESENCE_MIN_GAP - time.monotonic()
         if wait > 0:
@@ -328,7 +356,8 @@ class Session:
                 ).send()
             return
         self._throttled.discard(sender)
-        msg.reply(await self.run_command(body, Actor(sender, contact.role, "chat"))).send()
+        reply = await self.run_command(body, Actor(sender, contact.role, "chat"))
+        attach_oob(msg.reply(reply), reply).send()
 
     async def run_command(self, text: str, actor: Actor) -> str:
         """Run a chat command; an unexpected failure is logged and answered, never raised."""

@@ -15,6 +15,7 @@ from gateway.app import Gateway
 from gateway.config import Config, parse
 from gateway.localservers import Mosquitto, Prosody
 from gateway.xmpp import Session
+from tests import schema
 from tests.peer import Peer
 
 USERS = {
@@ -37,7 +38,9 @@ class XmppServer:
         return f"{user}@{self.prosody.domain}"
 
     def peer(self, user: str) -> Peer:
-        return Peer(self.jid(user), self.passwords[user], self.prosody.address, self.prosody.ca_file)
+        return Peer(
+            self.jid(user), self.passwords[user], self.prosody.address, self.prosody.ca_file, gateway=self.jid("gateway")
+        )
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +61,14 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(autouse=True)
+def schema_valid() -> Iterator[None]:
+    """Fail the test if the gateway sent a test peer a payload its XEP's schema rejects (tests/schema.py)."""
+    schema.failures.clear()
+    yield
+    schema.raise_failures()
 
 
 def gateway_config(

@@ -6,6 +6,9 @@ import asyncio
 from pathlib import Path
 
 import slixmpp
+from slixmpp.xmlstream import StanzaBase
+
+from tests import schema
 
 TIMEOUT = 10.0
 
@@ -13,8 +16,14 @@ TIMEOUT = 10.0
 class Peer:
     """A slixmpp client that records the messages and presences it receives."""
 
-    def __init__(self, jid: str, password: str, address: str, ca_file: Path):
+    def __init__(self, jid: str, password: str, address: str, ca_file: Path, gateway: str | None = None):
         self.client = slixmpp.ClientXMPP(jid, password)
+        # Every stanza from the gateway (from anyone when `gateway` is None) is
+        # checked against the XEP schemas before any handler sees it.
+        self.gateway = gateway
+        self.draft_ids: set[str] = set()  # XEP-0323 requests this peer made with `id` (older drafts)
+        self.client.add_filter("in", self._validate)
+        self.client.add_filter("out", self._note_draft_id)
         for plugin in ("xep_0030", "xep_0004", "xep_0045", "xep_0050", "xep_0199", "xep_0203"):
             self.client.register_plugin(plugin)
         self.client.ca_certs = ca_file
@@ -35,6 +44,19 @@ class Peer:
     @property
     def jid(self) -> str:
         return self.client.boundjid.bare
+
+    def _validate(self, stanza: StanzaBase) -> StanzaBase:
+        frm = slixmpp.JID(stanza.xml.get("from") or "")
+        if frm.bare and (self.gateway is None or frm.bare == self.gateway):
+            kind = stanza.xml.tag.rpartition("}")[2]
+            summary = f"<{kind} type={stanza.xml.get('type')!r}> from {frm} to {self.jid}"
+            schema.check(stanza.xml, summary, frozenset(self.draft_ids))
+        return stanza
+
+    def _note_draft_id(self, stanza: StanzaBase) -> StanzaBase:
+        if (rid := schema.draft_id(stanza.xml)) is not None:
+            self.draft_ids.add(rid)
+        return stanza
 
     async def _on_start(self, _e: object) -> None:
         self.client.send_presence()

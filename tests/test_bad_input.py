@@ -13,7 +13,9 @@ from devices.mqtt import BadPayload, lookup, parse_json, to_value
 from devices.serial import BadLine, LineBuffer, Parser, convert
 from gateway.auth import Actor
 from gateway.commands import Commands
-from gateway.config import ConfigError, MqttField, SerialDevice, load, parse
+from devices.mqtt_config import MqttField
+from devices.serial_config import SerialDevice
+from gateway.config import ConfigError, load, parse
 from gateway.hub import FieldSpec, Hub
 from gateway.values import BadValue
 

@@ -168,7 +168,7 @@ async def test_roles_viewer_and_stranger_are_forbidden(xgw: XepGateway, peers: d
     answer = await iq(victor, xgw.jid, "<set xmlns='urn:xmpp:iot:control'>"
                       "<node nodeId='sim'/><boolean name='relay' value='true'/><int name='speed' value='9'/></set>", "set")
     typ, cond, text = error_of(answer)
-    assert (typ, cond) == ("cancel", "forbidden") and text == "not allowed: set needs the operator role, you are viewer"
+    assert (typ, cond) == ("cancel", "forbidden") and text == "set needs the operator role, you are viewer"
     assert (value(xgw, "sim.relay"), value(xgw, "sim.speed")) == (False, 0)
     entry = xgw.hub.audit.entries[-1]
     assert (entry.actor.jid, entry.actor.via, entry.ref, entry.outcome) == ("victor@localhost", "xep-0325", "sim.relay", "refused")
@@ -287,6 +287,38 @@ async def test_control_form_get_and_submit(xgw: XepGateway, peers: dict[str, Pee
     answer = await iq(olive, xgw.jid, "<getForm xmlns='urn:xmpp:iot:control'/>")
     _, cond, text = error_of(answer)
     assert cond == "bad-request" and "sim, pump" in text
+
+
+def order_problems(form: ET.Element) -> list[str]:
+    """Where a data form breaks XEP-0004's schema order: x = instructions*, title?, field*, reported?, item*;
+    field = desc?, required?, value*, option*, then extensions (XEP-0122 validate, XEP-0336 notSame)."""
+    problems = []
+
+    def check(el: ET.Element, order: tuple[str, ...], where: str) -> None:
+        ranks = [order.index(c.tag.split("}")[1]) if c.tag.startswith(f"{{{XDATA}}}") else len(order) for c in el]
+        if ranks != sorted(ranks):
+            problems.append(f"{where}: {[c.tag.split('}')[1] for c in el]}")
+
+    check(form, ("instructions", "title", "field", "reported", "item"), "x")
+    for f in form.iter(f"{{{XDATA}}}field"):
+        check(f, ("desc", "required", "value", "option"), f"field {f.get('var')}")
+    return problems
+
+
+async def test_every_form_follows_the_xep_0004_schema_order(xgw: XepGateway, peers: dict[str, Peer]) -> None:
+    olive = peers["olive"]
+    forms = {}
+    for nodes in ("<node nodeId='sim'/>", "<node nodeId='sim'/><node nodeId='pump'/>"):
+        answer = await iq(olive, xgw.jid, f"<getForm xmlns='urn:xmpp:iot:control'>{nodes}</getForm>")
+        forms[f"getForm {nodes}"] = child(answer, XDATA, "x")
+    answer = await iq(olive, xgw.jid, "<command xmlns='http://jabber.org/protocol/commands' node='set' action='execute'/>", "set")
+    forms["ad-hoc Set actuator"] = child(answer, "http://jabber.org/protocol/commands", "command").find(f"{{{XDATA}}}x")
+    speed = forms["getForm <node nodeId='sim'/>"].find(f"{{{XDATA}}}field[@var='speed']")
+    # desc and value both present: the pair the issue saw in the wrong order.
+    assert [c.tag.split("}")[1] for c in speed] == ["desc", "value", "validate", "notSame"]
+    for name, form in forms.items():
+        assert form is not None and form.findall(f"{{{XDATA}}}field"), name
+        assert order_problems(form) == [], name
 
 
 async def test_malformed_and_huge_requests(xgw: XepGateway, peers: dict[str, Peer]) -> None:

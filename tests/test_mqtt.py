@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,12 @@ from devices.mqtt import (
 )
 from gateway.app import Gateway
 from gateway.auth import Actor
-from gateway.config import Config, ConfigError, MqttField, parse
+from devices.mqtt_config import MqttField
+from gateway.config import Config, ConfigError, parse
 from gateway.hub import DeviceError, Health
 from gateway.localservers import Mosquitto, free_port, make_certs
 from tests.conftest import XmppServer, gateway_config, start_gateway
+from tests.helpers import until
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = Actor("admin@example.org", "admin", "test")
@@ -52,15 +54,6 @@ def make_config(tmp_path: Path, url: str, devices: list[dict[str, Any]], **mqtt:
             "devices": devices,
         }
     )
-
-
-async def until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait for `pred()` to hold, polling the loop; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def values(gw: Gateway, ref: str) -> list[Any]:
@@ -637,7 +630,8 @@ async def test_unreadable_password_file_is_a_device_error(gateways: list[Gateway
         {"id": "a", "driver": "mqtt", "fields": [{"name": "n", "topic": "a/n"}]},
     ], username="u", password_file=str(tmp_path / "missing"))
     gw = await start(gateways, config)
-    assert health(gw, "a") == (Health.ERROR, "failed to start: mqtt.password_file: cannot read: No such file or directory")
+    missing = tmp_path / "missing"
+    assert health(gw, "a") == (Health.ERROR, f"failed to start: mqtt.password_file: cannot read {missing}: No such file or directory")
     assert paho_threads(config) == []
 
 

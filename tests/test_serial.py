@@ -27,7 +27,8 @@ import devices.serial as sd
 from devices.base import Context
 from gateway.app import build_hub
 from gateway.auth import Actor
-from gateway.config import ConfigError, SerialDevice, load, parse
+from devices.serial_config import SerialDevice
+from gateway.config import ConfigError, load, parse
 from gateway.hub import DeviceError, Health, Hub
 from tests.conftest import XmppServer, gateway_config, start_gateway
 

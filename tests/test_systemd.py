@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import JournalFormatter
+from gateway.localservers import Prosody
 from gateway.systemd import Notifier, NotifyError, notify_address, watchdog_interval
 from tests.conftest import USERS, XmppServer
 
@@ -314,6 +316,91 @@ async def test_debug_log_never_contains_the_password(
     assert "chmod 640" not in err  # both files are 0640: no warning
 
 
+class PlainOnlyProsody(Prosody):
+    """The suite's kind of Prosody, offering SASL PLAIN only (SCRAM disabled), as some servers do."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        text = self.config.read_text()
+        first_host = text.index("\nVirtualHost ")
+        line = '\ndisable_sasl_mechanisms = { "SCRAM-SHA-1", "SCRAM-SHA-1-PLUS", "DIGEST-MD5" }\n'
+        self.config.write_text(text[:first_host] + line + text[first_host:])
+
+
+@pytest.fixture(scope="module")
+def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XmppServer]:
+    prosody = PlainOnlyProsody(tmp_path_factory.mktemp("prosody-plain"))
+    passwords = {"gateway": secrets.token_urlsafe(12)}
+    prosody.register("gateway", passwords["gateway"])
+    prosody.start()
+    yield XmppServer(prosody, passwords)
+    prosody.stop()
+
+
+def secrets_in(text: str, password: str) -> list[str]:
+    """Every place `text` shows `password`: as is, or inside anything that decodes as base64."""
+    found = [password] if password in text else []
+    for token in re.findall(r"[A-Za-z0-9+/]{8,}={0,2}", text):
+        for pad in ("", "=", "=="):
+            try:
+                decoded = base64.b64decode(token + pad, validate=True)
+            except ValueError:
+                continue
+            if password.encode() in decoded:
+                found.append(token)
+    return found
+
+
+async def test_debug_log_of_a_plain_login_hides_the_password(
+    plain_server: XmppServer, tmp_path: Path, fake_systemd: tuple[FakeSystemd, str]
+) -> None:
+    fake, path = fake_systemd
+    password = plain_server.passwords["gateway"]
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\nstate_dir = "{tmp_path}/state"\n'
+        f'[xmpp]\njid = "{plain_server.jid("gateway")}"\nserver = "{plain_server.prosody.address}"\n'
+        f'ca_file = "{plain_server.prosody.ca_file}"\n'
+        '[[devices]]\nid = "sim"\ndriver = "simulated"\n  [[devices.fields]]\n  name = "temp"\n'
+    )
+    cfg.chmod(0o600)
+    proc = start_gateway(cfg, gateway_env(NOTIFY_SOCKET=path, IOT_GATEWAY_XMPP_PASSWORD=password), "--debug")
+    try:
+        deadline = time.monotonic() + 20
+        ready = False
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            msg = await fake.recv(0.5)
+            ready = msg is not None and msg.startswith("READY=1")
+    finally:
+        code, err = stop_gateway(proc)
+    assert ready and code == 0, err
+    # The server offered PLAIN only, and the client used it: the password went over the wire in base64.
+    assert "<mechanism>SCRAM" not in err and "<mechanism>PLAIN</mechanism>" in err, err
+    assert re.search(r'SEND: <auth [^>]*mechanism="PLAIN"[^>]*>\[redacted\]</auth>', err), err
+    assert re.search(r"RECV: <success [^>]*/>|RECV: <success [^>]*>\[redacted\]</success>", err), err
+    assert secrets_in(err, password) == []
+
+
+def test_sasl_payloads_are_redacted_whatever_the_mechanism() -> None:
+    from gateway.redact import redact_sasl
+
+    ns = 'xmlns="urn:ietf:params:xml:ns:xmpp-sasl"'
+    plain = base64.b64encode(b"\0gw\0hunter2").decode()
+    lines = [
+        f'SEND: <auth {ns} mechanism="PLAIN">{plain}</auth>',
+        f'SEND: <auth {ns} mechanism="SCRAM-SHA-1">biwsbj1ndyxyPWFiYw==</auth>',
+        f"RECV: <challenge {ns}>cj1hYmMsUz1zYWx0LGk9NDA5Ng==</challenge>",
+        f"SEND: <response {ns}>Yz1iaXdzLHI9YWJjLHA9cHJvb2Y=</response>",
+        f"RECV: <success {ns}>dj1zaWduYXR1cmU=</success>",
+        f'SEND: <authenticate xmlns="urn:xmpp:sasl:2" mechanism="PLAIN"><initial-response>{plain}</initial-response></authenticate>',
+    ]
+    for line in lines:
+        out = redact_sasl(line)
+        assert "[redacted]" in out and secrets_in(out, "hunter2") == [] and not re.search(r">[A-Za-z0-9+/]{8,}=*<", out), out
+    other = "RECV: <message><body>biwsbj1ndyxyPWFiYw==</body></message>"
+    assert redact_sasl(other) == other
+
+
 def test_world_readable_config_and_password_file_get_a_warning(tmp_path: Path) -> None:
     pw_file = tmp_path / "xmpp.pass"
     pw_file.write_text("s3cret\n")
@@ -438,6 +525,50 @@ def test_unit_file_settings() -> None:
     allowed = {v.split()[0] for v in s["DeviceAllow"]}
     assert {"char-gpiochip", "char-ttyUSB", "char-ttyAMA", "char-spi", "char-i2c"} <= allowed
     assert s["ExecStart"] == ["/opt/iot-gateway/.venv/bin/iot-gateway run --config /etc/iot-gateway/gateway.toml"]
+    for key in HARDENING_YES:
+        assert s[key] == ["yes"], key
+    assert s["ProtectProc"] == ["invisible"]
+    assert "ProcSubset" not in s  # gpiozero reads /proc/device-tree and /proc/cpuinfo, load_average /proc/loadavg
+    assert s["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    assert s["SystemCallFilter"] == ["@system-service", "~@privileged @resources"]
+    assert s["UMask"] == ["0077"]
+
+
+# Added for issue 10, item 10, besides ProtectProc=, RestrictAddressFamilies=, SystemCallFilter= and UMask=.
+HARDENING_YES = (
+    "PrivateMounts", "ProtectKernelTunables", "ProtectKernelLogs", "ProtectClock", "ProtectHostname",
+    "RestrictNamespaces", "RemoveIPC", "MemoryDenyWriteExecute",
+)
+
+
+def analyze() -> str:
+    """systemd-analyze, which `make test` installs (Debian package systemd); the test fails without it."""
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.fail("systemd-analyze is missing: install the Debian package systemd (make test does)")
+    return path
+
+
+def exposure(unit: Path, threshold: int) -> tuple[int, float]:
+    """`systemd-analyze security --offline=true --threshold=N` of a unit file: its exit code and the rating."""
+    r = subprocess.run(
+        [analyze(), "security", "--offline=true", f"--threshold={threshold}", "--no-pager", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return r.returncode, float(m[1])
+
+
+def test_unit_file_security_exposure_is_ok(tmp_path: Path) -> None:
+    code, level = exposure(UNIT, 25)
+    assert (code, level <= 2.5) == (0, True), level
+    # The check can fail: without this issue's settings the unit is rated MEDIUM and the command exits 1.
+    weaker = tmp_path / "iot-gateway.service"
+    dropped = HARDENING_YES + ("ProtectProc", "RestrictAddressFamilies", "SystemCallFilter", "SystemCallArchitectures")
+    weaker.write_text("".join(line for line in UNIT.read_text().splitlines(True) if not line.startswith(dropped)))
+    code, level = exposure(weaker, 25)
+    assert code == 1 and level > 2.5, level
 
 
 def verify(unit_text: str, root: Path) -> subprocess.CompletedProcess[str]:
@@ -450,7 +581,7 @@ def verify(unit_text: str, root: Path) -> subprocess.CompletedProcess[str]:
     units.mkdir(parents=True, exist_ok=True)
     (units / "iot-gateway.service").write_text(unit_text)
     r = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", "--recursive-errors=no", f"--root={root}", "iot-gateway.service"],
+        [analyze(), "verify", "--man=no", "--recursive-errors=no", f"--root={root}", "iot-gateway.service"],
         capture_output=True, text=True, timeout=60,
     )
     if "recursive-errors" in r.stderr:
@@ -458,7 +589,6 @@ def verify(unit_text: str, root: Path) -> subprocess.CompletedProcess[str]:
     return r
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     r = verify(UNIT.read_text(), tmp_path / "root")
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
@@ -466,3 +596,59 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     broken = UNIT.read_text().replace("DevicePolicy=closed", "DevicePolicy=clsoed")
     r = verify(broken, tmp_path / "broken")
     assert "Failed to parse device policy" in r.stdout + r.stderr
+
+
+# Run as the unit's MemoryDenyWriteExecute=yes would: the kernel's PR_SET_MDWE refuses W+X mappings.
+MDWE_WRAPPER = """
+import ctypes, mmap, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN (Linux 6.3+)
+    sys.exit(77)
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+except PermissionError:
+    pass
+else:
+    sys.exit(78)  # MDWE not in force: the test would prove nothing
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+async def test_gateway_runs_without_write_execute_memory(
+    xmpp_server: XmppServer, mosquitto: Any, tmp_path: Path, fake_systemd: tuple[FakeSystemd, str]
+) -> None:
+    """The run path (TLS, slixmpp, aiodns/pycares, paho, gpiozero, SQLite) needs no W+X pages."""
+    fake, path = fake_systemd
+    cfg = write_config(tmp_path, xmpp_server)
+    cfg.chmod(0o600)
+    with cfg.open("a") as f:
+        f.write(
+            f'\n[mqtt]\nurl = "{mosquitto.url}"\nclient_id = "mdwe-{secrets.token_hex(4)}"\n'
+            '[[devices]]\nid = "plug"\ndriver = "mqtt"\n  [[devices.fields]]\n  name = "power"\n  topic = "mdwe/power"\n'
+            '[[devices]]\nid = "pins"\ndriver = "gpio"\npin_factory = "mock"\n'
+            '  [[devices.fields]]\n  name = "led"\n  kind = "led"\n  pin = "GPIO17"\n'
+        )
+    env = gateway_env(NOTIFY_SOCKET=path, IOT_GATEWAY_XMPP_PASSWORD=xmpp_server.passwords["gateway"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MDWE_WRAPPER, "run", "--config", str(cfg)],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ready = False
+    try:
+        deadline = time.monotonic() + 20
+        while not ready and time.monotonic() < deadline and proc.poll() is None:
+            msg = await fake.recv(0.5)
+            ready = msg is not None and msg.startswith("READY=1")
+        if ready:
+            await asyncio.sleep(2.5)  # past the first batch of the SQLite history mirror (every 2 s)
+    finally:
+        if proc.poll() is None:
+            code, err = stop_gateway(proc)
+        else:
+            code, err = proc.returncode, proc.stderr.read() if proc.stderr else ""
+    if code == 77:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    assert code != 78, "PR_SET_MDWE did not refuse a W+X mapping"
+    assert ready and code == 0, err
+    assert "online as " in err and "Traceback" not in err, err

@@ -197,7 +197,8 @@ async def test_history_persists_across_restart_and_windows(tmp_path: Path) -> No
         reply = await run(g2, "history sim.temp 1h")
         lines = reply.split("\n")
         assert lines[0].startswith("sim.temp over the last 1h: 5 readings")
-        assert lines[1].startswith("min ")
+        assert lines[1].strip() and set(lines[1].strip()) <= set("▁▂▃▄▅▆▇█")  # the sparkline
+        assert lines[2].startswith("min ")
         assert await run(g2, "history sim.temp 0") == "The count must be a whole number from 1 to 100. Usage: history device.field [n | 15m | 6h | 2d]"
         assert await run(g2, "history sim.temp 5x") == "Error: '5x' is not a duration (use 30s, 15m, 6h, 2d)."
     finally:
@@ -211,7 +212,45 @@ async def test_log_shows_changes_and_refusals(gw: Gateway) -> None:
     out = await run(gw, "log sim")
     lines = out.split("\n")
     assert lines[0] == "Last 3 actuator changes and attempts:"
-    assert lines[1].endswith("alice@x via test: sim.speed refused (500): 500 is above the maximum 100")
-    assert lines[2].endswith("victor@x via test: sim.relay refused (on): not allowed: set needs the operator role, you are viewer")
-    assert lines[3].endswith("alice@x via test: sim.relay off -> on")
+    rows = [line.split() for line in lines[1:]]
+    assert [r[3:] for r in rows] == [
+        ["alice@x", "via", "test", "sim.speed", "refused", "(500):", "500", "is", "above", "the", "maximum", "100"],
+        ["victor@x", "via", "test", "sim.relay", "refused", "(on):", "set", "needs", "the", "operator", "role,", "you", "are", "viewer"],
+        ["alice@x", "via", "test", "sim.relay", "off", "→", "on"],
+    ]
+    # Columns line up: every row has its JID, entry point, field and change at the same place.
+    for word in ("via", "sim."):
+        assert len({line.index(word) for line in lines[1:]}) == 1, out
+    assert len({line.index(" ago") for line in lines[1:]}) == 1, out
     assert await run(gw, "log sim.temp") == "No actuator changes recorded for sim.temp."
+
+
+async def test_interval_is_echoed_as_given(tmp_path: Path) -> None:
+    g = Gateway(config(tmp_path))
+    await g.start()
+    try:
+        reply = await run(g, "watch sim.temp > 30 interval 5m", VICTOR)
+        assert reply == "Watch #1 set: sim.temp > 30 interval 5m. Remove it with: unwatch 1"
+        assert g.watches.watches[1].interval == 300
+        # The same watch written another way is still the same watch.
+        assert await run(g, "watch sim.temp > 30 interval 300s", VICTOR) == "Error: You already have this watch as #1."
+        assert await run(g, "watch sim offline interval 2h", VICTOR) == (
+            "Watch #2 set: sim offline interval 2h. Remove it with: unwatch 2"
+        )
+    finally:
+        await g.stop()
+    g2 = Gateway(config(tmp_path))
+    await g2.start()
+    try:
+        assert await run(g2, "watches", VICTOR) == "2 watches:\n#1   sim.temp > 30 interval 5m  — ok\n#2   sim offline interval 2h  — ok"
+    finally:
+        await g2.stop()
+
+
+async def test_a_watch_that_holds_already_alerts_after_its_reply(gw: Gateway) -> None:
+    alerts = collect(gw)
+    reply = await run(gw, "watch sim.temp > 10")  # temp is 20
+    assert reply == "Watch #1 set: sim.temp > 10 (firing now). Remove it with: unwatch 1"
+    assert alerts == []  # not yet: the reply goes out first
+    await asyncio.sleep(0)
+    assert [a.text for a in alerts] == ["ALERT #1 sim.temp > 10: now 20 °C"]

@@ -34,7 +34,7 @@ async def test_admin_reads_and_sets_over_xmpp(running_gateway: RunningGateway, p
 async def test_viewer_cannot_set(running_gateway: RunningGateway, peers: dict[str, Peer]) -> None:
     victor, gw = peers["victor"], running_gateway
     reply = await victor.ask(gw.jid, "set sim.relay on")
-    assert reply == "Refused: not allowed: set needs the operator role, you are viewer."
+    assert reply == "Refused: set needs the operator role, you are viewer."
     assert gw.gateway.hub.field("sim.relay").latest.value is False
     entry = gw.gateway.hub.audit.entries[-1]
     assert (entry.actor.jid, entry.outcome) == ("victor@localhost", "refused")

@@ -20,6 +20,7 @@ from gateway.app import Gateway
 from gateway.commands import Commands
 from gateway.hub import FieldSpec, Hub
 from gateway.xmpp import Session
+from tests import schema
 from tests.conftest import XmppServer, gateway_config
 from tests.peer import Peer
 
@@ -104,17 +105,20 @@ def xml(text: str) -> ET.Element:
 
 
 async def iq(peer: Peer, to: str, payload: ET.Element | str, itype: str = "get", timeout: float = TIMEOUT) -> Iq:
-    """Send an IQ with `payload` and return the answer, result or error."""
+    """Send an IQ with `payload` and return the answer, result or error;
+    SchemaViolation if the gateway sent anything its XEP's schema rejects."""
     stanza = peer.client.Iq()
     stanza["to"] = to
     stanza["type"] = itype
     stanza.append(xml(payload) if isinstance(payload, str) else payload)
     try:
-        return await stanza.send(timeout=timeout)
+        answer = await stanza.send(timeout=timeout)
     except IqError as e:
-        return e.iq
+        answer = e.iq
     except IqTimeout:
         raise AssertionError(f"no answer to {payload!r} within {timeout} s") from None
+    schema.raise_failures()
+    return answer
 
 
 def error_of(answer: Iq) -> tuple[str, str, str]:

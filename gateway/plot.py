@@ -1,0 +1,403 @@
+"""Plots of field history: a PNG line chart for the chat, and text sparklines.
+
+`render` draws with matplotlib (Agg), imported on the first plot only, so the
+gateway's start-up time and idle memory do not change; it blocks, so callers run
+it in an executor. Sparklines (`▁▂▃▄▅▆▇█`) need nothing beyond the standard
+library: they answer when there is no picture, and top `history` replies.
+
+The hub's history keeps readings, not device health, so an offline or stale
+stretch shows as a gap between readings: the line is broken wherever two
+consecutive readings are further apart than max(3 × the median interval, the
+device's `stale_after`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import io
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .auth import Actor
+from .hub import Field
+from .values import fmt
+
+if TYPE_CHECKING:
+    from .watches import Watches
+
+log = logging.getLogger("iot_gateway.plot")
+
+SIZE = (800, 480)  # pixels: a phone screen's width, landscape
+DPI = 100
+MAX_FIELDS = 4
+MAX_WAITING = 4  # plots being drawn or waiting for the plot thread; more are told to try again
+SPARK = "▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 32
+# Line colours, one per field (matplotlib's tab10); tests look for the first one's pixels.
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
+THRESHOLD_COLOR = "#d62728"
+
+
+class PlotError(Exception):
+    """A plot that cannot be made from what was asked; the message says why."""
+
+
+class NoPicture(Exception):
+    """Why a plot cannot go out as a picture (no upload service, upload refused, no plotting
+    library); the reply falls back to sparklines and says this."""
+
+
+class Picture(str):
+    """A reply that is the HTTPS GET URL of an uploaded picture: sent as the message body with
+    an XEP-0066 OOB element carrying the same URL, so clients show the picture inline."""
+
+
+@dataclass(frozen=True)
+class Series:
+    """One field's readings in the plotted window, oldest first (booleans as 0/1)."""
+
+    ref: str
+    unit: str
+    times: list[float]
+    values: list[float]
+    boolean: bool = False
+    decimals: int | None = None
+    stale_after: float | None = None
+
+    def fmt(self, value: float) -> str:
+        """A value as the field shows it, without unit."""
+        if self.boolean:
+            return "on" if value >= 0.5 else "off"
+        return fmt(value, self.decimals)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A watch's threshold, drawn as a dashed line."""
+
+    value: float
+    label: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    """Everything `render` needs: the series, the window and the thresholds."""
+
+    series: list[Series]
+    start: float
+    end: float
+    window: str  # as the user typed it: `1h`, `24h`
+    thresholds: list[Threshold] = field(default_factory=list)
+    size: tuple[int, int] = SIZE
+
+    @property
+    def unit(self) -> str:
+        """The unit all series share."""
+        return self.series[0].unit if self.series else ""
+
+
+def gap_after(times: Sequence[float], stale_after: float | None) -> float:
+    """The spacing beyond which two consecutive readings have a gap between them."""
+    steps = [b - a for a, b in zip(times, times[1:])]
+    typical = statistics.median(steps) if steps else 0.0
+    return max(3 * typical, stale_after or 0.0) or math.inf
+
+
+class Uploads(Protocol):
+    """Where pictures go (gateway.upload.Uploader on the XMPP session); both raise NoPicture."""
+
+    async def ready(self) -> object:
+        """Check that uploads can work, before a picture is drawn for nothing."""
+
+    async def upload(self, data: bytes, filename: str, content_type: str) -> Picture:
+        """Upload a file; its GET URL."""
+
+
+class Plots:
+    """Answers `plot`: a picture when uploads work, sparklines (and why) when not."""
+
+    def __init__(self) -> None:
+        self.uploads: Uploads | None = None
+        self.no_uploads = "this interface shows text only"  # why, while `uploads` is None
+        # matplotlib's font cache; its default (~/.cache) is read-only under systemd's ProtectHome,
+        # and a cache rebuilt on each restart would make every first plot slow.
+        self.cache_dir: Path | None = None
+        # One thread draws, one plot at a time: a Pi has few cores, and each thread that
+        # draws would keep a malloc arena of its own (tens of MB) for the life of the process.
+        self._pool: ThreadPoolExecutor | None = None
+        self._waiting = 0
+
+    async def answer(self, fields: list[Field], window: float, label: str, actor: Actor,
+                     watches: "Watches | None") -> str:
+        """The reply to `plot` for these fields over the last `window` seconds."""
+        end = time.time()
+        chart = Chart([_series(f, end - window) for f in fields], end - window, end, label,
+                      _thresholds(watches, actor, fields))
+        if not any(s.values for s in chart.series):
+            return f"{', '.join(f.ref for f in fields)}: no readings in the last {label}."
+        try:
+            if self.uploads is None:
+                raise NoPicture(self.no_uploads)
+            await self.uploads.ready()
+            png = await self._render(chart)
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(end))
+            return await self.uploads.upload(png, f"plot-{stamp}.png", "image/png")
+        except NoPicture as e:
+            title = f"No picture: {str(e).rstrip('.')}. Over the last {label}:"
+            return "\n".join([title, *sparklines(chart)])
+
+    async def _render(self, chart: Chart) -> bytes:
+        if self._waiting >= MAX_WAITING:
+            raise PlotError("busy drawing other plots; try again in a moment")
+        if self.cache_dir is not None and "MPLCONFIGDIR" not in os.environ:
+            try:
+                self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.environ["MPLCONFIGDIR"] = str(self.cache_dir)
+            except OSError as e:
+                log.warning("cannot use %s for matplotlib's cache: %s", self.cache_dir, e)
+        self._waiting += 1
+        try:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
+            return await asyncio.get_running_loop().run_in_executor(self._pool, _render_and_trim, chart)
+        except ImportError as e:
+            raise NoPicture(f"the plotting library is not installed ({e.name or e}; pip install matplotlib)") from None
+        except Exception as e:
+            log.exception("rendering a plot of %s failed", ", ".join(s.ref for s in chart.series))
+            raise PlotError(f"could not draw the plot ({type(e).__name__}: {e})") from None
+        finally:
+            self._waiting -= 1
+
+
+def check_fields(fields: list[Field]) -> None:
+    """PlotError unless the fields can share one chart: numbers of one unit, or on/off fields."""
+    for f in fields:
+        if f.spec.type not in ("numeric", "integer", "boolean"):
+            raise PlotError(f"{f.ref} holds {f.spec.type} values; only numbers and on/off fields can be plotted")
+    first = fields[0]
+    for f in fields[1:]:
+        if (f.spec.type == "boolean") != (first.spec.type == "boolean"):
+            raise PlotError(f"{first.ref} and {f.ref} are not both on/off fields: plot them separately")
+        if f.spec.unit != first.spec.unit:
+            raise PlotError(
+                f"{first.ref} is in {first.spec.unit or 'no unit'} and {f.ref} in {f.spec.unit or 'no unit'}:"
+                " plot fields of one unit together"
+            )
+
+
+def _series(f: Field, start: float) -> Series:
+    """A field's readings since `start`; this runs on the event loop, so a day of readings
+    goes through C-level copies and maps, with a slow path only for odd values."""
+    times, raw = f.history.since(start)
+    try:
+        values = list(map(float, raw))
+        clean = all(map(math.isfinite, values))
+    except (TypeError, ValueError):
+        clean = False
+    if not clean:
+        pairs = [(t, float(v)) for t, v in zip(times, raw)
+                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        times, values = [t for t, _ in pairs], [v for _, v in pairs]
+    return Series(f.ref, f.spec.unit, times, values, f.spec.type == "boolean", f.spec.decimals, f.node.stale_after)
+
+
+def _thresholds(watches: "Watches | None", actor: Actor, fields: list[Field]) -> list[Threshold]:
+    """The requesting contact's own comparison watches on these fields."""
+    if watches is None or any(f.spec.type == "boolean" for f in fields):
+        return []
+    refs = {f.ref for f in fields}
+    out = []
+    for w in watches.visible(actor.jid, False):
+        v = w.threshold
+        if w.kind == "compare" and w.target in refs and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(Threshold(float(v), f"#{w.id} {w.describe()}"))
+    return out
+
+
+def history_spark(f: Field, start: float, end: float) -> str | None:
+    """The sparkline on top of a `history` reply, over the readings from `start` on; None for
+    text fields or fewer than 2 readings."""
+    if f.spec.type not in ("numeric", "integer", "boolean"):
+        return None
+    s = _series(f, start)
+    if len(s.values) < 2:
+        return None
+    return series_spark(s, start, end, min(SPARK_WIDTH, len(s.values)))
+
+
+# ---------------------------------------------------------------- sparklines
+
+
+def spark(times: Sequence[float], values: Sequence[float], start: float, end: float,
+          width: int = SPARK_WIDTH, gap: float | None = None, lo: float | None = None,
+          hi: float | None = None) -> str:
+    """A sparkline of `width` characters over [start, end]: each one the mean of the readings
+    in its slice of time; a slice without readings repeats the previous value unless that is
+    older than `gap` (then, as before the first reading, a space)."""
+    if not times or end <= start or width < 1:
+        return ""
+    gap = gap_after(times, None) if gap is None else gap
+    lo = min(values) if lo is None else lo
+    hi = max(values) if hi is None else hi
+    step = (end - start) / width
+    n = len(times)
+    out = []
+    for k in range(width):
+        a, b = start + k * step, start + (k + 1) * step
+        i = bisect.bisect_left(times, a)
+        j = bisect.bisect_left(times, b) if k < width - 1 else n
+        if j > i:
+            v = math.fsum(values[i:j]) / (j - i)
+        elif i > 0 and (times[i] if i < n else a) - times[i - 1] <= gap:
+            v = values[i - 1]  # between two readings close enough: the line goes on
+        else:
+            out.append(" ")
+            continue
+        level = 0.5 if hi <= lo else (v - lo) / (hi - lo)
+        out.append(SPARK[min(len(SPARK) - 1, max(0, round(level * (len(SPARK) - 1))))])
+    return "".join(out)
+
+
+def series_spark(s: Series, start: float, end: float, width: int = SPARK_WIDTH) -> str:
+    """A series' sparkline, breaking at its gaps; booleans run from off (▁) to on (█)."""
+    lo, hi = (0.0, 1.0) if s.boolean else (None, None)
+    return spark(s.times, s.values, start, end, width, gap_after(s.times, s.stale_after), lo, hi)
+
+
+def sparklines(chart: Chart) -> list[str]:
+    """One line per series: `sim.temp  ▁▁▂▅▇█  min 10.0, max 20.0 °C`."""
+    width = max(len(s.ref) for s in chart.series)
+    lines = []
+    for s in chart.series:
+        if not s.values:
+            lines.append(f"{s.ref:<{width}}  no readings")
+            continue
+        unit = f" {s.unit}" if s.unit else ""
+        line = series_spark(s, chart.start, chart.end)
+        lines.append(f"{s.ref:<{width}}  {line}  min {s.fmt(min(s.values))}, max {s.fmt(max(s.values))}{unit}")
+    return lines
+
+
+# ---------------------------------------------------------------- the picture
+
+
+def render(chart: Chart) -> bytes:
+    """The chart as a PNG of `chart.size` pixels. Blocking (a good part of a second on a Pi):
+    run it in an executor. Raises ImportError without matplotlib."""
+    import numpy as np
+    from dateutil import tz
+    from matplotlib import dates as mdates
+    from matplotlib.figure import Figure
+
+    local = tz.tzlocal()
+    w, h = chart.size
+    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    columns = max(1, int(w * 0.9))
+    boolean = any(s.boolean for s in chart.series)
+    for n, s in enumerate(chart.series):
+        if not s.values:
+            continue
+        x, y = _points(np, s, chart.start, chart.end, columns)
+        days = x / 86400.0  # matplotlib's dates: days since 1970-01-01 UTC
+        color = COLORS[n % len(COLORS)]
+        label = f"{s.ref}: {_stats(s)}"
+        few = len(s.values) <= 60
+        lw = 2 if len(x) < columns else 1  # a dense line drawn thick would be a solid band
+        if s.boolean:
+            ax.step(days, y, where="post", color=color, linewidth=2, label=label)
+        else:
+            ax.plot(days, y, color=color, linewidth=lw, label=label, marker="o" if few else None, markersize=3)
+    for t in chart.thresholds:
+        ax.axhline(t.value, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5)
+        ax.annotate(t.label, (1, t.value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=8, color=THRESHOLD_COLOR)
+    ax.set_xlim(chart.start / 86400.0, chart.end / 86400.0)
+    locator = mdates.AutoDateLocator(tz=local, minticks=4, maxticks=8)
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=local))
+    zone = _zone_name(local, chart.end)
+    ax.set_xlabel(f"local time ({zone})" if zone else "local time")
+    if boolean:
+        ax.set_ylim(-0.1, 1.1)
+        ax.set_yticks([0, 1], ["off", "on"])
+    else:
+        ax.set_ylabel(chart.unit or "value")
+    ax.grid(True, alpha=0.3)
+    if len(chart.series) == 1:
+        s = chart.series[0]
+        ax.set_title(f"{s.ref}, last {chart.window}\n{_stats(s)}", fontsize=11)
+    else:
+        ax.set_title(f"last {chart.window}", fontsize=11)
+        ax.legend(loc="upper left", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    fig.clear()  # a figure is a web of cycles: cut them, so it goes now rather than at the next full gc
+    return buf.getvalue()
+
+
+def _render_and_trim(chart: Chart) -> bytes:
+    """`render`, then hand the memory it freed back to the system (glibc keeps it otherwise:
+    about 25 MB after a day of readings)."""
+    try:
+        return render(chart)
+    finally:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc
+
+
+def _points(np, s: Series, start: float, end: float, columns: int):  # type: ignore[no-untyped-def]
+    """The series as arrays to draw: NaN where the line breaks at a gap, and decimated when it
+    has more readings than pixels (per pixel column and stretch without gaps, the first, last,
+    lowest and highest reading, so peaks stay as drawn in full)."""
+    x = np.asarray(s.times, dtype=float)
+    y = np.asarray(s.values, dtype=float)
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    steps = np.diff(x)
+    gap = max(3 * float(np.median(steps)) if len(steps) else 0.0, s.stale_after or 0.0) or math.inf
+    segment = np.concatenate(([0], np.cumsum(steps > gap)))
+    if len(x) > 4 * columns:
+        col = np.clip(((x - start) / max(end - start, 1e-9) * columns).astype(np.int64), 0, columns - 1)
+        key = segment * columns + col  # non-decreasing along x
+        bounds = np.flatnonzero(np.diff(key)) + 1
+        first = np.concatenate(([0], bounds))
+        last = np.concatenate((bounds - 1, [len(x) - 1]))
+        by_value = np.lexsort((y, key))  # within each group, lowest value first
+        lowest = by_value[first]
+        highest = by_value[last]
+        keep = np.unique(np.concatenate((first, last, lowest, highest)))
+        x, y, segment = x[keep], y[keep], segment[keep]
+    breaks = np.flatnonzero(np.diff(segment)) + 1
+    if len(breaks):
+        x = np.insert(x, breaks, np.nan)
+        y = np.insert(y, breaks, np.nan)
+    return x, y
+
+
+def _stats(s: Series) -> str:
+    unit = f" {s.unit}" if s.unit else ""
+    if s.boolean:
+        on = sum(1 for v in s.values if v >= 0.5) / len(s.values)
+        return f"on {on:.0%} of readings, now {s.fmt(s.values[-1])}"
+    avg = math.fsum(s.values) / len(s.values)
+    return f"min {s.fmt(min(s.values))} · avg {s.fmt(avg)} · max {s.fmt(max(s.values))}{unit}"
+
+
+def _zone_name(zone: object, at: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(at, zone).strftime("%Z")  # type: ignore[arg-type]
