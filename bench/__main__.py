@@ -17,12 +17,15 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 
+from .fleet import fleet_20
 from .footprint import gateway_200, scale_10k_fields, startup_and_rss
+from .idle import idle_cpu
 from .ingest import mqtt_ingest, serial_ingest
 from .lab import Lab
 from .latency import alert_latency, chat_latency, readout_latency
 from .plot import plot_cost
 from .results import RESULTS, Result, table, write
+from .sdwrites import sd_writes
 
 NAMES = (
     "mqtt_ingest",
@@ -35,6 +38,9 @@ NAMES = (
     "scale_10k_fields",
     "plot_render",
     "plot_rss",
+    "idle_cpu",
+    "fleet_20",
+    "sd_writes",
 )
 ON_G200 = NAMES[2:7]  # the benchmarks that share the 200-field gateway process
 
@@ -59,7 +65,11 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         await step("mqtt_ingest", results, mqtt_ingest(lab, work))
     if wanted("serial_ingest"):
         await step("serial_ingest", results, serial_ingest(lab, work))
-    if not wanted(*ON_G200, "scale_10k_fields", "plot_render", "plot_rss"):
+    if wanted("sd_writes"):
+        await step("sd_writes", results, sd_writes(work))
+    if wanted("fleet_20"):
+        await step("fleet_20", results, fleet_20(lab, work))
+    if not wanted(*ON_G200, "scale_10k_fields", "plot_render", "plot_rss", "idle_cpu"):
         return results
     alice = await lab.client("alice").start()
     gw = gateway_200(lab, work)
@@ -78,6 +88,8 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
             await step("scale_10k_fields", results, scale_10k_fields(lab, alice, work))
         if wanted("plot_render", "plot_rss"):
             await step("plot_render, plot_rss", results, plot_cost(lab, alice, work))
+        if wanted("idle_cpu"):
+            await step("idle_cpu, wakeups", results, idle_cpu(lab, alice, work))
     finally:
         gw.stop()
         await alice.stop()

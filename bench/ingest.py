@@ -1,8 +1,8 @@
 """Ingest throughput: MQTT messages and serial lines into the hub, against bare clients.
 
 Both run the gateway in this process (no XMPP: ingest does not touch it) and
-flood it from outside: `mosquitto_pub -l` (C, far faster than any Python
-subscriber) for MQTT, `cat` into a socat pty for serial. The rate is counted
+flood it from outside: `bench.mqttpub` (pre-encoded packets on a raw socket, in
+its own process, at QoS 0 and at QoS 1) for MQTT, `cat` into a socat pty for serial. The rate is counted
 from the first to the last item received, so only the receiving side is timed.
 Gateway and baseline alternate, round by round; each reports its median.
 """
@@ -15,6 +15,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,60 +81,48 @@ class Counter:
 # ---------------------------------------------------------------- MQTT
 
 
-async def mqtt_ingest(lab: Lab, work: Path) -> Result:
-    """readings/s through the MQTT driver (JSON, json_path, hub, history, two watches) vs bare paho."""
+async def mqtt_ingest(lab: Lab, work: Path) -> list[Result]:
+    """readings/s through the MQTT driver (JSON, json_path, hub, history, two watches) vs bare paho,
+    published at QoS 0 and at QoS 1."""
     topics = [f"bench/ingest/{i:02d}" for i in range(MQTT_DEVICES)]
     feeds = []
     for n, topic in enumerate(topics):
         path = work / f"mqtt-{n:02d}.txt"
         path.write_text("".join(mqtt_payload(i) + "\n" for i in range(n, MQTT_MESSAGES, MQTT_DEVICES)))
         feeds.append((topic, path))
-    gateway_rates, bare_rates = [], []
-    for round_ in range(MQTT_ROUNDS):
-        bare_rates.append(await _bare_mqtt(lab, topics, feeds))
-        gateway_rates.append(await _gateway_mqtt(lab, work / f"mqtt-gw-{round_}", topics, feeds))
-    return Result(
-        "mqtt_ingest",
-        statistics.median(gateway_rates),
-        "readings/s",
-        f"bare paho-mqtt subscriber, same broker and topics ({MQTT_MESSAGES:,} messages)",
-        statistics.median(bare_rates),
-        Target("ratio>=", 0.8),
-    )
-
-
-async def _publish(lab: Lab, feeds: list[tuple[str, Path]]) -> None:
-    """Publish every line of each feed file to its topic, QoS 0, one mosquitto_pub per topic."""
-    tool = shutil.which("mosquitto_pub")
-    if tool is None:
-        raise BenchError("mosquitto_pub not found: install the mosquitto-clients package (make deps does)")
-    procs = []
-    for topic, path in feeds:
-        with open(path, "rb") as f:  # noqa: ASYNC230 (a local file, only handed to the child as stdin)
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    tool,
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(lab.mosquitto.port),
-                    "-t",
-                    topic,
-                    "-q",
-                    "0",
-                    "-l",
-                    stdin=f,
-                )
+    results = []
+    for qos in (0, 1):
+        gateway_rates, bare_rates = [], []
+        for round_ in range(MQTT_ROUNDS):
+            bare_rates.append(await _bare_mqtt(lab, topics, feeds, qos))
+            gateway_rates.append(await _gateway_mqtt(lab, work / f"mqtt-gw-{qos}-{round_}", topics, feeds, qos))
+        results.append(
+            Result(
+                f"mqtt_ingest.qos{qos}",
+                statistics.median(gateway_rates),
+                "readings/s",
+                f"bare paho-mqtt subscriber, same broker and topics ({MQTT_MESSAGES:,} messages, QoS {qos})",
+                statistics.median(bare_rates),
+                Target("ratio>=", 0.8),
             )
-    for p in procs:
-        if await p.wait() != 0:
-            raise BenchError(f"mosquitto_pub exited with code {p.returncode}")
+        )
+    return results
 
 
-async def _bare_mqtt(lab: Lab, topics: list[str], feeds: list[tuple[str, Path]]) -> float:
+async def _publish(lab: Lab, feeds: list[tuple[str, Path]], qos: int) -> None:
+    """Publish every line of each feed file to its topic, at `qos`, from a raw-socket publisher process."""
+    args = [f"{topic}={path}" for topic, path in feeds]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.mqttpub", str(lab.mosquitto.port), str(qos), *args
+    )
+    if await proc.wait() != 0:
+        raise BenchError(f"bench.mqttpub exited with code {proc.returncode}")
+
+
+async def _bare_mqtt(lab: Lab, topics: list[str], feeds: list[tuple[str, Path]], qos: int) -> float:
     sub = Subscriber(lab.mosquitto.port, topics, "bench-bare").start(MQTT_MESSAGES)
     try:
-        await _publish(lab, feeds)
+        await _publish(lab, feeds, qos)
         if not await asyncio.to_thread(sub.done.wait, WAIT):
             raise BenchError(f"the bare subscriber got {sub.count} of {MQTT_MESSAGES} messages")
         return (MQTT_MESSAGES - 1) / (sub.last - sub.first)
@@ -155,7 +144,9 @@ def mqtt_devices(topics: list[str]) -> list[dict[str, Any]]:
     ]
 
 
-async def _gateway_mqtt(lab: Lab, folder: Path, topics: list[str], feeds: list[tuple[str, Path]]) -> float:
+async def _gateway_mqtt(
+    lab: Lab, folder: Path, topics: list[str], feeds: list[tuple[str, Path]], qos: int
+) -> float:
     data = lab.config(folder.name, mqtt_devices(topics))
     data["gateway"]["state_dir"] = str(folder / "state")
     del data["xmpp"], data["contacts"]
@@ -168,7 +159,7 @@ async def _gateway_mqtt(lab: Lab, folder: Path, topics: list[str], feeds: list[t
         await _subscribed(lab, gw, topics)
         counter = Counter(MQTT_MESSAGES)
         gw.hub.subscribe(reading=counter)
-        await _publish(lab, feeds)
+        await _publish(lab, feeds, qos)
         try:
             await asyncio.wait_for(counter.done.wait(), WAIT)
         except TimeoutError:

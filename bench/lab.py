@@ -100,7 +100,8 @@ class Lab:
 class GatewayProcess:
     """`python -m gateway run` on a config written to `folder`; its log goes there too."""
 
-    def __init__(self, folder: Path, data: dict[str, Any]):
+    def __init__(self, folder: Path, data: dict[str, Any], python: str = sys.executable):
+        self.python = python  # the interpreter (and so the venv) the gateway runs with
         folder.mkdir(parents=True, exist_ok=True)
         self.config = folder / "gateway.toml"
         self.config.write_text(toml(data))
@@ -114,7 +115,7 @@ class GatewayProcess:
         with open(self.log, "ab") as log:
             started = time.perf_counter()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "run", "--config", str(self.config)],
+                [self.python, "-m", "gateway", "run", "--config", str(self.config)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -205,10 +206,10 @@ def _value(v: Any) -> str:
     raise ValueError(f"cannot write {v!r} as TOML")
 
 
-def spawn_rss(code: str) -> float:
+def spawn_rss(code: str, python: str = sys.executable) -> float:
     """RSS in MB of `python -c code` once it has run (it is then stopped)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", code + "\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()"],
+        [python, "-c", code + "\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=ROOT,
@@ -224,8 +225,8 @@ def spawn_rss(code: str) -> float:
         proc.wait(10)
 
 
-def spawn_time(code: str) -> float:
+def spawn_time(code: str, python: str = sys.executable) -> float:
     """Seconds from spawning `python -c code` until it has exited."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    subprocess.run([python, "-c", code], check=True, cwd=ROOT)
     return time.perf_counter() - start

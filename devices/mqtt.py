@@ -1,11 +1,10 @@
 """`mqtt`: devices that publish and take commands on the `[mqtt]` broker.
 
-Every mqtt device shares one paho client, the `Broker`, kept in
-`Context.shared`. paho's network loop runs in its own thread; each paho
-callback only hands its arguments to the event loop with
-`call_soon_threadsafe`, and is guarded so it never raises (an exception in a
-paho callback ends paho's thread without a word). On the event loop, messages
-are routed to devices, payloads parsed, readings pushed and health reported.
+Every mqtt device shares one connection, the `Broker`, kept in
+`Context.shared`. It is a paho client driven from the event loop (no paho
+thread): the socket is read on `add_reader`, messages are routed to devices,
+parsed and pushed into the hub right there, and what a turn queued (PUBACKs,
+commands) goes out in one write.
 
 The session is persistent (MQTT 3.1.1, clean session off, QoS 1
 subscriptions, a stable client id), so the broker keeps what devices publish
@@ -15,15 +14,16 @@ while the gateway is away and delivers it when the gateway comes back.
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import json
 import logging
+import random
 import re
 import ssl
-import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import paho.mqtt.client as paho
@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import Config, MqttSection
-from gateway.hub import Health, NotWritable
+from gateway.hub import Health, Hub, NotWritable, Unconfirmed
 from gateway.values import BadValue, Value, coerce
 
 from .base import Context, Driver
@@ -42,12 +42,18 @@ log = logging.getLogger("iot_gateway.mqtt")
 
 SHARED_KEY = "mqtt"
 QOS = 1
-RECONNECT_MIN = 1  # seconds; paho doubles the wait after each failure...
-RECONNECT_MAX = 30  # ...up to this
+RECONNECT_MIN = 1.0  # seconds; the wait doubles after each failure...
+RECONNECT_MAX = 30.0  # ...up to this, and goes back to RECONNECT_MIN only once a connection held STABLE s
+STABLE = 60.0  # seconds a connection must stay up before the backoff resets
+KICKED_WITHIN = 30.0  # a connection the broker closes this soon after accepting it...
+KICKED_TIMES = 3  # ...this many times in a row: another client uses our client id
+TWIN_WAIT = 300.0  # seconds between attempts while another client seems to use our client id
+PROBLEM = "mqtt"  # the component name in the hub's problems
+READ_CHUNK = 65536  # bytes asked of the socket per recv()
+READ_BATCH = 500  # packets handled per event-loop turn, so a flood cannot starve the loop
 START_GRACE = 2.0  # seconds to wait for every mqtt device to attach before connecting anyway
 STOP_TIMEOUT = 2.0  # seconds to wait for the broker to take the "offline" status at stop
 LOG_EVERY = 60.0  # seconds between two warnings about the same field
-DRAIN_BATCH = 500  # paho callbacks run per event-loop turn, so a flood cannot starve the loop
 MATCH_CACHE = 4096  # topics whose matching routes are remembered
 SHOWN = 80  # characters of a bad payload quoted in a warning
 ONLINE, OFFLINE = "online", "offline"
@@ -230,7 +236,7 @@ class Throttle:
 
 
 def _guarded(fn: F) -> F:
-    """Wrap a paho callback so that it never raises: paho's thread would end silently."""
+    """Wrap a paho callback so that it never raises into paho's read of a packet."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any) -> None:
@@ -242,11 +248,72 @@ def _guarded(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class Broker:
-    """The one paho client of the `[mqtt]` section, shared by every mqtt device.
+class _LoopClient(paho.Client):
+    """paho's client, driven from the event loop, reading and writing in bulk.
 
-    Everything but the paho callbacks runs on the event loop thread, so routes,
-    subscriptions and connection state need no locks.
+    paho reads a packet with three or more `recv()` calls (one byte of type,
+    the length byte by byte, the body) and sends each packet with its own
+    `send()`. Here reads come from one `recv()` of up to READ_CHUNK bytes, and
+    while `batch` is set, packets are collected and sent with one `send()`: a
+    turn's PUBACKs go out together. `drained` tells that the socket had
+    nothing more to read (EAGAIN), `eof` that the broker closed it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.rbuf = b""
+        self.rpos = 0
+        self.drained = False
+        self.eof = False
+        self.batch: bytearray | None = None
+
+    def reset_buffers(self) -> None:
+        """Forget what was read or collected on a previous connection."""
+        self.rbuf, self.rpos, self.drained, self.eof, self.batch = b"", 0, False, False, None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self.rbuf, self.rpos
+        if pos >= len(buf):
+            try:
+                buf = super()._sock_recv(READ_CHUNK)  # SSL's want-read/want-write become BlockingIOError
+            except BlockingIOError:
+                self.drained = True
+                raise
+            if not buf:
+                self.eof = True
+                return buf
+            self.rbuf, pos = buf, 0
+        end = pos + bufsize
+        self.rpos = min(end, len(buf))
+        return buf[pos:end]
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self.batch is not None:
+            self.batch += buf
+            return len(buf)
+        return super()._sock_send(buf)
+
+
+@dataclass
+class _Route:
+    """Messages matching `sub` go to `handler`, on behalf of `owner` (a driver)."""
+
+    owner: object
+    sub: str
+    handler: Handler
+
+
+class Broker:
+    """One connection to the `[mqtt]` broker, shared by every mqtt device (and by later drivers).
+
+    The surface is small: `route(owner, filter, handler)` to receive, `await
+    publish(topic, payload, retain)` to send with QoS 1 and the broker's PUBACK.
+    paho does the protocol, but its network loop is this event loop: the socket
+    is on `add_reader`, handlers run directly in the read (a QoS 1 message is
+    acknowledged after its handler returned, so after its reading is in the
+    hub), at most READ_BATCH packets per turn so a flood cannot starve the
+    loop, and what a turn queued goes out in one write. Only opening a
+    connection (DNS, TCP, TLS handshake) runs in a worker thread.
     """
 
     def __init__(self, cfg: MqttSection, client_id: str, loop: asyncio.AbstractEventLoop, expected: set[str]):
@@ -254,21 +321,35 @@ class Broker:
         self.client_id = client_id
         self.status_topic = f"{client_id}/status"
         self.loop = loop
+        self._loop_thread = threading.get_ident()
+        self.hub: Hub | None = None  # for gateway-level problems (a twin using our client id)
         self.connected = False
         self.reason = f"connecting to {cfg.url}"
         self._failed = False  # True once a connection attempt failed or the connection was lost
         self._expected = expected
         self._users: list[MqttDriver] = []
-        self._routes: list[tuple[object, str, Handler]] = []
-        self._matches: dict[str, list[tuple[str, Handler]]] = {}  # topic -> matching routes
-        self._inbox: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = collections.deque()
-        self._drain_due = False  # a `_drain` is scheduled on the loop
+        self._routes: list[_Route] = []
+        self._matches: dict[str, list[_Route]] = {}  # topic -> matching routes
         self._subs: dict[str, None] = {}
         self._sub_mids: dict[int, list[str]] = {}
+        self.refused: dict[str, str] = {}  # topic filter -> why the broker refused it (SUBACK 0x80)
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._started = False
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sock: Any = None  # the socket on add_reader, while there is one
+        self._gone = asyncio.Event()  # set when the socket closes
+        self._flush_due = False
+        self._wleft = b""  # bytes the kernel did not take yet
+        self._writer = False  # the socket is on add_writer
+        self._misc: asyncio.TimerHandle | None = None
+        self._up_since: float | None = None  # monotonic time of the last CONNACK
+        self._stable: asyncio.TimerHandle | None = None
+        self._delay = RECONNECT_MIN
+        self._kicked = 0  # connections in a row the broker closed soon after accepting them
+        self.twin = False  # another client seems to use our client id
+        self.wait = 0.0  # seconds of the current wait before connecting again
         self.client = self._make_client()
 
     @classmethod
@@ -280,12 +361,13 @@ class Broker:
                 raise MqttError("no [mqtt] section: mqtt devices need the broker url")
             expected = {d.id for d in ctx.config.devices if d.driver == "mqtt"}
             broker = cls(ctx.config.mqtt, default_client_id(ctx.config), asyncio.get_running_loop(), expected)
+            broker.hub = ctx.hub
             ctx.shared[SHARED_KEY] = broker
         return broker
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _LoopClient:
         cfg = self.cfg
-        c = paho.Client(
+        c = _LoopClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=False,
@@ -296,13 +378,16 @@ class Broker:
         if cfg.tls:
             c.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None)
         c.will_set(self.status_topic, OFFLINE, qos=QOS, retain=True)
-        c.reconnect_delay_set(RECONNECT_MIN, RECONNECT_MAX)
+        c.suppress_exceptions = True  # a failing handler must not end the read with the packet half-done
         c.on_connect = self._on_connect
-        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_register_write
+        c.on_socket_unregister_write = None
+        c.connect_async(cfg.host, cfg.port, cfg.keepalive)
         return c
 
     # ------------------------------------------------------------ devices
@@ -325,13 +410,13 @@ class Broker:
         """Forget a device and its routes; True when it was the last one."""
         if user in self._users:
             self._users.remove(user)
-        self._routes = [r for r in self._routes if r[0] is not user]
+        self._routes = [r for r in self._routes if r.owner is not user]
         self._matches = {}
         return not self._users
 
     def route(self, owner: object, sub: str, handler: Handler) -> None:
         """Call `handler(sub, topic, payload)` on the event loop for each message matching `sub`."""
-        self._routes.append((owner, sub, handler))
+        self._routes.append(_Route(owner, sub, handler))
         self._matches = {}
         if sub not in self._subs:
             self._subs[sub] = None
@@ -346,12 +431,11 @@ class Broker:
             return
         self._started = True
         log.info("mqtt: connecting to %s as %s", self.cfg.url, self.client_id)
-        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive)
-        self.client.loop_start()
+        self._task = self.loop.create_task(self._run(), name="mqtt-connection")
 
     # ------------------------------------------------------------ commands
 
-    async def publish(self, topic: str, payload: str, retain: bool) -> None:
+    async def publish(self, topic: str, payload: str, retain: bool, timeout: float | None = None) -> None:
         """Publish with QoS 1 and wait for the broker's PUBACK; MqttError when it does not come."""
         if self._closed:
             raise MqttError("the MQTT client is stopped")
@@ -362,53 +446,244 @@ class Broker:
             raise MqttError(f"could not publish to {topic}: {paho.error_string(info.rc)}")
         fut: asyncio.Future[None] = self.loop.create_future()
         self._acks[info.mid] = fut
+        wait = self.cfg.command_timeout if timeout is None else timeout
         try:
-            await asyncio.wait_for(fut, self.cfg.command_timeout)
+            await asyncio.wait_for(fut, wait)
         except TimeoutError:
             raise MqttError(
-                f"the broker did not confirm within {self.cfg.command_timeout:g} s "
-                "(no PUBACK); the command may still be delivered"
+                f"the broker did not confirm within {wait:g} s (no PUBACK); the command may still be delivered"
             ) from None
         finally:
             self._acks.pop(info.mid, None)
 
+    # ------------------------------------------------------------ the connection
+
+    async def _run(self) -> None:
+        """Connect, wait for the connection to end, wait a while, again; until `close`."""
+        while not self._closed:
+            self._gone.clear()
+            self.client.reset_buffers()
+            opening = self.loop.run_in_executor(None, self._open)
+            try:
+                await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                # Stopped mid-connect: close the socket once the worker has made it.
+                opening.add_done_callback(lambda f: f.cancelled() or f.exception() or self._close_socket())
+                raise
+            except Exception as e:
+                self._unreachable(_describe(e))
+            else:
+                self._plug()
+                await self._gone.wait()
+            if self._closed:
+                return
+            self.wait = self._next_wait()
+            await asyncio.sleep(self.wait)
+
+    def _open(self) -> None:
+        """Open the socket and queue CONNECT (a worker thread: DNS, TCP and TLS may block)."""
+        self.client.reconnect()
+
+    def _plug(self) -> None:
+        """The socket is open: read it on the loop, send the queued CONNECT, start keepalive checks."""
+        sock = self.client.socket()
+        if sock is None:
+            self._gone.set()
+            return
+        self._sock = sock
+        self.loop.add_reader(sock, self._readable)
+        self._schedule_flush()
+        self._misc = self.loop.call_later(self._misc_every(), self._tick)
+
+    def _misc_every(self) -> float:
+        # paho pings once `keepalive` seconds passed without traffic; checking a quarter of that
+        # often sends the ping in time (brokers allow 1.5 × keepalive) with few wake-ups.
+        return max(1.0, self.cfg.keepalive / 4)
+
+    def _tick(self) -> None:
+        self._misc = None
+        if self._sock is None:
+            return
+        self.client.loop_misc()
+        self._schedule_flush()
+        if self._sock is not None:
+            self._misc = self.loop.call_later(self._misc_every(), self._tick)
+
+    def _readable(self) -> None:
+        """Handle up to READ_BATCH packets; more waiting (in the socket or our buffer) get the next turn."""
+        c = self.client
+        c.drained = False
+        for _ in range(READ_BATCH):
+            if c.socket() is None:
+                return
+            rc = c.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or c.drained:
+                return
+        if c.socket() is not None:
+            self.loop.call_soon(self._readable)
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho queued a packet. From the worker thread (CONNECT) `_plug` sends it.
+        if self._sock is not None:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send everything paho queued this turn in one write; the rest when the socket can take it."""
+        self._flush_due = False
+        c = self.client
+        if self._sock is None:
+            return
+        c.batch = bytearray(self._wleft)
+        try:
+            c.loop_write()  # moves every queued packet into c.batch (a DISCONNECT closes the socket)
+        finally:
+            data, c.batch = bytes(c.batch), None
+        sock = c.socket()
+        if sock is None:
+            self._wleft = b""
+            return
+        sent = 0
+        try:
+            sent = sock.send(data) if data else 0
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except OSError:
+            self._wleft = b""
+            self._close_socket()
+            return
+        self._wleft = data[sent:]
+        if self._wleft and not self._writer:
+            self._writer = True
+            self.loop.add_writer(sock, self._flush)
+        elif not self._wleft and self._writer:
+            self._writer = False
+            self.loop.remove_writer(sock)
+
+    def _send_now(self) -> None:
+        """Write what is queued at once (stopping: a DISCONNECT closes the socket after it)."""
+        c = self.client
+        if c.socket() is None:
+            return
+        c.batch = None
+        if self._wleft:
+            try:
+                c.socket().send(self._wleft)  # type: ignore[union-attr]
+            except OSError:
+                pass
+            self._wleft = b""
+        c.loop_write()
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if threading.get_ident() != self._loop_thread:
+            self.loop.call_soon_threadsafe(self._unplug, sock)
+        else:
+            self._unplug(sock)
+
+    def _unplug(self, sock: Any) -> None:
+        if self._sock is None or sock is not self._sock:
+            return
+        self.loop.remove_reader(sock)
+        if self._writer:
+            self.loop.remove_writer(sock)
+            self._writer = False
+        self._sock = None
+        self._wleft = b""
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+        if self._stable is not None:
+            self._stable.cancel()
+            self._stable = None
+        self._gone.set()
+
+    def _close_socket(self) -> None:
+        """Close the socket without a DISCONNECT: the broker publishes our will."""
+        sock = self.client.socket()
+        if sock is None:
+            return
+        self.client._sock_close()  # paho's own close: tells on_socket_close, then closes
+        if not self._closed:
+            self._lost("connection closed")
+
+    # ------------------------------------------------------------ reconnect policy
+
+    def _next_wait(self) -> float:
+        """Seconds until the next attempt: doubling from RECONNECT_MIN to RECONNECT_MAX, jittered;
+        TWIN_WAIT once the broker keeps closing the connection soon after accepting it."""
+        up = self._up_since
+        self._up_since = None
+        if up is not None and self.client.eof and time.monotonic() - up < KICKED_WITHIN:
+            self._kicked += 1
+        elif up is not None:
+            self._kicked = 0
+        if self._kicked >= KICKED_TIMES and not self.twin:
+            self.twin = True
+            why = (
+                f"the broker closed the connection within {KICKED_WITHIN:g} s of accepting it "
+                f"{self._kicked} times in a row: most likely another client uses the client id "
+                f"{self.client_id!r} (a second gateway with this config, a cloned SD card?)"
+            )
+            log.error("mqtt: %s; retrying every %s until a connection holds for %g s", why, _span(TWIN_WAIT), STABLE)
+            if self.hub is not None:
+                self.hub.set_problem(PROBLEM, f"another client is using MQTT client id {self.client_id}")
+            self._down(f"another client is using MQTT client id {self.client_id}", quiet=True)
+        if self.twin:
+            return TWIN_WAIT * random.uniform(0.8, 1.2)
+        wait = self._delay * random.uniform(0.5, 1.0)
+        self._delay = min(self._delay * 2, RECONNECT_MAX)
+        return wait
+
+    def _held(self) -> None:
+        """The connection stayed up STABLE seconds: back to quick retries, and no twin after all."""
+        self._stable = None
+        self._delay = RECONNECT_MIN
+        self._kicked = 0
+        if self.twin:
+            self.twin = False
+            log.warning("mqtt: the connection as %s has held for %g s: no other client uses it now", self.client_id, STABLE)
+            if self.hub is not None:
+                self.hub.set_problem(PROBLEM, None)
+            for user in list(self._users):
+                user.broker_up()
+
     # ------------------------------------------------------------ stopping
 
     async def close(self) -> None:
-        """Publish the "offline" status, disconnect and end paho's thread; idempotent."""
+        """Publish the "offline" status, disconnect, stop reconnecting; idempotent."""
         if self._closed:
             return
-        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.connected:
+            try:
+                await self.publish(self.status_topic, OFFLINE, True, STOP_TIMEOUT)
+            except MqttError as e:
+                log.warning("mqtt: could not publish %s to %s: %s", OFFLINE, self.status_topic, e)
+        self._closed = True
         self._fail_acks("the MQTT client is stopping")
-        if self._started:
-            await asyncio.to_thread(self._shutdown, self.connected)
+        if self.client.socket() is not None:
+            self.client.disconnect()
+            self._send_now()
+            self.client._sock_close()  # in case the DISCONNECT could not be written
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.twin and self.hub is not None:
+            self.hub.set_problem(PROBLEM, None)
+        if self.connected or self._started:
+            log.info("mqtt: disconnected from %s", self.cfg.url)
         self.connected = False
 
-    def _shutdown(self, connected: bool) -> None:
-        """Blocking part of `close`, run in a worker thread."""
-        if connected:
-            try:
-                info = self.client.publish(self.status_topic, OFFLINE, qos=QOS, retain=True)
-                info.wait_for_publish(STOP_TIMEOUT)
-            except (RuntimeError, ValueError) as e:
-                log.warning("mqtt: could not publish %s to %s: %s", OFFLINE, self.status_topic, e)
-        self.client.disconnect()
-        self.client.loop_stop()
-        log.info("mqtt: disconnected from %s", self.cfg.url)
-
-    # ------------------------------------------------------------ paho thread
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        # One wake-up of the loop per batch, not per message: call_soon_threadsafe
-        # costs a write to the loop's self-pipe each time, as much as the rest of a
-        # message's way into the hub. Order is kept: everything goes through the inbox.
-        self._inbox.append((fn, args))
-        if not self._drain_due:
-            self._drain_due = True
-            self.loop.call_soon_threadsafe(self._drain)
+    # ------------------------------------------------------------ paho callbacks (on the loop)
 
     @_guarded
     def _on_connect(
@@ -419,12 +694,7 @@ class Broker:
         reason: ReasonCode,
         props: Properties,
     ) -> None:
-        self._call(self._connected, not reason.is_failure, str(reason), flags.session_present)
-
-    @_guarded
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        # paho calls this from inside its `except OSError:`, so the error is at hand.
-        self._call(self._unreachable, _describe(sys.exception()))
+        self._connected(not reason.is_failure, str(reason), flags.session_present)
 
     @_guarded
     def _on_disconnect(
@@ -435,25 +705,25 @@ class Broker:
         reason: ReasonCode,
         props: Properties,
     ) -> None:
-        self._call(self._lost, str(reason))
+        self._lost(str(reason))
 
     @_guarded
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._call(self._deliver, msg.topic, bytes(msg.payload))
+        self._deliver(msg.topic, msg.payload)
 
     @_guarded
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, props: Properties
     ) -> None:
-        self._call(self._acked, mid, str(reason) if reason.is_failure else None)
+        self._acked(mid, str(reason) if reason.is_failure else None)
 
     @_guarded
     def _on_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], props: Properties
     ) -> None:
-        self._call(self._subscribed, mid, [str(r) if r.is_failure else None for r in reasons])
+        self._subscribed(mid, [str(r) if r.is_failure else None for r in reasons])
 
-    # ------------------------------------------------------------ event loop side
+    # ------------------------------------------------------------ connection state
 
     def _connected(self, ok: bool, reason: str, session_present: bool) -> None:
         if self._closed:
@@ -463,7 +733,10 @@ class Broker:
             return
         self.connected = True
         self.reason = ""
-        log.info(
+        self._up_since = time.monotonic()
+        self._stable = self.loop.call_later(STABLE, self._held)
+        log.log(
+            logging.DEBUG if self.twin else logging.INFO,
             "mqtt: connected to %s as %s (%s session)",
             self.cfg.url,
             self.client_id,
@@ -471,6 +744,8 @@ class Broker:
         )
         self.client.publish(self.status_topic, ONLINE, qos=QOS, retain=True)
         self._subscribe(list(self._subs))
+        if self.twin:
+            return  # devices stay offline (with the reason) until the connection holds
         for user in list(self._users):
             user.broker_up()
 
@@ -481,16 +756,18 @@ class Broker:
     def _lost(self, reason: str) -> None:
         if self._closed or not self.connected:
             return
-        detail = "" if reason in ("Success", "Unspecified error", "Normal disconnection") else f": {reason}"
-        self._down(f"broker connection lost{detail}")
+        detail = "" if reason in ("Success", "Unspecified error", "Normal disconnection", "connection closed") else f": {reason}"
+        self._down(f"broker connection lost{detail}", quiet=self.twin)
 
-    def _down(self, reason: str) -> None:
-        if reason != self.reason or self.connected:
+    def _down(self, reason: str, quiet: bool = False) -> None:
+        if (reason != self.reason or self.connected) and not quiet:
             log.warning(
-                "mqtt: %s (%s); retrying every %d-%d s", reason, self.cfg.url, RECONNECT_MIN, RECONNECT_MAX
+                "mqtt: %s (%s); retrying every %g-%g s", reason, self.cfg.url, RECONNECT_MIN, RECONNECT_MAX
             )
         self.connected = False
         self._failed = True
+        if self.twin:
+            reason = f"another client is using MQTT client id {self.client_id}"
         self.reason = reason
         self._fail_acks(
             f"{reason} before the broker confirmed the command; it is sent again when the connection is back"
@@ -503,20 +780,7 @@ class Broker:
             if not fut.done():
                 fut.set_exception(MqttError(why))
 
-    def _drain(self) -> None:
-        """Run what the paho thread handed over, up to DRAIN_BATCH items per loop turn."""
-        # Cleared first: anything the paho thread adds from now on schedules another drain.
-        self._drain_due = False
-        inbox = self._inbox
-        for _ in range(min(len(inbox), DRAIN_BATCH)):
-            fn, args = inbox.popleft()
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("mqtt: error in %s", getattr(fn, "__name__", fn))
-        if inbox and not self._drain_due:
-            self._drain_due = True
-            self.loop.call_soon(self._drain)
+    # ------------------------------------------------------------ messages
 
     def _deliver(self, topic: str, payload: bytes) -> None:
         if self._closed:
@@ -524,13 +788,13 @@ class Broker:
         routes = self._matches.get(topic)
         if routes is None:
             # paho's topic_matches_sub builds a matcher tree on every call: match each topic once.
-            routes = [(sub, h) for _owner, sub, h in self._routes if paho.topic_matches_sub(sub, topic)]
+            routes = [r for r in self._routes if paho.topic_matches_sub(r.sub, topic)]
             if len(self._matches) >= MATCH_CACHE:
                 self._matches = {}
             self._matches[topic] = routes
-        for sub, handler in routes:
+        for r in routes:
             try:
-                handler(sub, topic, payload)
+                r.handler(r.sub, topic, payload)
             except Exception:
                 log.exception("mqtt: handling a message on %s failed", topic)
         if not routes:
@@ -555,13 +819,31 @@ class Broker:
     def _subscribed(self, mid: int, failures: list[str | None]) -> None:
         topics = self._sub_mids.pop(mid, [])
         for topic, failure in zip(topics, failures):
-            if failure is not None:
-                log.error("mqtt: the broker refused the subscription to %s: %s", topic, failure)
+            if failure is None:
+                if self.refused.pop(topic, None) is not None:
+                    log.warning("mqtt: the broker now accepts the subscription to %s", topic)
+                    self._tell_owners(topic)
+                continue
+            who = f"user {self.cfg.username}" if self.cfg.username else "anonymous clients"
+            why = f"the broker refused the subscription to {topic} (SUBACK failure 0x80): check its ACL for {who}"
+            if self.refused.get(topic) != why:
+                log.error("mqtt: %s", why)
+            self.refused[topic] = why
+            self._tell_owners(topic)
+
+    def _tell_owners(self, topic: str) -> None:
+        for r in self._routes:
+            if r.sub == topic and isinstance(r.owner, MqttDriver) and self.connected:
+                r.owner.broker_up()
 
     @property
     def failed(self) -> bool:
         """True when the last connection attempt failed or the connection was lost."""
         return self._failed and not self.connected
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
 # ---------------------------------------------------------------- the driver
@@ -580,6 +862,9 @@ class MqttDriver(Driver[MqttDevice]):
         self._available: bool | None = None
         self._broker: Broker | None = None
         self._throttle = Throttle()
+        # field -> (value asked for, resolved when the state topic reports it): sets waiting for the device
+        self._waiting: dict[str, tuple[Value, asyncio.Future[None]]] = {}
+        self._reported: dict[str, Value] = {}  # the last state each field reported
 
     async def start(self) -> None:
         broker = Broker.shared(self.ctx)
@@ -609,28 +894,77 @@ class MqttDriver(Driver[MqttDevice]):
                 log.exception("mqtt: error while disconnecting")
 
     async def write(self, field: str, value: Value) -> None:
+        """Publish the command; with a state topic, wait until the device reports the new state.
+
+        MQTT 3.1.1 gives no error for a publish the broker's ACL denies: the
+        PUBACK only says the broker took it. So where the field has a state
+        topic, a set counts as applied only once that topic reports the value
+        (within the device's `confirm_timeout`); else Unconfirmed says so.
+        """
         f = self._fields.get(field)
         if f is None or f.command_topic is None:
             raise NotWritable(f"{self.id}.{field} is read-only")
         if self._broker is None:
             raise MqttError(f"{self.id} is not running")
         payload = render(f, value)
-        await self._broker.publish(f.command_topic, payload, f.retain)
-        log.info("%s.%s: published %s to %s", self.id, field, _short(payload), f.command_topic)
-        if f.topic is None:
-            # No state topic to confirm it: the acknowledged command is the new value.
-            self.push(field, value)
+        waiter: asyncio.Future[None] | None = None
+        if f.topic is not None:
+            previous = self._waiting.get(field)
+            if previous is not None and not previous[1].done():
+                previous[1].cancel()  # a newer set of the field: the older one is not waited for any more
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting[field] = (value, waiter)
+        try:
+            await self._broker.publish(f.command_topic, payload, f.retain)
+            log.info("%s.%s: published %s to %s", self.id, field, _short(payload), f.command_topic)
+            if waiter is None:
+                # No state topic to confirm it: the acknowledged command is the new value.
+                self.push(field, value)
+                return
+            timeout = self.device.confirm_timeout
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except TimeoutError:
+                last = self._reported.get(field)
+                seen = "" if last is None else f"; it last reported {_shown(last)}"
+                log.warning("%s.%s: %s not confirmed on %s within %g s%s", self.id, field, _short(payload), f.topic, timeout, seen)
+                raise Unconfirmed(
+                    f"not confirmed: the device did not report the new state within {timeout:g} s{seen}"
+                ) from None
+        finally:
+            if waiter is not None and self._waiting.get(field, (None, None))[1] is waiter:
+                del self._waiting[field]
+
+    def _confirm(self, f: MqttField, value: Value) -> None:
+        """A state report: it confirms a set waiting for this value."""
+        self._reported[f.name] = value
+        waiting = self._waiting.get(f.name)
+        if waiting is not None and not waiting[1].done() and _same(waiting[0], value, f.decimals):
+            waiting[1].set_result(None)
 
     # ------------------------------------------------------------ broker state
 
     def broker_up(self) -> None:
         """The broker connection is up: health follows availability, if the device has any."""
-        if self.device.availability_topic is None or self._available is True:
+        refused = self._refused()
+        if refused:
+            self.health(Health.ERROR, refused)
+        elif self.device.availability_topic is None or self._available is True:
             self.health(Health.OK)
         elif self._available is False:
             self.health(Health.OFFLINE, "(LWT)")
         else:
             self.health(Health.STARTING, f"waiting for availability on {self.device.availability_topic}")
+
+    def _refused(self) -> str:
+        """Why the broker refused one of this device's subscriptions, or ""."""
+        broker = self._broker
+        if broker is None or not broker.refused:
+            return ""
+        for sub in [*self._by_topic, self.device.availability_topic]:
+            if sub in broker.refused:
+                return broker.refused[sub]
+        return ""
 
     def broker_down(self, reason: str) -> None:
         """The broker cannot be reached: the device cannot be either."""
@@ -671,6 +1005,8 @@ class MqttDriver(Driver[MqttDevice]):
                 self._bad(f, topic, str(e), text)
                 continue
             self.push(f.name, value)
+            if f.command_topic is not None:
+                self._confirm(f, value)
 
     def _bad(self, f: MqttField, topic: str, why: str, text: str) -> None:
         self._throttle.warn(
@@ -706,6 +1042,20 @@ class MqttDriver(Driver[MqttDevice]):
             return
         if self._broker is not None and self._broker.connected:
             self.broker_up()
+
+
+def _same(asked: Value, got: Value, decimals: int | None) -> bool:
+    """Whether a reported state is the value a set asked for (numbers to the field's decimals)."""
+    if isinstance(asked, bool) or isinstance(got, bool) or isinstance(asked, str) or isinstance(got, str):
+        return asked == got
+    tolerance = 0.5 * 10 ** -decimals if decimals is not None else 1e-9 * max(1.0, abs(float(asked)))
+    return abs(float(asked) - float(got)) <= tolerance
+
+
+def _shown(value: Value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 DRIVER = MqttDriver

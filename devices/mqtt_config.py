@@ -88,6 +88,8 @@ class MqttDevice(DeviceBase):
     availability_json_path: str | None = None
     payload_available: str = Field("Online", min_length=1)
     payload_not_available: str = Field("Offline", min_length=1)
+    # Seconds a set of a field with a state `topic` waits for the device to report the new state.
+    confirm_timeout: float = Field(5.0, gt=0, le=8)  # a write gets 10 s in all (the hub)
     fields: list[MqttField] = Field(min_length=1)
 
     _unique = field_validator("fields")(unique_names)

@@ -9,7 +9,11 @@ dropped without losing the next one.
 
 When the port goes away (path gone, read error, EOF) the device turns
 `offline` with the reason, and the driver reopens it with a backoff of 1 s
-doubling to 30 s. After a reopen it stays `offline` ("reopened, waiting for
+doubling to 30 s. The configured path is resolved again every CHECK_EVERY
+seconds: when it leads to another device node than the one open (a
+`/dev/serial/by-id/…` link re-pointed by udev while the old node still
+exists), the port is closed and the path opened anew, instead of reading the
+old node forever. After a reopen it stays `offline` ("reopened, waiting for
 data") until the first valid line, which turns it `ok` again.
 
 Writable fields send their `command` template with `{value}` filled in; with
@@ -45,7 +49,7 @@ MAX_LINE = 4096  # bytes; a longer line is dropped whole
 READ_CHUNK = 4096  # bytes read per readiness callback, so a flood cannot starve the loop
 RETRY_FIRST = 1.0  # seconds before the first reopen attempt, doubling ...
 RETRY_MAX = 30.0  # ... up to this
-CHECK_EVERY = 1.0  # seconds between checks that an open port's path still exists
+CHECK_EVERY = 1.0  # seconds between checks that an open port's path still exists and leads to it
 SEND_TIMEOUT = 2.0  # seconds the port may refuse output (buffer full) before a set fails
 BAD_LINE_BURST = 5  # bad lines logged per device per window ...
 BAD_LINE_WINDOW = 60.0  # ... of this many seconds; the rest are counted
@@ -301,6 +305,7 @@ class SerialDriver(Driver[SerialDevice]):
         self._seen_data = False  # a valid line arrived since start
         self._reason = "not started"
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._node: tuple[int, int] | None = None  # (st_dev, st_ino) of the device node open
 
     @property
     def connected(self) -> bool:
@@ -360,6 +365,8 @@ class SerialDriver(Driver[SerialDevice]):
             return False
         assert self._loop is not None
         self._port = port
+        st = os.fstat(port.fileno())
+        self._node = (st.st_dev, st.st_ino)
         self._lines = LineBuffer()
         self._receiving = False
         self._lost = self._loop.create_future()
@@ -377,8 +384,17 @@ class SerialDriver(Driver[SerialDevice]):
         assert lost is not None
         while not lost.done():
             await asyncio.wait([lost], timeout=CHECK_EVERY)
-            if not lost.done() and not os.path.exists(self.path):
+            if lost.done():
+                break
+            try:
+                st = os.stat(self.path)  # follows a by-id symlink to the node it leads to now
+            except OSError:
                 self._lose(f"serial port gone: {self.path}")
+                continue
+            if (st.st_dev, st.st_ino) != self._node:
+                now = os.path.realpath(self.path)
+                log.warning("%s: %s now leads to %s, another device node: reopening it", self.id, self.path, now)
+                self._lose(f"serial port re-pointed: {self.path} now leads to {now}")
 
     def _open_problem(self, e: Exception) -> tuple[Health, str]:
         code = getattr(e, "errno", None)

@@ -49,10 +49,17 @@ class Gateway:
         self.hub = build_hub(config)
         self.ctx = Context(self.hub, config)
         self.state = state if state is not None else StateDir(config.gateway.state_dir)
+        self.state.on_problem = lambda message: self.hub.set_problem("state", message)
         self.watches = Watches(self.hub, config, self.state)
         self.reverts = Reverts(self.hub, self.state)
+        g = config.gateway
         self.history = HistoryStore(
-            self.hub, self.state.path / "history.db", config.gateway.retention_seconds
+            self.hub,
+            self.state.path / "history.db",
+            g.retention_seconds,
+            flush_every=g.history_flush,
+            sync=g.history_sync,
+            per_second=g.history_per_second,
         )
         self.commands = Commands(self.hub, config.gateway.name, self.watches, self.reverts)
         self.commands.plots.cache_dir = self.state.path / "matplotlib"

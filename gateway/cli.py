@@ -237,7 +237,7 @@ class _Stopper:
 
 async def _run(config: Config, state: StateDir) -> int:
     from .app import Gateway
-    from .systemd import Notifier
+    from .systemd import Notifier, status_line
     from .xmpp import Session, health_summary
 
     assert config.xmpp is not None
@@ -251,10 +251,15 @@ async def _run(config: Config, state: StateDir) -> int:
 
     def status() -> str:
         text = health_summary(config.gateway.name, gw.hub)[1]
-        return text if session.online.is_set() else f"{text} (XMPP offline)"
+        return status_line(text, session.online.is_set(), session.offline_reason)
 
     async def report() -> None:
-        await session.online.wait()
+        while not session.online.is_set():  # a refused login or a twin: the status says why, while it lasts
+            notifier.status(status())
+            try:
+                await asyncio.wait_for(session.online.wait(), 1)
+            except asyncio.TimeoutError:
+                pass
         notifier.ready(status())
         while True:  # the session going off or online has no event of its own
             await asyncio.sleep(5)

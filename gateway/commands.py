@@ -9,6 +9,7 @@ Conversations, Gajim and Dino.
 from __future__ import annotations
 
 import statistics
+import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ LOG_DEFAULT = 10
 MAX_TIMED = 7 * 86400.0  # longest `set ... for D`
 PLOT_DEFAULT = "24h"
 PLOT_MAX = 31 * 86400.0  # longest `plot` window
+WIDTH = 40  # characters a phone shows on one line of a preformatted block (status, read, list)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Commands:
         self.watches = watches
         self.reverts = reverts
         self.plots = Plots()  # the XMPP session gives it an uploader
+        self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/fleet.py)
 
     async def run(self, text: str, actor: Actor, styled: bool = True) -> str:
         """Answer one command line on behalf of `actor`.
@@ -75,7 +78,9 @@ class Commands:
         if not words:
             return "Type help for the list of commands."
         cmd = COMMANDS.get(words[0].lower())
-        if cmd is None or (cmd.name in ("watch", "watches", "unwatch", "ack") and self.watches is None):
+        if cmd is None or (cmd.name in ("watch", "watches", "unwatch", "ack") and self.watches is None) or (
+            cmd.name == "fleet" and self.fleet is None
+        ):
             return f"Unknown command {_clip(words[0])!r}. Type help for the list of commands."
         try:
             if cmd.precheck:
@@ -96,7 +101,9 @@ class Commands:
     async def help(self, args: list[str], actor: Actor) -> str:
         lines = [f"{self.name} commands (you are {actor.role}):"]
         for c in COMMANDS.values():
-            if allowed(actor.role, c.perm) and (self.watches or c.name not in WATCH_COMMANDS):
+            if allowed(actor.role, c.perm) and (self.watches or c.name not in WATCH_COMMANDS) and (
+                self.fleet or c.name != "fleet"
+            ):
                 lines.append(f"{c.usage} — {c.about}")
         return "\n".join(lines)
 
@@ -105,27 +112,27 @@ class Commands:
         ok = sum(1 for n in nodes if n.health.healthy)
         lines = [f"{self.name}: {ok}/{len(nodes)} devices OK"]
         now = time.time()
-        width = max((len(n.id) for n in nodes), default=0)
-        for n in nodes:
-            seen = f", last data {age(now - n.last_seen)} ago" if n.last_seen else ""
-            lines.append(f"{n.id:<{width}}  {n.health.describe()}{seen}")
+        # One row per device (state, when data last came), the reason wrapped under it.
+        rows = [(n.id, n.health.state.value, f"data {ago(n.silent_for())}" if n.seen_at is not None else "no data yet") for n in nodes]
+        lines += _fit(rows, notes=[n.health.reason for n in nodes])
         if self.reverts and self.reverts.pending:
             for r in self.reverts.pending.values():
                 lines.append(r.describe(now))
         unsaved = [e for e in (self.watches and self.watches.unsaved, self.reverts and self.reverts.unsaved) if e]
         for reason in dict.fromkeys(e.reason for e in unsaved):
             lines.append(f"NOT saving state: {reason}")
-        lines.extend(p.describe() for p in self.hub.problems.values())  # `history: not saved: …`
+        # `history: not saved: …`; the state folder's trouble is the NOT saving line above.
+        lines.extend(p.describe() for p in self.hub.problems.values() if p.component != "state" or not unsaved)
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:
         if not self.hub.nodes:
             return "No devices configured."
-        lines = [f"{len(self.hub.nodes)} devices:"]
+        count = len(self.hub.nodes)
+        lines = [f"{count} device{'' if count == 1 else 's'}:"]
         for n in self.hub.nodes.values():
-            lines.append(f"{n.id} ({n.driver}{', ' + n.name if n.name != n.id else ''})")
-            for f in n.fields.values():
-                lines.append(f"  {f.ref} — {_describe(f)}")
+            lines += _wrap(f"{n.id} ({n.driver}{', ' + n.name if n.name != n.id else ''})", "  ")
+            lines += _fit([(f.name, _describe(f), "") for f in n.fields.values()], indent="  ")
         return "\n".join(lines)
 
     async def read(self, args: list[str], actor: Actor) -> str:
@@ -136,12 +143,18 @@ class Commands:
             fields = [f for n in self.hub.nodes.values() for f in n.fields.values()]
             if not fields:
                 return "No devices configured."
-            return f"{len(fields)} values:\n" + _table(fields, now)
+            lines = [f"{len(fields)} values:"]
+            for n in self.hub.nodes.values():
+                if n.fields:  # a heading with its health, so an unhealthy device's values stand flagged
+                    lines += _wrap(f"{n.id}: {n.health.describe()}", "  ")
+                    lines += _fit(_readings(list(n.fields.values()), now), indent="  ", right=True)
+            return "\n".join(lines)
         target = args[0]
         if "." in target:
             return _reading_line(self.hub.field(target), now)
         node = self.hub.node(target)
-        return f"{node.id}: {node.health.describe()}\n" + _table(list(node.fields.values()), now)
+        rows = _fit(_readings(list(node.fields.values()), now), right=True)
+        return f"{node.id}: {node.health.describe()}\n" + "\n".join(rows)
 
     async def set(self, args: list[str], actor: Actor) -> str:
         seconds = None
@@ -159,13 +172,15 @@ class Commands:
         f = self.hub.field(ref)
         unit = f" {f.spec.unit}" if f.spec.unit else ""
         text = f"{ref}: {fmt(old, f.spec.decimals)} → {fmt(value, f.spec.decimals)}{unit}"
+        # The hub's write already cancelled a pending revert of the field (as for every entry point).
+        replaced = self.reverts.taken(f.ref, actor) if self.reverts is not None else None
         if seconds is not None and self.reverts is not None:
-            back = self.reverts.pending[ref].value if ref in self.reverts.pending else old
+            back = replaced.value if replaced is not None else old
             self.reverts.add(ref, back, seconds, actor)
             text += f", back to {fmt(back, f.spec.decimals)} in {age(seconds)}"
             if self.reverts.unsaved:
                 text += ", but " + self.reverts.unsaved.note("a restart before then would forget to go back")
-        elif self.reverts is not None and self.reverts.cancel(ref) is not None:
+        elif self.reverts is not None and replaced is not None:
             text += " (the pending timed revert is cancelled"
             if self.reverts.unsaved:
                 text += ", but " + self.reverts.unsaved.note("after a restart it would still run")
@@ -292,6 +307,11 @@ class Commands:
         return "\n".join(lines)
 
 
+    async def fleet_(self, args: list[str], actor: Actor) -> str:
+        assert self.fleet is not None
+        return self.fleet()
+
+
 WATCH_COMMANDS = {"watch", "watches", "unwatch", "ack"}
 
 
@@ -328,11 +348,13 @@ def _clip(text: str, n: int = 30) -> str:
     return text if len(text) <= n else text[:n] + "…"
 
 
+TYPE_WORDS = {"numeric": "number", "integer": "integer", "boolean": "on/off", "string": "text"}
+
+
 def _describe(f: Field) -> str:
+    """`number °C, writable 5..30`: the type as a user types values, the unit next to it."""
     s = f.spec
-    parts = [s.type]
-    if s.unit:
-        parts.append(s.unit)
+    parts = [TYPE_WORDS.get(s.type, s.type) + (f" {s.unit}" if s.unit else "")]
     if s.writable:
         rng = ""
         if s.min is not None or s.max is not None:
@@ -355,17 +377,68 @@ def _flag(node: Node) -> str:
 def _reading_line(f: Field, now: float) -> str:
     if f.latest is None:
         return f"{f.ref}: no reading yet{_flag(f.node)}"
-    return f"{f.ref} = {_value(f)} ({age(now - f.latest.time)} ago){_flag(f.node)}"
+    return f"{f.ref} = {_value(f)} ({ago(now - f.latest.time)}){_flag(f.node)}"
 
 
-def _table(fields: list[Field], now: float) -> str:
-    width = max(len(f.ref) for f in fields)
-    vwidth = max(len(_value(f)) for f in fields)
-    rows = []
-    for f in fields:
-        when = f"{age(now - f.latest.time)} ago" if f.latest else ""
-        rows.append(f"{f.ref:<{width}}  {_value(f):>{vwidth}}  {when}{_flag(f.node)}".rstrip())
-    return "\n".join(rows)
+def ago(seconds: float) -> str:
+    """How long ago, as a phone says it: `5 s ago`, `2 min ago`, `3 h ago`, `2 d ago` (rounded down)."""
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s} s ago"
+    if s < 3600:
+        return f"{s // 60} min ago"
+    if s < 2 * 86400:
+        return f"{s // 3600} h ago"
+    return f"{s // 86400} d ago"
+
+
+def _readings(fields: list[Field], now: float) -> list[tuple[str, str, str]]:
+    """(field name, value with its unit, age) rows for `read`, under a heading naming the device."""
+    return [(f.name, _value(f), ago(now - f.latest.time) if f.latest else "") for f in fields]
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    """`text` in lines of at most WIDTH characters (a word longer than that stays whole)."""
+    return textwrap.wrap(
+        text, WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    ) or [text]
+
+
+def _fit(
+    rows: list[tuple[str, str, str]],
+    indent: str = "",
+    right: bool = False,
+    notes: list[str] | None = None,
+) -> list[str]:
+    """Rows of (name, value, more) in aligned columns no wider than WIDTH, for a phone.
+
+    The columns are sized on the rows that fit; a row too wide for them goes on
+    two lines: its name, then the rest indented. `notes[i]` (a reason) goes
+    under row i, wrapped. `right` aligns the middle column right (numbers).
+    """
+
+    def line(row: tuple[str, str, str], w0: int, w1: int) -> str:
+        mid = row[1].rjust(w1) if right else row[1].ljust(w1)
+        return f"{indent}{row[0].ljust(w0)}  {mid}  {row[2]}".rstrip()
+
+    fits = list(range(len(rows)))
+    w0 = w1 = 0
+    while fits:  # drop the longest row until the rest fit: at most len(rows) rounds
+        w0 = max(len(rows[i][0]) for i in fits)
+        w1 = max(len(rows[i][1]) for i in fits)
+        if max(len(line(rows[i], w0, w1)) for i in fits) <= WIDTH:
+            break
+        fits.remove(max(fits, key=lambda i: sum(len(c) for c in rows[i])))
+    out = []
+    for i, row in enumerate(rows):
+        if i in fits:
+            out.append(line(row, w0, w1))
+        else:
+            out.append(f"{indent}{row[0]}")
+            out += _wrap(f"{indent}  {row[1]}  {row[2]}".rstrip(), indent + "  ")
+        if notes and notes[i]:
+            out += _wrap(f"{indent}  {notes[i]}", indent + "  ")
+    return out
 
 
 COMMANDS: dict[str, Command] = {
@@ -409,5 +482,6 @@ COMMANDS: dict[str, Command] = {
         Command("unwatch", Permission.READ, "unwatch ID", "remove a watch", Commands.unwatch),
         Command("ack", Permission.READ, "ack ID", "silence a firing watch until it clears", Commands.ack),
         Command("log", Permission.READ, "log [device[.field]]", "recent actuator changes and refused attempts", Commands.log),
+        Command("fleet", Permission.READ, "fleet", "the gateways sharing this gateway's rooms, with their health", Commands.fleet_),
     ]
 }

@@ -13,7 +13,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     Field,
@@ -120,6 +120,12 @@ class GatewaySection(Strict):
     retention: str | None = None
     rate_limit: int = Field(20, ge=1, le=10_000)
     rate_window: float = Field(10.0, gt=0, le=3600)
+    # history.db writes (docs/faults.md): seconds between batches (default 60; a power cut loses at
+    # most that much), SQLite's `synchronous`, and readings per field per second that reach the
+    # disk (the first ones and the last of each second; 0: every reading).
+    history_flush: float | None = Field(None, ge=1, le=3600)
+    history_sync: Literal["normal", "full"] = "full"
+    history_per_second: int = Field(2, ge=0, le=1000)
 
     @field_validator("retention")
     @classmethod
@@ -148,11 +154,37 @@ class XmppSection(Strict):
     ca_file: Path | None = None
     tls_verify: bool = True
     resource: str = Field("gateway", max_length=1023)
-    keepalive: int = Field(60, ge=5, le=3600)
+    # A dead link (stalled server, silent partition) is noticed within keepalive + ping_timeout seconds.
+    keepalive: float = Field(20, ge=0.5, le=3600)
+    ping_timeout: float = Field(10, ge=0.5, le=600)
     rooms: list[str] = []
     nick: str = Field("gw", max_length=64)
     room_password: str | None = None
     uploads: bool = True  # plots as pictures via XEP-0363; false: text sparklines only
+    # A fleet (docs/fleet.md): fellow gateways' JIDs, made members of rooms this gateway
+    # owns and shown by `fleet`; never given command rights. The same list fits every site.
+    peers: list[str] = []
+    # Addresses that reach every gateway in a room at once: `all: status`.
+    all_aliases: list[str] = ["all", "*"]
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_jids(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(_bare_jid(p).lower() for p in v))
+
+    @field_validator("all_aliases")
+    @classmethod
+    def _aliases(cls, v: list[str]) -> list[str]:
+        for alias in v:
+            if not alias or any(c.isspace() or c in ":," for c in alias) or not alias.isprintable():
+                raise ValueError(f"{alias!r}: an alias is one word without ':' or ',', like all or *")
+        return v
+
+    @model_validator(mode="after")
+    def _nick_not_alias(self) -> "XmppSection":
+        if self.nick.lower() in {a.lower() for a in self.all_aliases}:
+            raise ValueError(f"nick {self.nick!r} is also in all_aliases: every fleet command would look addressed to it")
+        return self
 
     @field_validator("rooms")
     @classmethod
@@ -439,4 +471,33 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             val = sec.get(key)
             if isinstance(val, str) and val and not Path(val).is_absolute():
                 sec[key] = str(base / val)
+    _resolve_device_paths(data.get("devices"), base)
     return data
+
+
+def _resolve_device_paths(devices: Any, base: Path) -> None:
+    """The same for every `Path` option of a device and of its fields (a kernel
+    device's `w1_root`, a field's `path`), whichever driver declares it."""
+    if not isinstance(devices, list):
+        return
+    models = {get_args(m.model_fields["driver"].annotation)[0]: m for m in device_models()}
+    for dev in devices:
+        driver = dev.get("driver") if isinstance(dev, dict) else None
+        model = models.get(driver) if isinstance(driver, str) else None
+        if model is None:
+            continue  # validation names the problem
+        _resolve_keys(dev, model, base)
+        item = get_args(model.model_fields["fields"].annotation) if "fields" in model.model_fields else ()
+        fields = dev.get("fields")
+        if len(item) == 1 and hasattr(item[0], "model_fields") and isinstance(fields, list):
+            for f in fields:
+                if isinstance(f, dict):
+                    _resolve_keys(f, item[0], base)
+
+
+def _resolve_keys(data: dict[str, Any], model: Any, base: Path) -> None:
+    for key, info in model.model_fields.items():
+        val = data.get(key)
+        if Path in (info.annotation, *get_args(info.annotation)) and isinstance(val, str) and val:
+            if not Path(val).is_absolute():
+                data[key] = str(base / val)

@@ -1,5 +1,6 @@
 """`make demo`: a throwaway Prosody and Mosquitto under .demo/, two accounts,
-and the gateway on config/demo.toml with simulated devices. Ctrl-C stops it all."""
+a simulated Tasmota plug on the broker, a fake DS18B20 folder under .demo/sys,
+and the gateway on config/demo.toml. Ctrl-C stops it all."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .demodevices import DemoDeviceError, Plug, Thermometer
 from .localservers import Mosquitto, Prosody, ServerError
 
 ROOT = Path(".demo")
@@ -19,6 +21,11 @@ CONFIG = Path("config/demo.toml")
 XMPP_PORT = 15222  # not 5222, so it never clashes with a system Prosody
 MQTT_PORT = 11883  # not 1883, likewise for a system Mosquitto
 ACCOUNTS = ("gateway", "you", "viewer")
+# config/demo.toml's kernel device reads this folder instead of /sys/bus/w1/devices.
+W1_ROOT = ROOT / "sys" / "bus" / "w1" / "devices"
+PLUG_TOPIC = "plug"
+PLUG_INTERVAL = 5.0  # seconds between the plug's reports (Tasmota's TelePeriod, 300 by default)
+TICK = 1.0  # seconds between the main loop's looks at the gateway and the thermometer
 
 
 def _passwords() -> dict[str, str]:
@@ -41,11 +48,17 @@ def main() -> int:
     broker = Mosquitto(ROOT / "mosquitto", port=MQTT_PORT)
     pw = _passwords()
     gw: subprocess.Popen | None = None
+    plug = Plug("127.0.0.1", MQTT_PORT, topic=PLUG_TOPIC, interval=PLUG_INTERVAL)
+    thermometer = Thermometer(W1_ROOT)
     try:
         for user in ACCOUNTS:
             prosody.register(user, pw[user])
         prosody.start()
         broker.start()
+        # Before the gateway: it finds the plug Online (retained LWT) instead of last run's
+        # Offline; its persistent session also keeps the plug's first report for it.
+        plug.start()
+        thermometer.lay_out()
         env = dict(os.environ, IOT_GATEWAY_XMPP_PASSWORD=pw["gateway"])
         gw = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--config", str(CONFIG)], env=env
@@ -56,11 +69,15 @@ def main() -> int:
             return 1
         print(_instructions(prosody, broker, pw), flush=True)
         signal.signal(signal.SIGTERM, _interrupt)
-        return gw.wait()
+        while True:
+            try:
+                return gw.wait(TICK)
+            except subprocess.TimeoutExpired:
+                thermometer.tick(time.time())
     except KeyboardInterrupt:
         print("\nStopping the demo…")
         return 0
-    except ServerError as e:
+    except (ServerError, DemoDeviceError) as e:
         print(f"Cannot start the demo: {e}", file=sys.stderr)
         if "in use" in str(e):
             print(
@@ -72,6 +89,7 @@ def main() -> int:
     finally:
         if gw is not None:
             _stop_gateway(gw)
+        plug.stop()
         prosody.stop()
         broker.stop()
 
@@ -99,7 +117,7 @@ def _instructions(prosody: Prosody, broker: Mosquitto, pw: dict[str, str]) -> st
     gw_jid = f"gateway@{prosody.domain}"
     return f"""
 ================================================================================
- iot-gateway demo is running ({CONFIG}, simulated devices)
+ iot-gateway demo is running ({CONFIG})
 
  XMPP server   127.0.0.1 port {prosody.port} (loopback only), domain {prosody.domain}
                TLS certificate signed by {prosody.ca_file}
@@ -107,12 +125,18 @@ def _instructions(prosody: Prosody, broker: Mosquitto, pw: dict[str, str]) -> st
                viewer@{prosody.domain}  password {pw['viewer']}   (viewer: read only)
                {gw_jid} password {pw['gateway']}   (the gateway itself)
  MQTT broker   {broker.url}
+ Devices       greenhouse, tank   simulated
+               plug               a Tasmota-style plug on the broker (tele/, stat/, cmnd/{PLUG_TOPIC}/)
+               pi                 a DS18B20 read through the kernel's files, here faked
+                                  in {W1_ROOT}/{Thermometer.SENSOR_ID}
 
  Connect any XMPP client on this machine (Gajim, Dino, Profanity) as
  you@{prosody.domain} with host 127.0.0.1 and port {prosody.port}; trust the CA above
  or accept the certificate when asked. Add {gw_jid} as a contact and chat:
      help · status · read · read greenhouse.temp · set greenhouse.heater on
-     history greenhouse.temp 5 · set tank.pump_speed 40
+     read plug · set plug.relay on · read pi · history pi.soil 5
+     set tank.pump_speed 40 · watch plug.power > 40 · log
+ Watch the plug's MQTT traffic:  mosquitto_sub -p {broker.port} -v -t 'tele/#' -t 'stat/#' -t 'cmnd/#'
 
  Without XMPP, the same commands as an admin:
      .venv/bin/iot-gateway console --config {CONFIG}

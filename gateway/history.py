@@ -6,6 +6,12 @@ one transaction per reading), and loads it back at start. Rows are bounded by
 `history_size` per field (trimmed as batches are written, so a flood cannot
 fill the disk) and by the optional `retention` window.
 
+An SD card wears with small frequent writes, so the batches are far apart
+(FLUSH_EVERY, `[gateway] history_flush`): every commit rewrites whole 4 KiB
+pages. And at most `per_second` readings of a field per second reach the disk
+(the first ones and the last of each second; the hub keeps them all in
+memory), so a device flooding readings costs the disk no more than a busy one.
+
 The database is a convenience, never a reason to stop: when it cannot be
 opened or written (a full disk, a read-only folder, a file that is not a
 database) readings stay in memory, the hub's `history` problem says why, and
@@ -32,7 +38,7 @@ from .values import Value
 
 log = logging.getLogger("iot_gateway.history")
 
-FLUSH_EVERY = 2.0  # seconds
+FLUSH_EVERY = 60.0  # seconds between batches: what a power cut can lose of history.db
 FLUSH_AT = 1000  # pending readings
 PRUNE_EVERY = 300.0  # seconds between retention sweeps
 REOPEN_EVERY = 30.0  # seconds between attempts to open a database that could not be opened
@@ -56,20 +62,38 @@ INSERT INTO readings (ref, t, v)
 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
 FROM json_each(?)
 """
-# One field down to its newest ?2 rows: an index range, found from the (ref, t) index.
+# One field down to its last ?2 rows inserted. Insertion order (rowid), not the time stamp:
+# readings stamped by a clock that was ahead (then corrected) must not outlive newer real ones.
 TRIM_FIELD = """
 DELETE FROM readings WHERE ref = ?1 AND rowid IN (
-    SELECT rowid FROM readings WHERE ref = ?1 ORDER BY t DESC LIMIT -1 OFFSET ?2)
+    SELECT rowid FROM readings WHERE ref = ?1 ORDER BY rowid DESC LIMIT -1 OFFSET ?2)
 """
 
 
 class HistoryStore:
     """Mirrors the hub's readings to SQLite; all database work runs on one worker thread."""
 
-    def __init__(self, hub: Hub, path: Path, retention: float | None = None):
+    def __init__(
+        self,
+        hub: Hub,
+        path: Path,
+        retention: float | None = None,
+        flush_every: float | None = None,
+        sync: str = "full",
+        per_second: int = 0,
+    ):
+        """`flush_every`: seconds between batches (None: FLUSH_EVERY); `sync`: SQLite's synchronous
+        (`full`: a committed batch survives a power cut); `per_second`: readings per field per second
+        written (0: all)."""
         self.hub = hub
         self.path = Path(path)
         self.retention = retention
+        self.flush_every = flush_every
+        self.sync = sync
+        self.per_second = per_second
+        self.thinned = 0  # readings kept in memory only, past `per_second`
+        # ref -> [second, readings written in it, the latest reading held back in it]
+        self._slots: dict[str, list] = {}
         self._pending: list[tuple[str, float, str]] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="history")
         self._db: sqlite3.Connection | None = None
@@ -115,6 +139,7 @@ class HistoryStore:
     async def stop(self) -> None:
         """Flush what is pending and close the database."""
         self.hub.unsubscribe(self._on_reading)
+        self._release(None)
         if self._task is not None:
             self._task.cancel()
             try:
@@ -132,6 +157,7 @@ class HistoryStore:
             await self._flush()
 
     async def _flush(self) -> None:
+        self._release(int(time.time()))
         if not self._pending:
             return
         if self._db is None:  # memory only until the database opens again
@@ -149,15 +175,39 @@ class HistoryStore:
             self._worked()
 
     def _on_reading(self, f: Field, r: Reading) -> None:
+        if self.per_second:
+            ref = f.ref
+            second = int(r.time)
+            slot = self._slots.get(ref)
+            if slot is None or slot[0] != second:
+                if slot is not None and slot[2] is not None:
+                    held = slot[2]
+                    self._pending.append((ref, held.time, encode(held.value)))
+                slot = self._slots[ref] = [second, 0, None]
+            if slot[1] >= self.per_second - 1:
+                # Past the limit: held back; only the last of the second is written, once it is over.
+                if slot[2] is not None:
+                    self.thinned += 1
+                slot[2] = r
+                return
+            slot[1] += 1
         self._pending.append((f.ref, r.time, encode(r.value)))
         if len(self._pending) == FLUSH_AT:  # once: until the flush runs, more readings only queue up
             asyncio.ensure_future(self.flush())
+
+    def _release(self, second: int | None) -> None:
+        """Queue the readings held back in seconds other than `second` (all of them with None)."""
+        for ref, slot in self._slots.items():
+            held = slot[2]
+            if held is not None and slot[0] != second:
+                self._pending.append((ref, held.time, encode(held.value)))
+                slot[2] = None
 
     async def _run(self) -> None:
         last_prune = time.monotonic()
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(FLUSH_EVERY)
+            await asyncio.sleep(self.flush_every or FLUSH_EVERY)
             try:
                 async with self._lock:
                     if self._db is None and time.monotonic() >= self._next_open:
@@ -270,7 +320,7 @@ class HistoryStore:
         try:
             db.executescript(SCHEMA)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
             self._prune(db)
             refs = [r[0] for r in db.execute("SELECT DISTINCT ref FROM readings")]
         except BaseException:
@@ -301,10 +351,10 @@ class HistoryStore:
         self._moved = f"database was corrupt ({why}): moved aside to {target.name}, new one started"
 
     def _load(self, ref: str) -> list[tuple[float, str]]:
-        """The newest `history_size` readings of one field, oldest first."""
+        """The last `history_size` readings of one field stored (insertion order, whatever their stamps), oldest first."""
         assert self._db is not None
         rows = self._db.execute(
-            "SELECT t, v FROM readings WHERE ref = ? ORDER BY t DESC LIMIT ?",
+            "SELECT t, v FROM readings WHERE ref = ? ORDER BY rowid DESC LIMIT ?",
             (ref, self.hub.history_size),
         ).fetchall()
         rows.reverse()
@@ -341,11 +391,11 @@ class HistoryStore:
         with db:
             if self.retention is not None:
                 db.execute("DELETE FROM readings WHERE t < ?", (time.time() - self.retention,))
-            # Keep at most history_size rows per field: drop those older than the Nth newest.
+            # Keep at most history_size rows per field: drop all but the last N inserted.
             db.execute(
                 """DELETE FROM readings WHERE rowid IN (
                      SELECT rowid FROM (
-                       SELECT rowid, ROW_NUMBER() OVER (PARTITION BY ref ORDER BY t DESC) AS n
+                       SELECT rowid, ROW_NUMBER() OVER (PARTITION BY ref ORDER BY rowid DESC) AS n
                        FROM readings) WHERE n > ?)""",
                 (self.hub.history_size,),
             )

@@ -22,7 +22,7 @@ from typing import Any
 
 from .audit import AuditLog
 from .auth import Actor, Forbidden, Permission, require
-from .values import BadValue, Value, check_bounds, coerce
+from .values import BadValue, Value, check_bounds, coerce, fmt
 
 log = logging.getLogger("iot_gateway.hub")
 
@@ -183,7 +183,17 @@ class Node:
     stale_after: float | None = None
     fields: dict[str, Field] = field(default_factory=dict)
     health: HealthState = HealthState(Health.STARTING, "not started yet")
-    last_seen: float | None = None
+    last_seen: float | None = None  # wall clock, for display
+    # Monotonic times for durations: a wall clock stepped back (a Pi without RTC
+    # syncing its time) must not make a silent device look fresh.
+    seen_at: float | None = None
+    health_at: float = field(default_factory=time.monotonic)
+
+    def silent_for(self, now: float | None = None) -> float | None:
+        """Seconds since the last reading (monotonic), or None when none has come yet."""
+        if self.seen_at is None:
+            return None
+        return (time.monotonic() if now is None else now) - self.seen_at
 
 
 class HubError(Exception):
@@ -202,10 +212,16 @@ class DeviceError(HubError):
     """The device could not carry out a write."""
 
 
+class Unconfirmed(DeviceError):
+    """The command went out, but the device did not report the new state in time (audited `unconfirmed`)."""
+
+
 ReadingListener = Callable[[Field, Reading], None]
 HealthListener = Callable[[Node, HealthState], None]
 # (component, new, old): new is None when the problem cleared, old None when it is new.
 ProblemListener = Callable[[str, Problem | None, Problem | None], None]
+# (field, old, new, actor) after a write was applied, from whatever entry point.
+WriteListener = Callable[["Field", Value | None, Value, Actor], None]
 Writer = Callable[[str, Value], Awaitable[None]]
 
 
@@ -222,6 +238,7 @@ class Hub:
         # Gateway-wide problems by component (`history`, ...); devices have their health instead.
         self.problems: dict[str, Problem] = {}
         self._problem_listeners: list[ProblemListener] = []
+        self._write_listeners: list[WriteListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
 
@@ -255,19 +272,23 @@ class Hub:
         reading: ReadingListener | None = None,
         health: HealthListener | None = None,
         problem: ProblemListener | None = None,
+        write: WriteListener | None = None,
     ) -> None:
         """Call `reading(field, reading)` on each new reading, `health(node, old)` on health changes,
-        `problem(component, new, old)` when a gateway problem appears, changes or clears."""
+        `problem(component, new, old)` when a gateway problem appears, changes or clears,
+        `write(field, old, new, actor)` after a write was applied (any entry point)."""
         if reading is not None:
             self._reading_listeners.append(reading)
         if health is not None:
             self._health_listeners.append(health)
         if problem is not None:
             self._problem_listeners.append(problem)
+        if write is not None:
+            self._write_listeners.append(write)
 
     def unsubscribe(self, callback: Callable[..., None]) -> None:
         """Stop calling a listener given to `subscribe`."""
-        for lst in (self._reading_listeners, self._health_listeners, self._problem_listeners):
+        for lst in (self._reading_listeners, self._health_listeners, self._problem_listeners, self._write_listeners):
             if callback in lst:
                 lst.remove(callback)
 
@@ -366,6 +387,7 @@ class Hub:
         f.latest = reading
         f.history.append(reading)
         node.last_seen = now
+        node.seen_at = time.monotonic()
         if node.health.state in (Health.STALE, Health.STARTING):
             self._set_health(node_id, Health.OK, "")
         for listener in self._reading_listeners:
@@ -382,6 +404,7 @@ class Hub:
         if old.state is state and old.reason == reason:
             return
         node.health = HealthState(state, reason, time.time())
+        node.health_at = time.monotonic()
         log.info("%s: %s", node_id, node.health.describe())
         for listener in self._health_listeners:
             try:
@@ -390,19 +413,40 @@ class Hub:
                 log.exception("health listener failed for %s", node_id)
 
     def check_stale(self, now: float | None = None) -> None:
-        """Mark devices `stale` that have sent nothing for their `stale_after` seconds."""
-        now = time.time() if now is None else now
+        """Mark devices `stale` that have sent nothing for their `stale_after` seconds.
+
+        `now` is time.monotonic(): durations never use the wall clock, which may step.
+        """
+        now = time.monotonic() if now is None else now
         for node in self.nodes.values():
             if node.stale_after is None or node.health.state not in (Health.OK, Health.STARTING):
                 continue
-            since = node.last_seen if node.last_seen is not None else node.health.since
+            since = node.seen_at if node.seen_at is not None else node.health_at
             if now - since > node.stale_after:
                 self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s")
 
-    async def watch_stale(self, every: float = 1.0) -> None:
-        """Run `check_stale` forever; start it as a task."""
+    def stale_due(self, now: float | None = None, longest: float = 60.0) -> float:
+        """Seconds until `check_stale` could next find a device stale: the earliest deadline,
+        and never more than the shortest `stale_after` (a device back to ok meanwhile is
+        due no sooner than that) nor `longest`."""
+        now = time.monotonic() if now is None else now
+        due = longest
+        for node in self.nodes.values():
+            if node.stale_after is None:
+                continue
+            due = min(due, node.stale_after)
+            if node.health.state in (Health.OK, Health.STARTING):
+                since = node.seen_at if node.seen_at is not None else node.health_at
+                due = min(due, since + node.stale_after - now)
+        return max(due, 0.0)
+
+    async def watch_stale(self, every: float = 60.0) -> None:
+        """Run `check_stale` forever, at least each `every` seconds; start it as a task. It
+        sleeps until a device could be due, not on a fixed tick: an idle Pi should not wake
+        up for nothing."""
         while True:
-            await asyncio.sleep(every)
+            # A little past the deadline: check_stale wants strictly more than stale_after.
+            await asyncio.sleep(self.stale_due(longest=every) + 0.01)
             self.check_stale()
 
     # ------------------------------------------------------------ writes
@@ -438,10 +482,18 @@ class Hub:
         except asyncio.TimeoutError:
             self.audit.record(actor, ref, old, value, "failed", "device did not answer")
             raise DeviceError(f"{f.node.id} did not confirm within {WRITE_TIMEOUT:g} s") from None
+        except Unconfirmed as e:
+            self.audit.record(actor, ref, old, value, "unconfirmed", str(e))
+            raise Unconfirmed(f"{ref}: {fmt(value)} sent, {e}") from None
         except Exception as e:
             self.audit.record(actor, ref, old, value, "failed", str(e))
             raise DeviceError(f"{f.node.id} refused the write: {e}") from None
         self.audit.record(actor, ref, old, value, "applied")
+        for listener in self._write_listeners:
+            try:
+                listener(f, old, value, actor)
+            except Exception:
+                log.exception("write listener failed for %s", ref)
         return old, value
 
 

@@ -200,7 +200,8 @@ Component "{self.muc}" "muc"
 class Mosquitto:
     """A Mosquitto MQTT broker in `root`, anonymous, with persistence so sessions survive restarts."""
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, acl: str | None = None):
+        """`acl`: the text of an `acl_file` (Mosquitto's topic rules), e.g. to deny publishing to cmnd/#."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -218,6 +219,10 @@ log_dest file {self.root}/mosquitto.log
 max_queued_messages 100000
 """
         )
+        if acl is not None:
+            (self.root / "acl").write_text(acl)
+            with self.config.open("a") as f:
+                f.write(f"acl_file {self.root}/acl\n")
 
     def start(self) -> None:
         """Start the broker and wait until it accepts connections."""

@@ -8,6 +8,13 @@ applies or a newer `set` of the field replaces it; the owner is told when it
 first fails and when it finally applies. A revert the hub refuses (the value is
 out of bounds under a changed config, the field is gone or read-only, the role
 no longer allows it) will never apply, so it is dropped and the owner told why.
+
+A newer set of the field from any entry point (chat, room, ad-hoc, XEP-0325)
+cancels its pending revert: Reverts listens to the hub's applied writes.
+
+Countdowns run on the monotonic clock; the wall-clock `due` is only what is
+stored for the next start, so a clock stepped by NTP neither shortens nor
+stretches a timed set.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .auth import Actor, Forbidden
-from .hub import Health, HealthState, Hub, Node, NotWritable, UnknownField
+from .hub import Field, Health, HealthState, Hub, Node, NotWritable, UnknownField
 from .state import SaveError, StateDir
 from .values import BadValue, Value, age, fmt
 from .watches import Alert
@@ -38,7 +45,8 @@ class Revert:
     """Put `ref` back to `value` at `due` (Unix time), on behalf of `jid`.
 
     After a failed try, `due` is the next try, `tries` counts the failures and
-    `error` is the latest one.
+    `error` is the latest one. `at` is the same moment on the monotonic clock,
+    which is what the timer and the countdown use; `due` is only stored.
     """
 
     ref: str
@@ -48,15 +56,31 @@ class Revert:
     role: str
     tries: int = 0
     error: str = ""
+    at: float = field(default=0.0, compare=False)
 
-    def describe(self, now: float) -> str:
-        """One line for `status`."""
+    def __post_init__(self) -> None:
+        if not self.at:
+            self.at = time.monotonic() + (self.due - time.time())
+
+    def left(self) -> float:
+        """Seconds until it is due (monotonic)."""
+        return self.at - time.monotonic()
+
+    def stored(self) -> dict[str, object]:
+        """What is saved: `due` recomputed from the monotonic deadline, in case the wall clock stepped."""
+        d = asdict(self)
+        d.pop("at")
+        d["due"] = time.time() + self.left()
+        return d
+
+    def describe(self, now: float | None = None) -> str:
+        """One line for `status` (`now` is ignored: the countdown is monotonic)."""
         if not self.tries:
-            return f"pending: {self.ref} back to {fmt(self.value)} in {age(self.due - now)} (set by {self.jid})"
+            return f"pending: {self.ref} back to {fmt(self.value)} in {age(self.left())} (set by {self.jid})"
         return (
             f"retrying: {self.ref} back to {fmt(self.value)}, {self.tries} "
             f"{'try' if self.tries == 1 else 'tries'} failed ({self.error}), "
-            f"next in {age(self.due - now)} (set by {self.jid})"
+            f"next in {age(self.left())} (set by {self.jid})"
         )
 
 
@@ -70,10 +94,12 @@ class Reverts:
         self.sinks: list[Callable[[Alert], None]] = []
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # The revert a write just cancelled, with that write's actor: `taken` hands it to the chat `set`.
+        self._replaced: dict[str, tuple[Actor, Revert]] = {}
 
     def start(self) -> None:
         """Load stored reverts and arm their timers (overdue ones run at once)."""
-        self.hub.subscribe(health=self._on_health)
+        self.hub.subscribe(health=self._on_health, write=self._on_write)
         if self.state.readonly is not None:
             # They belong to the process that owns the folder: it runs them.
             log.info("stored timed reverts are left to the process that owns %s", self.state.path)
@@ -92,6 +118,7 @@ class Reverts:
     async def stop(self) -> None:
         """Disarm timers and wait out a try in flight; pending reverts stay on disk for the next start."""
         self.hub.unsubscribe(self._on_health)
+        self.hub.unsubscribe(self._on_write)
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
@@ -106,7 +133,7 @@ class Reverts:
         Check `unsaved` afterwards: the revert runs either way, but survives a restart only if saved.
         """
         self._drop(ref)
-        r = Revert(ref, value, time.time() + seconds, actor.jid, actor.role)
+        r = Revert(ref, value, time.time() + seconds, actor.jid, actor.role, at=time.monotonic() + seconds)
         self.pending[ref] = r
         self._save()
         self._arm(r)
@@ -118,6 +145,22 @@ class Reverts:
         if r is not None:
             self._save()
         return r
+
+    def taken(self, ref: str, actor: Actor) -> Revert | None:
+        """The pending revert of `ref` that `actor`'s write just cancelled, if any (asked once, right after the write)."""
+        item = self._replaced.pop(ref, None)
+        return item[1] if item is not None and item[0] is actor else None
+
+    def _on_write(self, f: Field, old: Value | None, new: Value, actor: Actor) -> None:
+        """A newer set of a field, from whichever entry point, cancels its pending revert."""
+        self._replaced.pop(f.ref, None)
+        if actor.via == "timer" or f.ref not in self.pending:
+            return
+        r = self._drop(f.ref)
+        assert r is not None
+        self._replaced[f.ref] = (actor, r)
+        self._save()
+        log.info("%s: pending timed revert cancelled by a newer set from %s via %s", f.ref, actor.jid, actor.via)
 
     @property
     def unsaved(self) -> SaveError | None:
@@ -132,7 +175,7 @@ class Reverts:
 
     def _arm(self, r: Revert) -> None:
         loop = asyncio.get_running_loop()
-        delay = max(0.0, r.due - time.time())
+        delay = max(0.0, r.left())
         self._timers[r.ref] = loop.call_later(delay, self._spawn, r)
 
     def _spawn(self, r: Revert) -> None:
@@ -173,7 +216,8 @@ class Reverts:
                 return  # replaced while the write was in flight
             r.tries += 1
             r.error = str(e)
-            r.due = time.time() + min(RETRY_MAX, RETRY_FIRST * 2 ** (r.tries - 1))
+            wait = min(RETRY_MAX, RETRY_FIRST * 2 ** (r.tries - 1))
+            r.due, r.at = time.time() + wait, time.monotonic() + wait
             self._save()
             self._arm(r)
             if r.tries == 1:
@@ -212,6 +256,6 @@ class Reverts:
     def _save(self) -> None:
         """Write the pending reverts; on failure `unsaved` says why (the state folder logs it, once)."""
         try:
-            self.state.save(STATE_FILE, [asdict(r) for r in self.pending.values()])
+            self.state.save(STATE_FILE, [r.stored() for r in self.pending.values()])
         except SaveError:
             pass

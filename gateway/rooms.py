@@ -7,6 +7,10 @@ and non-anonymous (every occupant sees who else reads). A room the gateway
 creates is configured that way, with the contacts as its only members; an
 existing room is checked on every (re)join and on every configuration change,
 and while it is not private the gateway posts nothing there.
+
+Several gateways may share a room as a fleet (`[xmpp] peers`, docs/fleet.md):
+each answers `all: status` in its own turn, stays quiet about devices it does
+not have, prefixes its alerts with its site, and shows the fleet with `fleet`.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from slixmpp import JID
-from slixmpp.exceptions import IqError, IqTimeout
-from slixmpp.stanza import Message
+from slixmpp.exceptions import IqError, IqTimeout, PresenceError
+from slixmpp.stanza import Message, Presence
 
 from .auth import Actor
+from .fleet import SHOW, Member, addressed, concerns, delay, nick_for, overview
 from .plot import Picture
 from .upload import attach_oob
 from .watches import Alert
@@ -38,6 +44,9 @@ ROOMCONFIG = "http://jabber.org/protocol/muc#roomconfig"
 CONFIG_CHANGED = {104, 172, 173, 174}
 # Affiliations the gateway gives contacts in a room it owns; the gateway stays the only owner.
 AFFILIATION = {"admin": "admin", "operator": "member", "viewer": "member"}
+NICK_TRIES = 9  # nick, nick-2 … nick-9 when someone else has it
+RETRY_FIRST = 15.0  # seconds before joining a room again that refused us (not a member yet, …)
+RETRY_MAX = 300.0
 
 
 @dataclass
@@ -69,9 +78,18 @@ class Rooms:
     def __init__(self, session: "Session"):
         self.session = session
         self.client = session.client
-        self.rooms = [JID(r) for r in session.xcfg.rooms]
+        xcfg = session.xcfg
+        self.rooms = [JID(r) for r in xcfg.rooms]
         self.jids = {r.bare for r in self.rooms}
-        self.nick = session.xcfg.nick
+        # Fellow gateways: members of rooms we own, never obeyed. Our own JID may be
+        # in the list, so that one list fits every gateway of the fleet.
+        self.peers = set(xcfg.peers) - {xcfg.jid.lower()}
+        self.aliases = xcfg.all_aliases
+        # In a fleet every gateway would be `gw`: the default nick is then the site's name.
+        named = "nick" in xcfg.model_fields_set or not self.peers
+        self.nick = xcfg.nick if named else nick_for(session.config.gateway.name, self.aliases)
+        self.nicks: dict[str, str] = {}  # room → the nick we joined it as (with a suffix after a clash)
+        self._retries: dict[str, asyncio.Task[None]] = {}
         self.joined: set[str] = set()  # joined and checked
         self.private: set[str] = set()  # joined rooms that get device data
         self.exposed: dict[str, str] = {}  # joined rooms that do not, with why
@@ -85,8 +103,15 @@ class Rooms:
         self.client.add_event_handler("groupchat_message", self._on_message)
         self.client.add_event_handler("groupchat_config_status", self._on_config_status)
         session.alert_hooks.append(self.post_alert)
+        # Servers do not pass presence updates on to rooms: mirror ours into the private ones.
+        self.client.add_filter("out", self._mirror_presence)
+        session.commands.fleet = self.overview
 
     def _on_disconnected(self, _event: object) -> None:
+        for task in self._retries.values():
+            task.cancel()
+        self._retries.clear()
+        self.nicks.clear()
         self.joined.clear()
         self.private.clear()
         self.exposed.clear()
@@ -94,16 +119,25 @@ class Rooms:
     async def _on_session_start(self, _event: object) -> None:
         await asyncio.gather(*(self._join(room) for room in self.rooms))
 
-    async def _join(self, room: JID) -> None:
-        muc = self.client.plugin["xep_0045"]
-        try:
-            result = await muc.join_muc_wait(
-                room, self.nick, password=self.session.xcfg.room_password,
-                maxstanzas=0, timeout=JOIN_TIMEOUT,
-            )
-        except Exception as e:
-            log.error("cannot join room %s as %s: %s", room, self.nick, e)
+    async def _join(self, room: JID, retry: bool = True) -> None:
+        for n in range(1, NICK_TRIES + 1):
+            nick = self.nick if n == 1 else f"{self.nick}-{n}"
+            try:
+                result = await self._join_as(room, nick)
+                break
+            except PresenceError as e:
+                if e.condition == "conflict" and n < NICK_TRIES:
+                    continue  # someone else (another gateway?) is that nick: never answer as one
+                problem: Exception = e
+            except Exception as e:
+                problem = e
+            log.error("cannot join room %s as %s: %s", room, nick, problem)
+            if retry:
+                self._retry(room)
             return
+        if nick != self.nick:
+            log.warning("room %s: the nick %s is taken by another occupant; joined as %s", room, self.nick, nick)
+        self.nicks[room.bare] = nick
         me = result[0]["muc"]
         if 201 in me["status_codes"]:
             # We created the room; it stays locked (nobody else can join) until configured.
@@ -116,7 +150,49 @@ class Rooms:
             await self._sync_members(room)
         await self._check(room)
         self.joined.add(room.bare)
-        log.info("joined room %s as %s", room, self.nick)
+        self._announce(room.bare)
+        log.info("joined room %s as %s", room, nick)
+
+    async def _join_as(self, room: JID, nick: str) -> tuple[Presence, Message, list[Presence], list[Message]]:
+        """Join `room` as `nick`; PresenceError when the room refuses (a taken nick: conflict).
+
+        slixmpp only reports errors that carry the MUC element, which Prosody leaves out
+        of a nick conflict: without this watch a clash would look like a timeout.
+        """
+        refused: asyncio.Future[Presence] = asyncio.get_running_loop().create_future()
+
+        def on_error(pres: Presence) -> None:
+            if pres["from"].bare == room.bare and not refused.done():
+                refused.set_result(pres)
+
+        join = asyncio.ensure_future(self.client.plugin["xep_0045"].join_muc_wait(
+            room, nick, password=self.session.xcfg.room_password, maxstanzas=0, timeout=JOIN_TIMEOUT,
+        ))
+        self.client.add_event_handler("presence_error", on_error)
+        try:
+            await asyncio.wait({join, refused}, timeout=JOIN_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.client.del_event_handler("presence_error", on_error)
+        if join.done():
+            return join.result()
+        join.cancel()
+        if refused.done():
+            raise PresenceError(refused.result())
+        raise asyncio.TimeoutError(f"no answer from the room within {JOIN_TIMEOUT:g} s")
+
+    def _retry(self, room: JID) -> None:
+        """Join again later: in a fleet the room may not exist yet, or its owner may not
+        have made us a member yet, when we start."""
+        task = self._retries.get(room.bare)
+        if task is None or task.done():
+            self._retries[room.bare] = asyncio.ensure_future(self._keep_joining(room))
+
+    async def _keep_joining(self, room: JID) -> None:
+        wait = RETRY_FIRST
+        while room.bare not in self.joined and self.session.online.is_set():
+            await asyncio.sleep(wait * random.uniform(0.75, 1.25))
+            wait = min(wait * 2, RETRY_MAX)
+            await self._join(room, retry=False)
 
     async def _configure(self, room: JID) -> None:
         """Make a room the gateway owns members-only, non-anonymous, hidden and persistent."""
@@ -148,7 +224,8 @@ class Rooms:
         """In a room the gateway owns, the contacts are its members (admins its
         admins) and nobody else is, as with the roster."""
         muc = self.client.plugin["xep_0045"]
-        wanted = {c.jid: AFFILIATION[c.role] for c in self.session.config.contacts}
+        wanted = {p: "member" for p in self.peers}  # fellow gateways: members, nothing more
+        wanted.update({c.jid: AFFILIATION[c.role] for c in self.session.config.contacts})
         try:
             current: dict[str, str] = {}
             for aff in ("member", "admin"):
@@ -199,6 +276,26 @@ class Rooms:
         room = msg["from"]
         if room.bare in self.joined and msg["muc"]["status_codes"] & CONFIG_CHANGED:
             await self._check(JID(room.bare))
+            self._announce(room.bare)
+
+    def _announce(self, room: str) -> None:
+        """Our health as our presence in `room`, so the fleet sees it; an empty status where
+        the room is not private (the health names devices)."""
+        from .xmpp import health_summary  # the session module imports this one
+
+        show, status = None, ""
+        if room in self.private:
+            show, status = health_summary(self.session.config.gateway.name, self.session.hub)
+        self.client.send_presence(pto=f"{room}/{self.nicks[room]}", pshow=show, pstatus=status)
+
+    def _mirror_presence(self, stanza: object) -> object:
+        """An out filter: a copy of each broadcast availability to every private room we are in."""
+        if isinstance(stanza, Presence) and stanza.xml.get("to") is None and stanza.xml.get("type") is None:
+            for room in self.private & self.joined:
+                copy = stanza.__copy__()
+                copy["to"] = f"{room}/{self.nicks[room]}"
+                copy.send()
+        return stanza
 
     def post_alert(self, alert: Alert, delayed: bool) -> None:
         """Post an alert's text in every joined private room."""
@@ -206,8 +303,10 @@ class Rooms:
             if notice is alert:
                 del self._notices[i]
                 return
+        # In a fleet, several gateways post in one room: the site says whose greenhouse is too hot.
+        text = f"[{self.session.config.gateway.name}] {alert.text}" if self.peers else alert.text
         for room in self.private:
-            msg = self.client.make_message(mto=room, mbody=alert.text, mtype="groupchat")
+            msg = self.client.make_message(mto=room, mbody=text, mtype="groupchat")
             if delayed:
                 msg["delay"]["stamp"] = dt.datetime.fromtimestamp(alert.time, dt.timezone.utc)
             msg.send()
@@ -215,14 +314,19 @@ class Rooms:
     async def _on_message(self, msg: Message) -> None:
         room = msg["from"].bare
         nick = msg["from"].resource
-        if room not in self.joined or nick == self.nick or msg["delay"]["stamp"] is not None:
+        mine = self.nicks.get(room)
+        if room not in self.joined or nick == mine or msg["delay"]["stamp"] is not None:
             return
+        received = time.monotonic()
         body = msg["body"] or ""
-        text = self._addressed(body)
-        if text is None:
+        cmd = addressed(body, mine or self.nick, self.aliases)
+        if cmd is None:
             return
         real = self.client.plugin["xep_0045"].get_jid_property(JID(room), nick, "jid")
-        contact = self.session.config.contact(JID(real).bare) if real else None
+        bare = JID(real).bare.lower() if real else None
+        if bare in self.peers:
+            return  # a fellow gateway: whatever it says is no command for us (no answer loops)
+        contact = self.session.config.contact(bare) if bare else None
         if contact is None:
             log.info("ignored a command in %s from %s (real JID %s): not a contact", room, nick, real)
             return
@@ -235,15 +339,60 @@ class Rooms:
                 mbody=f"{nick}: This room is not private ({reason}); ask me in a direct chat.",
             )
             return
-        reply = await self.session.run_command(text, Actor(contact.jid, contact.role, "room"))
+        if cmd.everyone and not concerns(self.session.hub, cmd.text):
+            return  # `all: read boiler.temp` is for the gateway that has it
+        reply = await self._answer(cmd.text, cmd.everyone, Actor(contact.jid, contact.role, "room"))
+        if cmd.everyone:
+            # Take our turn, so the fleet's answers come in nick order and spread over about a second.
+            wait = delay(mine or self.nick, self._fleet_nicks(room)) - (time.monotonic() - received)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if room not in self.joined:
+                return
         if isinstance(reply, Picture):  # the body must be the bare URL for clients to show it inline
             attach_oob(self.client.make_message(mto=room, mbody=reply, mtype="groupchat"), reply).send()
             return
         self.client.send_message(mto=room, mbody=f"{nick}: {reply}", mtype="groupchat")
 
-    def _addressed(self, body: str) -> str | None:
-        """The command in `gw: read x` / `gw, read x`, or None when not addressed to us."""
-        n = len(self.nick)
-        if body[:n].lower() == self.nick.lower() and body[n:n + 1] in (":", ","):
-            return body[n + 1:].strip()
-        return None
+    async def _answer(self, text: str, everyone: bool, actor: Actor) -> str:
+        """The reply to a room command; to `all: status`, one line (the presence's summary)."""
+        if everyone and text.lower() == "status":
+            from .xmpp import health_summary  # the session module imports this one
+
+            return health_summary(self.session.config.gateway.name, self.session.hub)[1]
+        return await self.session.run_command(text, actor)
+
+    def _fleet_nicks(self, room: str) -> list[str]:
+        """The nicks of the fleet's gateways in `room` (ours included)."""
+        muc = self.client.plugin["xep_0045"]
+        nicks = [self.nicks[room]]
+        for nick in muc.get_roster(JID(room)):
+            real = muc.get_jid_property(JID(room), nick, "jid")
+            if real and JID(real).bare.lower() in self.peers:
+                nicks.append(nick)
+        return nicks
+
+    def overview(self) -> str:
+        """The `fleet` reply: per joined room, each gateway of the fleet and its health
+        as its presence in the room says (configured peers that are not there, too)."""
+        from .xmpp import health_summary  # the session module imports this one
+
+        if not self.joined:
+            return "This gateway is in no room, so it sees no fleet."
+        muc = self.client.plugin["xep_0045"]
+        show, status = health_summary(self.session.config.gateway.name, self.session.hub)
+        parts = []
+        for room in sorted(self.joined):
+            members = [Member(self.nicks[room], self.session.xcfg.jid, SHOW.get(show, show or "ok"), status, me=True)]
+            seen: set[str] = set()
+            for nick in muc.get_roster(JID(room)):
+                real = muc.get_jid_property(JID(room), nick, "jid")
+                bare = JID(real).bare.lower() if real else ""
+                if bare in self.peers and nick != self.nicks[room]:
+                    seen.add(bare)
+                    other = muc.get_jid_property(JID(room), nick, "show")
+                    text = muc.get_jid_property(JID(room), nick, "status") or "(no status)"
+                    members.append(Member(nick, bare, SHOW.get(other, other), text))
+            members += [Member("", p, "absent", "not in the room") for p in sorted(self.peers - seen)]
+            parts.append(overview(room, members))
+        return "\n\n".join(parts)

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING
 from slixmpp import JID, Iq, Message
 from slixmpp.exceptions import XMPPError
 from slixmpp.plugins.xep_0030.stanza import DiscoInfo, DiscoItems
-from slixmpp.xmlstream import ET
+from slixmpp.xmlstream import ET, StanzaBase
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
+from slixmpp.xmlstream.tostring import tostring
 
 from .auth import Permission, allowed
 from .hub import FieldSpec, Health, Hub, Node, Reading
@@ -313,7 +314,56 @@ def integer_kind(spec: FieldSpec) -> str:
     return "long"
 
 
-def value_element(spec: FieldSpec, value: Value | None) -> ET.Element:
+# ---------------------------------------------------------------- XML text of read-outs
+#
+# A read-out's <fields/> are written straight to XML text rather than built as
+# ElementTree elements and serialised by slixmpp: for 100 fields that was 0.94 ms
+# of the gateway's time per read-out (element building 0.35 ms, slixmpp's tostring
+# 0.6 ms). The text still travels as a message stanza through slixmpp's send queue
+# and filters (see TextMessage), so XEP-0198 counts it and can resend it.
+
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"})
+_SPECIAL = re.compile('[&<>"\t\n\r]')
+# Characters XML 1.0 cannot carry at all (a server closes the stream on them), and lone
+# surrogates, which cannot be encoded; they become U+FFFD instead of breaking the session.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_attr(text: str) -> str:
+    """`text` as the value of an XML attribute written in double quotes."""
+    if _NOT_XML.search(text):
+        text = _NOT_XML.sub("\ufffd", text)
+    if _SPECIAL.search(text):
+        text = text.translate(_ESCAPES)
+    return text
+
+
+_STAMPS: dict[float, str] = {}
+_MAX_STAMPS = 4096  # a read-out of 10 000 fields has about as many distinct reading times
+
+
+def stamp(t: float) -> str:
+    """format_datetime(t), remembered: the fields of one sample share their time, and
+    repeated read-outs show the same latest readings."""
+    text = _STAMPS.get(t)
+    if text is None:
+        if len(_STAMPS) >= _MAX_STAMPS:
+            _STAMPS.clear()
+        text = _STAMPS[t] = format_datetime(t)
+    return text
+
+
+def field_xml(tag: str, name: str, value: str, attrs: str = "") -> str:
+    """One typed field element; `attrs` is further attribute text, each with a leading space."""
+    return f'<{tag} name="{xml_attr(name)}" value="{xml_attr(value)}"{attrs}/>'
+
+
+def flags(*names: str) -> str:
+    """Attribute text setting each of `names` to true."""
+    return "".join(f' {n}="true"' for n in names)
+
+
+def value_xml(spec: FieldSpec, value: Value | None, attrs: str = "") -> str:
     """The typed field element for a value (None: a placeholder for a missing value)."""
     if spec.type == "numeric" or (spec.type == "integer" and spec.unit):
         # An integer with a unit stays numeric: <int/> and <long/> have no unit.
@@ -323,40 +373,12 @@ def value_element(spec: FieldSpec, value: Value | None) -> ET.Element:
             text = str(int(value))
         else:
             text = format_number(float(value), spec.decimals)
-        el = ET.Element(f"{{{NS}}}numeric")
-        el.set("name", spec.name)
-        el.set("value", text)
-        el.set("unit", spec.unit)
-        return el
+        return field_xml("numeric", spec.name, text, f' unit="{xml_attr(spec.unit)}"{attrs}')
     if spec.type == "integer":
-        el = ET.Element(f"{{{NS}}}{integer_kind(spec)}")
-        el.set("name", spec.name)
-        el.set("value", "0" if value is None else str(int(value)))
-        return el
+        return field_xml(integer_kind(spec), spec.name, "0" if value is None else str(int(value)), attrs)
     if spec.type == "boolean":
-        el = ET.Element(f"{{{NS}}}boolean")
-        el.set("name", spec.name)
-        el.set("value", "true" if value else "false")
-        return el
-    el = ET.Element(f"{{{NS}}}string")
-    el.set("name", spec.name)
-    el.set("value", "" if value is None else str(value))
-    return el
-
-
-def _typed(tag: str, name: str, value: str, **extra: str) -> ET.Element:
-    el = ET.Element(f"{{{NS}}}{tag}")
-    el.set("name", name)
-    el.set("value", value)
-    for k, v in extra.items():
-        el.set(k, v)
-    return el
-
-
-def _flag(el: ET.Element, *names: str) -> ET.Element:
-    for n in names:
-        el.set(n, "true")
-    return el
+        return field_xml("boolean", spec.name, "true" if value else "false", attrs)
+    return field_xml("string", spec.name, "" if value is None else str(value), attrs)
 
 
 # ---------------------------------------------------------------- requests
@@ -494,9 +516,9 @@ class NodeError:
 
 @dataclass
 class Readout:
-    """What a read-out sends: (node id, timestamp, field element) items and node errors."""
+    """What a read-out sends: (node id, timestamp, field element as XML text) items and node errors."""
 
-    items: list[tuple[str, str, ET.Element]] = field(default_factory=list)
+    items: list[tuple[str, str, str]] = field(default_factory=list)
     errors: list[NodeError] = field(default_factory=list)
 
 
@@ -533,9 +555,9 @@ def _in_range(r: Reading, req: ReadoutRequest) -> bool:
     return (req.start is None or r.time >= req.start) and (req.end is None or r.time <= req.end)
 
 
-def _put(blocks: dict[str, list[ET.Element]], t: float, el: ET.Element) -> None:
+def _put(blocks: dict[str, list[str]], t: float, el: str) -> None:
     """File a field element under its timestamp; fields of the same time share one <timestamp/>."""
-    blocks.setdefault(format_datetime(t), []).append(el)
+    blocks.setdefault(stamp(t), []).append(el)
 
 
 def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], now: float, out: Readout) -> None:
@@ -543,30 +565,30 @@ def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], n
     broken = state in (Health.ERROR, Health.OFFLINE)
     quality = ("error",) if broken else ("warning",) if state is Health.STALE else ()
     fields = [f for f in node.fields.values() if wanted(f.name)]
-    momentary: dict[str, list[ET.Element]] = {}
-    current: dict[str, list[ET.Element]] = {}  # status and identity, as of now
-    historical: dict[str, list[ET.Element]] = {}
+    momentary: dict[str, list[str]] = {}
+    current: dict[str, list[str]] = {}  # status and identity, as of now
+    historical: dict[str, list[str]] = {}
     values = 0
 
     if "momentary" in req.types:
+        missing = flags("momentary", "missing", *quality)
+        read_out = flags("momentary", "automaticReadout", *quality)
         for f in fields:
+            writable = ' writable="true"' if f.spec.writable else ' writable="false"'
             if f.latest is None:
-                el = _flag(value_element(f.spec, None), "momentary", "missing", *quality)
-                t = now
+                _put(momentary, now, value_xml(f.spec, None, missing + writable))
             else:
-                el = _flag(value_element(f.spec, f.latest.value), "momentary", "automaticReadout", *quality)
-                t = f.latest.time
+                _put(momentary, f.latest.time, value_xml(f.spec, f.latest.value, read_out + writable))
                 values += 1
-            el.set("writable", "true" if f.spec.writable else "false")
-            _put(momentary, t, el)
     if req.historical:
         readings = sorted(
             ((f, r) for f in fields for r in f.history if _in_range(r, req)),
             key=lambda item: item[1].time,
         )
         values += len(readings)
+        past = flags("historicalOther", "automaticReadout")
         for f, r in readings:
-            _put(historical, r.time, _flag(value_element(f.spec, r.value), "historicalOther", "automaticReadout"))
+            _put(historical, r.time, value_xml(f.spec, r.value, past))
     if broken and ("momentary" in req.types or req.historical) and values == 0 and fields:
         # Nothing was ever read, or nothing in range, from a device that is down.
         out.errors.append(NodeError(node.id, f"{node.id} is {node.health.describe()}", node.health.since))
@@ -574,21 +596,24 @@ def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], n
 
     if "status" in req.types:
         h = node.health
-        status = [
-            _typed("enum", "Health", h.state.value, dataType=HEALTH_DATATYPE),
-            _typed("string", "Health reason", h.reason) if h.reason else None,
-            _typed("dateTime", "Health since", format_datetime(h.since)),
+        status = flags("status", "automaticReadout")
+        items = [
+            ("Health", "enum", h.state.value, f' dataType="{HEALTH_DATATYPE}"'),
+            ("Health reason", "string", h.reason, "") if h.reason else None,
+            ("Health since", "dateTime", stamp(h.since), ""),
         ]
         if node.last_seen is not None:
-            status.append(_typed("dateTime", "Last seen", format_datetime(node.last_seen)))
-            status.append(_typed("duration", "Data age", format_duration(now - node.last_seen)))
-        for el in status:
-            if el is not None and wanted(el.get("name")):
-                _put(current, now, _flag(el, "status", "automaticReadout"))
+            items.append(("Last seen", "dateTime", stamp(node.last_seen), ""))
+            items.append(("Data age", "duration", format_duration(now - node.last_seen), ""))
+        for item in items:
+            if item is not None and wanted(item[0]):
+                name, tag, value, extra = item
+                _put(current, now, field_xml(tag, name, value, extra + status))
     if "identity" in req.types:
+        identity = flags("identity", "automaticReadout")
         for name, value in zip(IDENTITY_FIELDS, (node.id, node.name, node.driver)):
             if wanted(name):
-                _put(current, now, _flag(_typed("string", name, value), "identity", "automaticReadout"))
+                _put(current, now, field_xml("string", name, value, identity))
 
     for blocks in (momentary, current, historical):
         for ts, els in blocks.items():
@@ -596,40 +621,82 @@ def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], n
                 out.items.append((node.id, ts, el))
 
 
-def messages(seqnr: int, seq_attr: str, readout: Readout, per_message: int = FIELDS_PER_MESSAGE) -> list[ET.Element]:
-    """The `<fields/>` (and `<failure/>`) payloads of a read-out; the last is marked done."""
-    payloads: list[ET.Element] = []
+def messages(seqnr: int, seq_attr: str, readout: Readout, per_message: int = FIELDS_PER_MESSAGE) -> list[str]:
+    """The `<fields/>` (and `<failure/>`) payloads of a read-out as XML text; the last is marked done."""
+    seq = f'xmlns="{NS}" {seq_attr}="{seqnr}"'
     items = readout.items
-    for start in range(0, len(items), per_message):
-        fields_el = ET.Element(f"{{{NS}}}fields")
-        fields_el.set(seq_attr, str(seqnr))
-        node_el: ET.Element | None = None
-        ts_el: ET.Element | None = None
-        for node_id, ts, el in items[start : start + per_message]:
-            if node_el is None or node_el.get("nodeId") != node_id:
-                node_el = ET.SubElement(fields_el, f"{{{NS}}}node")
-                node_el.set("nodeId", node_id)
-                ts_el = None
-            if ts_el is None or ts_el.get("value") != ts:
-                ts_el = ET.SubElement(node_el, f"{{{NS}}}timestamp")
-                ts_el.set("value", ts)
-            ts_el.append(el)
-        payloads.append(fields_el)
+    chunks = [items[i : i + per_message] for i in range(0, len(items), per_message)]
+    if not chunks and not readout.errors:
+        chunks = [[]]
+    payloads: list[str] = []
+    for n, chunk in enumerate(chunks):
+        done = ' done="true"' if n == len(chunks) - 1 and not readout.errors else ""
+        out = [f"<fields {seq}{done}>"]
+        node_id: str | None = None
+        ts: str | None = None
+        for item_node, item_ts, el in chunk:
+            if item_node != node_id:
+                if node_id is not None:
+                    out.append("</timestamp></node>")
+                out.append(f'<node nodeId="{xml_attr(item_node)}"><timestamp value="{item_ts}">')
+                node_id, ts = item_node, item_ts
+            elif item_ts != ts:
+                out.append(f'</timestamp><timestamp value="{item_ts}">')
+                ts = item_ts
+            out.append(el)
+        if node_id is not None:
+            out.append("</timestamp></node>")
+        out.append("</fields>")
+        payloads.append("".join(out))
     if readout.errors:
-        failure = ET.Element(f"{{{NS}}}failure")
-        failure.set(seq_attr, str(seqnr))
+        out = [f'<failure {seq} done="true">']
         for err in readout.errors:
-            e = ET.SubElement(failure, f"{{{NS}}}error")
-            e.set("nodeId", err.node)
-            e.set("timestamp", format_datetime(err.time))
-            e.text = err.text
-        payloads.append(failure)
-    if not payloads:
-        empty = ET.Element(f"{{{NS}}}fields")
-        empty.set(seq_attr, str(seqnr))
-        payloads.append(empty)
-    payloads[-1].set("done", "true")
+            out.append(
+                f'<error nodeId="{xml_attr(err.node)}" timestamp="{stamp(err.time)}">'
+                f"{xml_attr(err.text)}</error>"
+            )
+        out.append("</failure>")
+        payloads.append("".join(out))
     return payloads
+
+
+class TextMessage(Message):
+    """A message stanza whose payload is XML text made here, appended at serialisation.
+
+    It goes through slixmpp's send queue and filters like any stanza, so XEP-0198 counts
+    it and keeps it for a resend; `text_filter` (an `out_sce` filter, after XEP-0198's)
+    turns it into the stanza's text, and `materialize` gives it a real element before a
+    resumed stream resends it without filters.
+    """
+
+    payload: str = ""
+
+    def __copy__(self) -> TextMessage:
+        copy = super().__copy__()
+        copy.payload = self.payload
+        return copy
+
+    def to_text(self) -> str:
+        """The whole stanza as XML text, payload included."""
+        stream = self.stream
+        envelope = tostring(self.xml, xmlns=stream.default_ns if stream else "", stream=stream, top_level=True)
+        if envelope.endswith(" />"):
+            return envelope[:-3] + ">" + self.payload + "</message>"
+        head, _, tail = envelope.rpartition("</")
+        return head + self.payload + "</" + tail
+
+    def materialize(self) -> None:
+        """Append the payload as an element, so slixmpp's own serialisation includes it."""
+        if self.payload:
+            self.xml.append(ET.fromstring(self.payload))
+            self.payload = ""
+
+
+def text_filter(stanza: StanzaBase) -> StanzaBase | str:
+    """Outgoing filter: a TextMessage leaves as its text, everything else as it is."""
+    if isinstance(stanza, TextMessage) and stanza.payload:
+        return stanza.to_text()
+    return stanza
 
 
 # ---------------------------------------------------------------- the XMPP side
@@ -658,6 +725,8 @@ class SensorData:
         c.register_handler(Callback("XEP-0323 req", MatchXPath(f"{{{ns}}}iq/{{{NS}}}req"), self._on_req))
         c.register_handler(Callback("XEP-0323 cancel", MatchXPath(f"{{{ns}}}iq/{{{NS}}}cancel"), self._on_cancel))
         c.add_event_handler("disconnected", self._on_disconnected)
+        c.add_filter("out_sce", text_filter)
+        c.add_event_handler("session_resumed", self._on_resumed)
         disco = c.plugin["xep_0030"]
         disco.add_feature(NS)
         # disco#items lists the nodes; each node answers disco#info for itself.
@@ -760,11 +829,24 @@ class SensorData:
             self._message(to, payload)
         log.debug("read-out %s for %s: %d values, %d node errors", req.seqnr, to, len(readout.items), len(readout.errors))
 
-    def _message(self, to: JID, payload: ET.Element) -> None:
-        msg: Message = self.client.Message()
+    def _message(self, to: JID, payload: ET.Element | str) -> None:
+        if isinstance(payload, str):
+            msg: Message = TextMessage(self.client)
+            msg["lang"] = self.client.default_lang
+            msg.payload = payload
+        else:
+            msg = self.client.Message()
+            msg.append(payload)
         msg["to"] = to
-        msg.append(payload)
         msg.send()
+
+    def _on_resumed(self, _stanza: object) -> None:
+        # XEP-0198 has just queued the unacknowledged stanzas for a resend without filters,
+        # which text_filter would have serialised; the send queue runs after this handler.
+        sm = self.client.plugin["xep_0198"]
+        for _seq, stanza in sm.unacked_queue:
+            if isinstance(stanza, TextMessage):
+                stanza.materialize()
 
     # ------------------------------------------------------------ cancel
 

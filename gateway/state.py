@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ class StateDir:
         self._errors: dict[str, SaveError] = {}  # name -> why its last save failed
         self._logged: set[str] = set()  # causes already logged
         self._retry: asyncio.TimerHandle | None = None
+        # Told `not saved: <why>` when saving starts failing (or the cause changes), None when all is saved:
+        # the gateway makes it a hub problem, so presence, systemd's status and admins hear of it.
+        self.on_problem: Callable[[str | None], None] | None = None
 
     def ensure(self) -> None:
         """Create the folder (owner-only) if it is missing."""
@@ -147,6 +151,7 @@ class StateDir:
         if self.readonly is not None:
             err = SaveError(name, f"{self.readonly} (this process uses it read-only)", retried=False)
             self._errors[name] = err
+            self._tell()
             self._log_once("readonly", f"{self.readonly}: this process saves nothing", logging.WARNING)
             raise err
         try:
@@ -156,6 +161,7 @@ class StateDir:
             err = SaveError(name, f"{reason} ({e.strerror or e})", retried=True)
             self._errors[name] = err
             self._unsaved[name] = value
+            self._tell()
             self._log_once(
                 str(e.errno),
                 f"cannot save {name} in {self.path}: {e}; changes are kept in memory, "
@@ -167,6 +173,7 @@ class StateDir:
         if self._errors.pop(name, None) is not None and not self._errors:
             log.warning("state folder %s: saving works again, all state saved", self.path)
             self._logged.clear()
+            self._tell()
 
     def retry(self) -> None:
         """Try again to write what could not be written."""
@@ -204,6 +211,15 @@ class StateDir:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+    def _tell(self) -> None:
+        if self.on_problem is None:
+            return
+        reasons = list(dict.fromkeys(e.reason for e in self._errors.values()))
+        try:
+            self.on_problem(f"not saved: {'; '.join(reasons)}" if reasons else None)
+        except Exception:
+            log.exception("state problem listener failed")
 
     def _log_once(self, cause: str, message: str, level: int = logging.ERROR) -> None:
         if cause not in self._logged:

@@ -127,6 +127,18 @@ class Notifier:
             await asyncio.sleep(interval)
 
 
+def status_line(summary: str, online: bool, reason: str | None = None) -> str:
+    """The STATUS= text: the health summary, and while XMPP is down, why (when known and not already said).
+
+    `Greenhouse: 3/3 devices OK (XMPP login refused: wrong password for gw@example.org)`.
+    """
+    if online:
+        return summary
+    if not reason or reason.partition(": ")[2] in summary:
+        return f"{summary} (XMPP offline)"
+    return f"{summary} ({reason})"
+
+
 def _one_line(text: str) -> str:
     # A newline would start a new KEY=value assignment.
     return " ".join(text.splitlines())

@@ -6,16 +6,18 @@ It listens to the hub and talks to contacts; it never imports a driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import logging
-import random
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import slixmpp
 from slixmpp.stanza import Message, Presence
+from slixmpp.xmlstream import StanzaBase
 
 from .auth import Actor
 from .commands import Commands
@@ -24,9 +26,12 @@ from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
 from .hub import HealthState, Hub, Node, Problem
+from .link import Link
+from .phone import Phone
 from .rooms import Rooms
 from .sensordata import SensorData
 from .upload import Uploader, attach_oob
+from .values import age
 from .watches import Alert
 
 log = logging.getLogger("iot_gateway.xmpp")
@@ -35,8 +40,10 @@ STRANGER_REPLY = "This gateway only answers its configured contacts."
 STRANGER_MEMORY = 1000  # JIDs remembered so each stranger gets the refusal once
 PRESENCE_MIN_GAP = 2.0  # seconds between presence updates, so a flapping device cannot flood
 MAX_BODY = 4096
-RECONNECT_MAX = 60.0
 MAX_COMMAND_AGE = 60.0  # seconds: older delayed commands are not carried out
+# Seconds a delay stamp may be ahead of our clock: beyond it, the gateway's clock (a Pi
+# without RTC) or the server's is wrong, and the command's age cannot be known.
+MAX_STAMP_AHEAD = 60.0
 QUEUE_SIZE = 500  # alerts kept while disconnected; the oldest go first
 BLOCK_AFTER = 3  # subscription requests from one stranger before blocking them (XEP-0191)
 
@@ -77,9 +84,15 @@ class Session:
         self._strangers: OrderedDict[str, None] = OrderedDict()
         self._presence_task: asyncio.Task[None] | None = None
         self._last_presence = 0.0
-        self._reconnect_task: asyncio.Task[None] | None = None
-        self._attempt = 0
         self._queue: deque[Alert] = deque(maxlen=QUEUE_SIZE)
+        # Alert messages sent (one recipient each), by stanza id, until the server acknowledged
+        # them (XEP-0198); those unacknowledged when the link drops are stamped, or sent again.
+        self._unacked: OrderedDict[str, Alert] = OrderedDict()
+        self._unconfirmed: list[Alert] = []  # held by XEP-0198: re-sent by slixmpp on resumption, by us otherwise
+        self._lost: list[Alert] = []  # never left: sent again on the next session, resumed or new
+        self._alert_ids: OrderedDict[str, None] = OrderedDict()  # ids of recent alert messages
+        # Per contact, commands run one at a time in order of arrival.
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self._recent: dict[str, deque[float]] = {}
         self._throttled: set[str] = set()
         self._sub_requests: dict[str, int] = {}
@@ -95,14 +108,13 @@ class Session:
         # Forms, disco, version, caps in presence, blocking, stream management, delay.
         for plugin in ("xep_0004", "xep_0030", "xep_0092", "xep_0115", "xep_0191", "xep_0198", "xep_0203"):
             c.register_plugin(plugin)
-        # The plugin arms the keepalive on each session start and disarms it on disconnect.
-        c.register_plugin(
-            "xep_0199", pconfig={"keepalive": True, "interval": self.xcfg.keepalive, "timeout": 30}
-        )
+        # Pings answered; our own keepalive (link.py) sends them, so that one path reconnects.
+        c.register_plugin("xep_0199", pconfig={"keepalive": False})
         c.plugin["xep_0030"].add_identity(category="client", itype="bot", name=config.gateway.name)
         c.plugin["xep_0092"].software_name = "iot-gateway"
         c.plugin["xep_0092"].version = _version()
         c.add_filter("out", forms_in_order)  # slixmpp writes form elements out of XEP-0004's order
+        c.add_filter("out", self._not_connected)
         if self.xcfg.ca_file is not None:
             c.ca_certs = self.xcfg.ca_file
         if not self.xcfg.tls_verify:
@@ -121,10 +133,12 @@ class Session:
         c.add_event_handler("message", self._on_message)
         c.add_event_handler("presence_subscribe", self._on_subscribe)
         c.add_event_handler("disconnected", self._on_disconnected)
-        c.add_event_handler("failed_auth", self._on_failed_auth)
-        c.add_event_handler("connection_failed", self._on_connection_failed)
+        c.add_event_handler("stanza_acked", self._on_acked)
+        # Connecting, keepalive, reconnecting and why it is offline.
+        self.link = Link(c, self.xcfg, hub)
         hub.subscribe(health=self._on_health, problem=self._on_problem)
         self.rooms = Rooms(self)
+        self.phone = Phone(self)  # receipts, markers, edits, retractions
         self.adhoc = AdHoc(self)
         self.sensordata = SensorData(self)
         self.control = Control(self)
@@ -142,21 +156,21 @@ class Session:
     def connect(self) -> None:
         """Start connecting; `online` is set once the session is up."""
         self._stopping = False
-        addr = self.xcfg.address
-        if addr is None:
-            self.client.connect()
-        else:
-            self.client.connect(addr[0], addr[1])
+        self.link.connect()
+
+    @property
+    def offline_reason(self) -> str | None:
+        """Why the session is not up (`XMPP login refused: wrong password for …`), None when unknown or up."""
+        return None if self.online.is_set() else self.link.reason
 
     async def stop(self) -> None:
         """Say goodbye and disconnect; no reconnect afterwards."""
         self._stopping = True
+        self.link.close()
         self.hub.unsubscribe(self._on_health)
         self.hub.unsubscribe(self._on_problem)
-        for task in (self._presence_task, self._reconnect_task):
-            if task is not None:
-                task.cancel()
-        self.client.cancel_connection_attempt()
+        if self._presence_task is not None:
+            self._presence_task.cancel()
         if self.online.is_set():
             self.online.clear()
             try:
@@ -168,7 +182,6 @@ class Session:
             self.client.abort()
 
     async def _on_session_start(self, _event: object) -> None:
-        self._attempt = 0
         c = self.client
         await c.plugin["xep_0115"].update_caps(broadcast=False)  # the caps hash of every feature
         self._send_presence()
@@ -179,46 +192,64 @@ class Session:
         self._sync_roster()
         log.info("online as %s", c.boundjid)
         self.online.set()
+        # A new session: alerts the old one never got acknowledged are sent again, stamped.
+        self._resend(self._unconfirmed + self._lost)
         self._flush_queue()
 
     def _on_session_resumed(self, _event: object) -> None:
         # XEP-0198: the server kept our session (roster, presence, rooms) and
-        # slixmpp re-sent what it had not acknowledged.
-        self._attempt = 0
+        # slixmpp re-sent what it had not acknowledged (alerts among it stamped on the drop).
         log.info("session resumed as %s", self.client.boundjid)
         self.online.set()
+        self._resend(self._lost)
         self._flush_queue()
 
     def _on_disconnected(self, reason: object) -> None:
+        # The link (link.py) decides when to come back; here: what happens to alerts in flight.
         self.online.clear()
-        if self._stopping:
-            return
-        log.warning("disconnected from the XMPP server: %s", reason)
-        self._schedule_reconnect()
+        self._hold_unacked()
 
-    def _schedule_reconnect(self) -> None:
-        if self._stopping:
-            return
-        if self._reconnect_task is None or self._reconnect_task.done():
-            self._reconnect_task = asyncio.ensure_future(self._reconnect())
+    def _hold_unacked(self) -> None:
+        """Alerts the server has not acknowledged: those XEP-0198 holds are stamped with their time
+        (a resumed session re-sends them late) and kept in case the session cannot be resumed;
+        those that never left (queued as the link broke) are sent again on the next session."""
+        held = {
+            stanza["id"]: stanza
+            for _seq, stanza in self.client.plugin["xep_0198"].unacked_queue
+            if isinstance(stanza, Message)
+        }
+        for mid, alert in self._unacked.items():
+            stanza = held.get(mid)
+            if stanza is not None:
+                _stamp(stanza, alert, self.client.boundjid.bare)
+                self._unconfirmed.append(alert)
+            else:
+                self._lost.append(alert)
+        self._unacked.clear()
+        del self._unconfirmed[:-QUEUE_SIZE]
+        del self._lost[:-QUEUE_SIZE]
 
-    async def _reconnect(self) -> None:
-        self._attempt += 1
-        # Jittered exponential backoff: ~1, 2, 4, 8 … s, capped at a minute.
-        delay = min(RECONNECT_MAX, 2 ** min(self._attempt - 1, 6) * random.uniform(0.75, 1.25))
-        log.info("reconnecting in %.1f s", delay)
-        await asyncio.sleep(delay)
-        if not self._stopping:
-            self.connect()
+    def _resend(self, alerts: list[Alert]) -> None:
+        self._unconfirmed, self._lost = [], []
+        for alert in alerts:
+            self._send_alert(alert, delayed=True, hooks=False)
 
-    def _on_failed_auth(self, _event: object) -> None:
-        log.error("the XMPP server refused the gateway's password for %s", self.xcfg.jid)
+    def _not_connected(self, stanza: StanzaBase) -> StanzaBase | None:
+        """Outgoing filter: a stanza dequeued once the socket is gone would raise NotConnectedError
+        (a traceback per stanza). Alerts are re-sent by `_hold_unacked`; a reply waits for the next
+        session in slixmpp's queue; anything else, and everything while stopping, is dropped."""
+        c = self.client
+        if c.transport is not None:
+            return stanza
+        if not self._stopping and isinstance(stanza, Message) and stanza["id"] not in self._alert_ids:
+            if not getattr(c, "_session_started", True):
+                c.send(stanza)  # held until the session is back
+        log.debug("not sent, the connection is gone: %s", stanza)
+        return None
 
-    def _on_connection_failed(self, err: object) -> None:
-        log.warning("cannot reach the XMPP server: %s", err)
-        # Take retries over from slixmpp, whose own backoff grows to 5 minutes.
-        self.client.cancel_connection_attempt()
-        self._schedule_reconnect()
+    def _on_acked(self, stanza: object) -> None:
+        if isinstance(stanza, Message):
+            self._unacked.pop(stanza["id"], None)
 
     # ------------------------------------------------------------ roster
 
@@ -277,16 +308,25 @@ class Session:
         while self._queue and self.online.is_set():
             self._send_alert(self._queue.popleft(), delayed=True)
 
-    def _send_alert(self, alert: Alert, delayed: bool) -> None:
+    def _send_alert(self, alert: Alert, delayed: bool, hooks: bool = True) -> None:
+        sm = self.client.plugin["xep_0198"]
         for jid in alert.to:
             msg = self.client.make_message(mto=jid, mbody=alert.text, mtype="chat")
-            if delayed:
-                # XEP-0203: mark when it happened, not when the link came back.
-                msg["delay"]["stamp"] = dt.datetime.fromtimestamp(alert.time, dt.timezone.utc)
-                msg["delay"]["from"] = self.client.boundjid.bare
+            msg["id"] = self.client.new_id()
+            # XEP-0203 on every alert, even one sent at once: bytes already handed to a server
+            # that then stalls arrive whenever it wakes up, and must still say when it happened.
+            _stamp(msg, alert, self.client.boundjid.bare)
+            if sm.enabled_out:
+                self._unacked[msg["id"]] = dataclasses.replace(alert, to=(jid,))
+                self._alert_ids[msg["id"]] = None
+                while len(self._unacked) > QUEUE_SIZE:
+                    self._unacked.popitem(last=False)
+                while len(self._alert_ids) > 2 * QUEUE_SIZE:
+                    self._alert_ids.popitem(last=False)
             msg.send()
-        for hook in self.alert_hooks:
-            hook(alert, delayed)
+        if hooks:
+            for hook in self.alert_hooks:
+                hook(alert, delayed)
 
     # ------------------------------------------------------------ presence
 
@@ -337,6 +377,17 @@ class Session:
             self._refuse_stranger(msg, sender)
             return
         stamp = msg["delay"]["stamp"]
+        if stamp is not None and stamp.timestamp() - time.time() > MAX_STAMP_AHEAD:
+            # The age of a command stamped in our future cannot be known (a Pi without
+            # RTC booting with an old clock would call a day-old command fresh): not run.
+            ahead = stamp.timestamp() - time.time()
+            log.warning("ignored a command from %s stamped %.0f s ahead of this gateway's clock: is the clock wrong?",
+                        sender, ahead)
+            msg.reply(
+                f"Ignored a command the server stamped {age(ahead)} ahead of the gateway's clock, so "
+                "its age is unknown (is the gateway's clock wrong?); send it again."
+            ).send()
+            return
         if stamp is not None and time.time() - stamp.timestamp() > MAX_COMMAND_AGE:
             # Sent while the gateway was offline: acting on it now could flip an
             # actuator long after the sender meant to. (A short network drop that
@@ -356,8 +407,31 @@ class Session:
                 ).send()
             return
         self._throttled.discard(sender)
-        reply = await self.run_command(body, Actor(sender, contact.role, "chat"))
-        attach_oob(msg.reply(reply), reply).send()
+        self.phone.accepted(msg)  # XEP-0184 receipt, XEP-0333 displayed
+        async with self._turn(sender):  # a `read` after a `set` sees the set's result
+            # An edit of a set, a retraction: answered, never run (in turn: the original is known by then).
+            answer = self.phone.instead(msg, sender)
+            if answer is not None:
+                msg.reply(answer).send()
+                return
+            reply = await self.run_command(body, Actor(sender, contact.role, "chat"))
+            self.phone.remember(msg, sender, body, reply)
+            attach_oob(msg.reply(reply), reply).send()
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, jid: str) -> AsyncIterator[None]:
+        """One command of `jid` at a time, in order of arrival (asyncio.Lock wakes waiters first come, first served)."""
+        lock, users = self._turns.get(jid) or (asyncio.Lock(), 0)
+        self._turns[jid] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[jid]
+            if users == 1:
+                del self._turns[jid]
+            else:
+                self._turns[jid] = (lock, users - 1)
 
     async def run_command(self, text: str, actor: Actor) -> str:
         """Run a chat command; an unexpected failure is logged and answered, never raised."""
@@ -389,6 +463,12 @@ class Session:
         if len(self._strangers) > STRANGER_MEMORY:
             self._strangers.popitem(last=False)
         msg.reply(STRANGER_REPLY).send()
+
+
+def _stamp(msg: Message, alert: Alert, by: str) -> None:
+    """Mark a message as delayed (XEP-0203): it tells when the alert happened."""
+    msg["delay"]["stamp"] = dt.datetime.fromtimestamp(alert.time, dt.timezone.utc)
+    msg["delay"]["from"] = by
 
 
 def _version() -> str:

@@ -149,9 +149,10 @@ async def test_chat_help_read_and_set(prof: Profanity, running_gateway: RunningG
     assert re.search(r"read \[device\[\.field\]\]", screen), screen
 
     await prof.type("read")
-    screen = await prof.wait(r"^\s+sim\.speed\s+\d+\s+\d+ \w+ ago\s*$")
-    assert re.search(r"^\s+sim\.temp\s+-?[\d.]+ °C\s", screen, re.M), screen
-    assert re.search(r"^\s+sim\.relay\s+(on|off)\s", screen, re.M), screen
+    screen = await prof.wait(r"^\s+speed\s+\d+\s+\d+ \w+ ago\s*$")
+    assert re.search(r"^\s+sim: ok\s*$", screen, re.M), screen  # the device, then its fields by short name
+    assert re.search(r"^\s+temp\s+-?[\d.]+ °C\s", screen, re.M), screen
+    assert re.search(r"^\s+relay\s+(on|off)\s", screen, re.M), screen
 
     await prof.type("set sim.speed 42")
     await prof.wait(r"gateway@\S+: sim\.speed: \d+ → 42$")

@@ -35,6 +35,9 @@ FEATURES = {
     "http://jabber.org/protocol/xdata-validate",
     "urn:xmpp:ping",
     "jabber:iq:version",
+    "urn:xmpp:receipts",  # README, "Phone-first chat"
+    "urn:xmpp:chat-markers:0",
+    "urn:xmpp:message-correct:0",
 }
 # README, "Ad-hoc commands": `Read sensors`, `Set actuator` and `Status`, with the same roles as chat.
 READ, SET, STATUS = ("read", "Read sensors"), ("set", "Set actuator"), ("status", "Status")

@@ -182,7 +182,8 @@ async def test_flood_keeps_each_field_under_twice_history_size(tmp_path: Path) -
 async def test_mqtt_flood_keeps_history_db_bounded(mosquitto: Mosquitto, tmp_path: Path) -> None:
     size, messages = 100, 3000
     config = parse({
-        "gateway": {"name": "Flood", "state_dir": str(tmp_path / "state"), "history_size": size},
+        # Every reading to disk (history_per_second = 0): this is about trimming, not thinning.
+        "gateway": {"name": "Flood", "state_dir": str(tmp_path / "state"), "history_size": size, "history_per_second": 0},
         "mqtt": {"url": mosquitto.url, "client_id": "history-flood"},
         "devices": [{"id": "flood", "driver": "mqtt", "fields": [{"name": "n", "topic": "hist/flood", "type": "integer"}]}],
     })
@@ -361,6 +362,7 @@ async def test_disk_full_shows_in_status_and_presence_and_tells_admins_once(
         alice.client.send_presence_subscription(pto=gw.jid)
         await alice.presence_from(gw.jid, lambda p: p["status"].startswith("Test GW:"))
         await disk_full(store)
+        store.per_second = 0  # every reading to disk, not the first and last of each second
         for i in range(2000):  # more than the free room left in the file's pages
             gw.gateway.hub.push("sim", "temp", float(i))
         await until(lambda: "history" in gw.gateway.hub.problems, "the problem")

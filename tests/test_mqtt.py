@@ -19,6 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+import devices.mqtt as mqtt
 from devices.mqtt import (
     BadPayload,
     Broker,
@@ -66,6 +67,7 @@ def health(gw: Gateway, node: str) -> tuple[Health, str]:
 
 
 def paho_threads(config: Config) -> list[str]:
+    # There is no paho thread any more (paho runs on the event loop): this stays a check that none appears.
     """paho network threads of the gateway's MQTT client still running."""
     cid = config.mqtt.client_id if config.mqtt else None
     return [t.name for t in threading.enumerate() if t.name == f"paho-mqtt-client-{cid}"]
@@ -100,6 +102,34 @@ def publisher(mosquitto: Mosquitto) -> Any:
     pub = Publisher(mosquitto.port)
     yield pub
     pub.stop()
+
+
+class Echo:
+    """A device that reports on its state topic what it is told on its command topic (`states`:
+    command topic -> (state topic, payload → state payload)); a plain paho client on its own thread."""
+
+    def __init__(self, port: int, states: dict[str, tuple[str, Any]]):
+        self.states = states
+        self.heard: list[str] = []
+        self._ready = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="echo-" + uuid.uuid4().hex[:8])
+        c.reconnect_delay_set(1, 1)  # back quickly after a broker restart (it subscribes again on connect)
+        c.on_connect = lambda *_a: c.subscribe([(t, 1) for t in states])
+        c.on_subscribe = lambda *_a: self._ready.set()
+        c.on_message = self._on_message
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        assert self._ready.wait(5), "echo device could not subscribe"
+        self.client = c
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.heard.append(msg.payload.decode())
+        topic, answer = self.states[msg.topic]
+        client.publish(topic, answer(msg.payload.decode()), qos=1)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 class Watcher:
@@ -334,11 +364,16 @@ async def test_tasmota_plug(mosquitto: Mosquitto, publisher: Publisher, gateways
     assert values(gw, "plug.relay") == [True, False]
 
     watcher = await Watcher.start(mosquitto.port, f"cmnd/{p}/POWER", 2, publisher)
-    assert await gw.hub.write("plug.relay", "on", ADMIN) == (False, True)
-    # The plug reports its state itself on stat/: a command is not a reading.
-    assert await gw.hub.write("plug.relay", "off", ADMIN) == (False, False)
+    echo = Echo(mosquitto.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", str)})
+    try:
+        # Applied once the plug reports the new state itself on stat/: a command is not a reading.
+        assert await gw.hub.write("plug.relay", "on", ADMIN) == (False, True)
+        assert await gw.hub.write("plug.relay", "off", ADMIN) == (True, False)
+    finally:
+        echo.stop()
     assert await watcher.lines() == [f"cmnd/{p}/POWER ON", f"cmnd/{p}/POWER OFF"]
-    assert values(gw, "plug.relay") == [True, False]
+    assert values(gw, "plug.relay") == [True, False, True, False]
+    assert [e.outcome for e in gw.hub.audit.entries] == ["applied", "applied"]
 
     await publisher.send(f"tele/{p}/LWT", "Offline")
     await until(lambda: health(gw, "plug") == (Health.OFFLINE, "(LWT)"), "plug offline after LWT")
@@ -376,12 +411,17 @@ async def test_zigbee2mqtt_devices(mosquitto: Mosquitto, publisher: Publisher, g
     await publisher.send(f"{z}/light/availability", '{"state":"online"}', retain=True)
     await until(lambda: health(gw, "light") == (Health.OK, ""), "light back online")
     watcher = await Watcher.start(mosquitto.port, f"{z}/light/set", 2, publisher)
-    await gw.hub.write("light.state", "on", ADMIN)
-    await gw.hub.write("light.brightness", "128", ADMIN)
+    # Zigbee2MQTT answers a set with the device's whole state on its topic.
+    echo = Echo(mosquitto.port, {f"{z}/light/set": (f"{z}/light", lambda p: p if "state" in p else '{"state": "ON"}')})
+    try:
+        await gw.hub.write("light.state", "on", ADMIN)
+        await gw.hub.write("light.brightness", "128", ADMIN)
+    finally:
+        echo.stop()
     assert await watcher.lines() == [f'{z}/light/set {{"state": "ON"}}', f'{z}/light/set {{"brightness": 128}}']
     # brightness has no state topic: the acknowledged command is its value.
     assert values(gw, "light.brightness") == [128]
-    assert values(gw, "light.state") == []
+    assert values(gw, "light.state")[0] is True
 
     await publisher.send(f"{z}/sensor/availability", '{"state":"offline"}', retain=True)
     await until(lambda: health(gw, "sensor") == (Health.OFFLINE, "(LWT)"), "sensor offline")
@@ -464,9 +504,11 @@ async def test_malformed_payloads_are_logged_once_and_skipped(
 
 
 async def test_broker_down_at_start_then_restarted_mid_test_loses_nothing(
-    gateways: list[Gateway], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    gateways: list[Gateway], tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO, logger="iot_gateway.mqtt")
+    # The backoff only resets after a connection held 60 s: keep the retries quick for the test.
+    monkeypatch.setattr(mqtt, "RECONNECT_MAX", 2.0)
     port = free_port()
     broker = Mosquitto(tmp_path / "broker", port=port)
     config = make_config(tmp_path, broker.url, [{
@@ -666,7 +708,11 @@ async def test_contact_reads_and_sets_an_mqtt_device_over_xmpp(
         assert re.fullmatch(r"plug\.power = 12\.5 W \(\d+ s ago\)", reply), reply
 
         watcher = await Watcher.start(mosquitto.port, f"cmnd/{p}/POWER", 1, publisher)
-        assert await alice.ask(gw_jid, "set plug.relay on") == "plug.relay: off → on"
+        echo = Echo(mosquitto.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", str)})
+        try:
+            assert await alice.ask(gw_jid, "set plug.relay on") == "plug.relay: off → on"
+        finally:
+            echo.stop()
         assert await watcher.lines() == [f"cmnd/{p}/POWER ON"]
         entry = gw.hub.audit.entries[-1]
         assert (entry.actor.jid, entry.ref, entry.new, entry.outcome) == ("alice@localhost", "plug.relay", True, "applied")

@@ -162,6 +162,8 @@ async def test_tls_is_verified_and_an_untrusted_server_gets_no_login(
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(session.online.wait(), 3)
         assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+        assert "the XMPP server's TLS certificate is not trusted" in caplog.text  # said, with the fix
+        assert "set [xmpp] ca_file" in caplog.text
     finally:
         await session.stop()
         await gw.stop()

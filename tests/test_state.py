@@ -26,7 +26,7 @@ from gateway.localservers import Mosquitto, free_port
 from gateway.state import SaveError, StateDir
 from gateway.watches import Alert
 from tests.conftest import XmppServer, gateway_config, start_gateway
-from tests.test_mqtt import Publisher, retained, until
+from tests.test_mqtt import Echo, Publisher, retained, until
 
 ROOT = Path(__file__).resolve().parent.parent
 ALICE = Actor("alice@x", "admin", "test")
@@ -253,6 +253,7 @@ async def test_revert_due_while_broker_is_down_is_retried_and_the_owner_told(
     running = await start_gateway(cfg, xmpp_server.passwords["gateway"])
     gw, jid = running.gateway, running.jid
     olive = await xmpp_server.peer("olive").start()
+    echo = Echo(broker.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", str)})  # the plug confirms each set
     try:
         await until(lambda: gw.hub.nodes["plug"].health.healthy, "broker connection")
         await publish(broker.port, f"stat/{p}/POWER", "OFF")
@@ -281,6 +282,7 @@ async def test_revert_due_while_broker_is_down_is_retried_and_the_owner_told(
         assert gw.reverts.pending == {} and stored(tmp_path / "state", "reverts.json") == []
         assert "retrying" not in await olive.ask(jid, "status")
     finally:
+        echo.stop()
         await olive.stop()
         await running.stop()
         broker.stop()
@@ -298,6 +300,7 @@ async def test_failing_revert_is_still_retried_after_a_gateway_restart(tmp_path:
     })
     g = Gateway(cfg)
     await g.start()
+    echo = Echo(broker.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", str)})  # the plug confirms each set
     try:
         await until(lambda: g.hub.nodes["plug"].health.healthy, "broker connection")
         await publish(broker.port, f"stat/{p}/POWER", "OFF")
@@ -318,6 +321,7 @@ async def test_failing_revert_is_still_retried_after_a_gateway_restart(tmp_path:
         assert alerts[-1].to == ("alice@x",)
         assert await retained(broker.port, f"cmnd/{p}/POWER") == "1 OFF"
     finally:
+        echo.stop()
         await g2.stop()
         broker.stop()
 

@@ -174,7 +174,8 @@ async def test_pending_revert_survives_restart(tmp_path: Path) -> None:
     await g2.start()
     try:
         assert "sim.speed" in g2.reverts.pending
-        await g2.hub.write("sim.speed", 40, ALICE)  # the simulated device starts at 0 again
+        # The simulated device starts at 0 again: it reports 40 as the real one would (a set would cancel the revert).
+        g2.hub.push("sim", "speed", 40)
         await asyncio.sleep(2.3)
         assert g2.hub.field("sim.speed").latest.value == 0
         assert g2.reverts.pending == {}
@@ -183,12 +184,14 @@ async def test_pending_revert_survives_restart(tmp_path: Path) -> None:
 
 
 async def test_history_persists_across_restart_and_windows(tmp_path: Path) -> None:
-    g = Gateway(config(tmp_path, history_size=5))
+    # Every reading reaches the disk here (history_per_second = 0); the default thinning of a
+    # burst to two per second is tested in tests/test_mqtt_faults.py.
+    g = Gateway(config(tmp_path, history_size=5, history_per_second=0))
     await g.start()
     for v in range(10):
         g.hub.push("sim", "temp", v)
     await g.stop()
-    g2 = Gateway(config(tmp_path, history_size=5))
+    g2 = Gateway(config(tmp_path, history_size=5, history_per_second=0))
     await g2.start()
     try:
         # The stored five (5..9) come back, then the simulated device's first reading (20).

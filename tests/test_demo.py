@@ -1,0 +1,225 @@
+"""`make demo`'s pieces: the simulated Tasmota-style plug, the fake DS18B20 folder,
+and the devices of config/demo.toml, answering in chat through the suite's
+Prosody and Mosquitto (the demo's own servers sit on fixed ports, so the test
+does not start `gateway.demo` itself)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devices.kernel import discover, read_file
+from gateway.config import load
+from gateway.demodevices import Plug, Thermometer
+from gateway.localservers import Mosquitto
+from tests.conftest import XmppServer, gateway_config, start_gateway
+from tests.helpers import until
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = ROOT / "config" / "demo.toml"
+
+
+class Listener:
+    """A plain paho client that records what is published on some topics."""
+
+    def __init__(self, port: int, *topics: str):
+        self.got: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="listen-" + uuid.uuid4().hex[:8])
+        self.client.on_connect = lambda c, *_: c.subscribe([(t, 1) for t in topics])
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(5), "listener could not subscribe"
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.got.append((msg.topic, msg.payload.decode()))
+
+    def said(self, topic: str) -> list[str]:
+        with self._lock:
+            return [p for t, p in self.got if t == topic]
+
+    def send(self, topic: str, payload: str) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def demo_devices(w1_root: Path) -> list[dict[str, Any]]:
+    """config/demo.toml's devices as they are, with the thermometer folder moved to `w1_root`
+    and the kernel device read every second (the demo reads every 5 s)."""
+    devices = tomllib.loads(DEMO_CONFIG.read_text())["devices"]
+    for d in devices:
+        if d["driver"] == "kernel":
+            d["w1_root"] = str(w1_root)
+            d["interval"] = 1
+    return devices
+
+
+@pytest.fixture
+def thermometer(tmp_path: Path) -> Thermometer:
+    t = Thermometer(tmp_path / "sys" / "bus" / "w1" / "devices")
+    t.lay_out()
+    return t
+
+
+@pytest.fixture
+def plug(mosquitto: Mosquitto) -> Iterator[Plug]:
+    p = Plug("127.0.0.1", mosquitto.port, topic="plug", interval=0.5)
+    p.start()
+    yield p
+    p.stop()
+
+
+# ---------------------------------------------------------------- the demo config
+
+
+def test_demo_config_has_every_kind_of_device(tmp_path: Path) -> None:
+    # A copy beside the .demo/ folder `make demo` would have made (the CA must exist).
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "demo.toml").write_text(DEMO_CONFIG.read_text())
+    (tmp_path / ".demo" / "prosody").mkdir(parents=True)
+    (tmp_path / ".demo" / "prosody" / "ca.pem").touch()
+    config = load(tmp_path / "config" / "demo.toml")
+    drivers = {d.id: d.driver for d in config.devices}
+    assert {"simulated", "mqtt", "kernel"} <= set(drivers.values())
+    assert drivers["plug"] == "mqtt" and drivers["pi"] == "kernel"
+    assert config.mqtt is not None and config.mqtt.url == "mqtt://127.0.0.1:11883"
+    pi = next(d for d in config.devices if d.id == "pi")
+    # Relative paths are relative to the config file, like state_dir, wherever the gateway runs.
+    assert pi.w1_root.resolve() == tmp_path / ".demo" / "sys" / "bus" / "w1" / "devices"
+    assert [f.sensor for f in pi.fields] == [f"w1:{Thermometer.SENSOR_ID}"]
+
+
+def test_device_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "gw.toml").write_text(
+        '[gateway]\nstate_dir = "state"\n'
+        '[[devices]]\nid = "pi"\ndriver = "kernel"\nw1_root = "sys/w1"\n'
+        '  [[devices.fields]]\n  name = "level"\n  path = "data/level"\n'
+        '  [[devices.fields]]\n  name = "abs"\n  path = "/sys/class/thermal/thermal_zone0/temp"\n'
+    )
+    pi = load(folder / "gw.toml").devices[0]
+    assert pi.w1_root == folder / "sys" / "w1"
+    assert pi.iio_root == Path("/sys/bus/iio/devices")  # defaults stay the real ones
+    assert [f.path for f in pi.fields] == [folder / "data" / "level", Path("/sys/class/thermal/thermal_zone0/temp")]
+
+
+# ---------------------------------------------------------------- the fake DS18B20
+
+
+def test_thermometer_is_laid_out_as_the_kernel_does_and_moves(thermometer: Thermometer) -> None:
+    root = thermometer.root
+    assert (root / "w1_bus_master1").is_dir()
+    assert discover(root, root / "none", root / "none") == [(Thermometer.SENSOR_ID, f"w1:{Thermometer.SENSOR_ID}")]
+    folder = root / Thermometer.SENSOR_ID
+    first = read_file(folder / "temperature", 0.001)
+    assert read_file(folder / "w1_slave", 0.001) == first  # `crc=.. YES` and the same t=
+    assert (folder / "w1_slave").read_text().splitlines()[0].endswith("YES")
+    assert first * 16 == pytest.approx(round(first * 16), abs=0.02)  # 1/16 °C steps, as a DS18B20
+    seen = {first}
+    now = time.time()
+    for step in range(1, 6):
+        thermometer.tick(now + step * thermometer.interval * 20)
+        seen.add(read_file(folder / "temperature", 0.001))
+    assert len(seen) > 1
+    assert all(10 < t < 30 for t in seen)
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# ---------------------------------------------------------------- the Tasmota-style plug
+
+
+async def test_plug_answers_its_command_topic_like_tasmota(mosquitto: Mosquitto) -> None:
+    topic = "plug-" + uuid.uuid4().hex[:6]
+    stat, cmnd, sensor = f"stat/{topic}/POWER", f"cmnd/{topic}/POWER", f"tele/{topic}/SENSOR"
+    listener = Listener(mosquitto.port, stat, sensor, f"tele/{topic}/LWT", f"stat/{topic}/RESULT")
+    plug = Plug("127.0.0.1", mosquitto.port, topic=topic, interval=0.5)
+    plug.start()
+    try:
+        await until(lambda: listener.said(f"tele/{topic}/LWT") == ["Online"], "LWT Online")
+        await until(lambda: listener.said(stat) == ["OFF"], "the first state")
+        await until(lambda: bool(listener.said(sensor)), "the first telemetry")
+        assert json.loads(listener.said(sensor)[0])["ENERGY"]["Power"] == 0
+
+        for payload, expected in (("ON", "ON"), ("toggle", "OFF"), ("2", "ON"), ("off", "OFF"), ("1", "ON")):
+            count = len(listener.said(stat))
+            listener.send(cmnd, payload)
+            await until(lambda: len(listener.said(stat)) > count, f"the answer to {payload}")
+            assert listener.said(stat)[-1] == expected, payload
+        assert plug.on
+        await until(lambda: json.loads(listener.said(sensor)[-1])["ENERGY"]["Power"] > 0, "power drawn")
+        assert json.loads(listener.said(f"stat/{topic}/RESULT")[-1]) == {"POWER": "ON"}
+
+        # A query (empty) and a payload it does not know answer the state and change nothing.
+        for payload in ("", "BLINK"):
+            count = len(listener.said(stat))
+            listener.send(cmnd, payload)
+            await until(lambda: len(listener.said(stat)) > count, f"the answer to {payload!r}")
+            assert listener.said(stat)[-1] == "ON" and plug.on
+
+        count = len(listener.said(sensor))
+        await until(lambda: len(listener.said(sensor)) >= count + 2, "periodic telemetry")
+    finally:
+        plug.stop()
+    await until(lambda: listener.said(f"tele/{topic}/LWT")[-1:] == ["Offline"], "LWT Offline on stop")
+    listener.stop()
+
+
+# ---------------------------------------------------------------- through XMPP
+
+
+async def test_plug_and_thermometer_answer_in_chat(
+    xmpp_server: XmppServer, mosquitto: Mosquitto, plug: Plug, thermometer: Thermometer, tmp_path: Path
+) -> None:
+    config = gateway_config(
+        xmpp_server, tmp_path, devices=demo_devices(thermometer.root),
+        mqtt={"url": mosquitto.url, "client_id": "demo-" + uuid.uuid4().hex[:8]},
+    )
+    gw = await start_gateway(config, xmpp_server.passwords["gateway"])
+    hub = gw.gateway.hub
+    alice = await xmpp_server.peer("alice").start()
+    try:
+        def latest(ref: str) -> Any:
+            r = hub.field(ref).latest
+            return None if r is None else r.value
+
+        await until(lambda: None not in (latest("plug.relay"), latest("plug.power"), latest("pi.soil")), "first readings", 10)
+        reply = await alice.ask(gw.jid, "read plug")
+        assert reply.startswith("plug: ok"), reply
+        assert "\nrelay " in reply and "off" in reply and "\npower " in reply  # rows under the device's heading
+
+        first = thermometer.celsius
+        reply = await alice.ask(gw.jid, "read pi")
+        assert reply.startswith("pi: ok") and f"{first:.2f} °C" in reply, reply
+
+        thermometer.write(first + 1.5)
+        await until(lambda: latest("pi.soil") == pytest.approx(first + 1.5), "the new temperature", 10)
+        assert f"{first + 1.5:.2f} °C" in await alice.ask(gw.jid, "read pi.soil")
+
+        reply = await alice.ask(gw.jid, "set plug.relay on")
+        assert reply == "plug.relay: off → on", reply
+        await until(lambda: plug.on, "the plug to switch on")
+        await until(lambda: latest("plug.relay") is True and (latest("plug.power") or 0) > 0, "the plug's report")
+        reply = await alice.ask(gw.jid, "read plug")
+        assert " on" in reply and " 0.0 W" not in reply, reply
+        assert "alice@" in await alice.ask(gw.jid, "log plug.relay")
+    finally:
+        await alice.stop()
+        await gw.stop()
