@@ -32,3 +32,21 @@ async def running(tmp_path: Path, *devices: dict[str, Any]) -> AsyncIterator[Gat
         yield gw
     finally:
         await gw.stop()
+
+
+async def answering(peer: Any, jid: str, prefix: str, alive: Callable[[], bool] = lambda: True) -> str:
+    """Ask a gateway process `status` until its answer starts with `prefix` (it needs a moment to
+    come online); return the last answer. Fails at once if `alive()` turns false, else after 20 s.
+    Late replies to the polling are drained before returning."""
+    status = ""
+    for _ in range(40):
+        try:
+            status = await peer.ask(jid, "status", timeout=0.5)
+        except TimeoutError:
+            assert alive(), "the gateway process has exited"
+            continue
+        if status.startswith(prefix):
+            break
+    await asyncio.sleep(0.5)  # let replies to earlier polls (and "sent while offline" ones) arrive
+    peer.drain()
+    return status

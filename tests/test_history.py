@@ -31,7 +31,7 @@ from gateway.localservers import Mosquitto
 from gateway.systemd import notify_address
 from tests.conftest import USERS, XmppServer, gateway_config, start_gateway
 from tests.test_systemd import FakeSystemd
-from tests.helpers import until
+from tests.helpers import answering, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -459,16 +459,7 @@ async def test_run_keeps_serving_with_a_broken_history_db(
         )
     try:
         alice.client.send_presence_subscription(pto=gw)
-        status = ""
-        for _ in range(40):  # the process needs a moment to come online
-            try:
-                status = await alice.ask(gw, "status", timeout=0.5)
-            except TimeoutError:
-                assert proc.poll() is None, log.read_text()
-                continue
-            if status.startswith("Broken GW: 1/1"):
-                break
-        await asyncio.sleep(0.5)  # let "ignored, sent while offline" replies arrive and be dropped
+        status = await answering(alice, gw, "Broken GW: 1/1", alive=lambda: proc.poll() is None)
         assert proc.poll() is None, log.read_text()
         assert any(line.startswith(expected) for line in status.splitlines()), status
         assert (await alice.ask(gw, "read sim.temp", timeout=5)).startswith("sim.temp = ")

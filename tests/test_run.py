@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import XmppServer
+from tests.helpers import answering
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,13 +46,7 @@ driver = "simulated"
     alice = await xmpp_server.peer("alice").start()
     try:
         gw = xmpp_server.jid("gateway")
-        for _ in range(40):  # the process needs a moment to come online
-            try:
-                if (await alice.ask(gw, "status", timeout=0.5)).startswith("Process GW: 1/1"):
-                    break
-            except TimeoutError:
-                continue
-        await asyncio.sleep(0.5)  # let "ignored, sent while offline" replies arrive and be dropped
+        await answering(alice, gw, "Process GW: 1/1")
         reply = await alice.ask(gw, "set sim.lamp on", timeout=3) if proc.poll() is None else proc.stderr.read()
         assert reply == "sim.lamp: off → on"
     finally:

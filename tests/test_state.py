@@ -26,6 +26,7 @@ from gateway.localservers import Mosquitto, free_port
 from gateway.state import SaveError, StateDir
 from gateway.watches import Alert
 from tests.conftest import XmppServer, gateway_config, start_gateway
+from tests.helpers import answering
 from tests.test_mqtt import Echo, Publisher, retained, until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,13 +395,7 @@ async def test_second_process_on_a_state_folder_refuses_or_is_read_only(xmpp_ser
     alice = await xmpp_server.peer("alice").start()
     try:
         gw = xmpp_server.jid("gateway")
-        for _ in range(40):  # the process needs a moment to come online
-            try:
-                if (await alice.ask(gw, "status", timeout=0.5)).startswith("Locked GW: "):
-                    break
-            except TimeoutError:
-                continue
-        await asyncio.sleep(0.5)  # let late replies to the polling arrive and be dropped
+        await answering(alice, gw, "Locked GW: ")
         assert (await alice.ask(gw, "watch sim.temp > 99")).startswith("Watch #1 set")
 
         second = await asyncio.to_thread(
