@@ -23,6 +23,7 @@ from .idle import idle_cpu
 from .ingest import mqtt_ingest, serial_ingest
 from .lab import Lab
 from .latency import alert_latency, chat_latency, readout_latency
+from .omemo import omemo_cost
 from .plot import plot_cost
 from .results import RESULTS, Result, table, write
 from .sdwrites import sd_writes
@@ -41,6 +42,7 @@ NAMES = (
     "idle_cpu",
     "fleet_20",
     "sd_writes",
+    "omemo",
 )
 ON_G200 = NAMES[2:7]  # the benchmarks that share the 200-field gateway process
 
@@ -69,6 +71,12 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         await step("sd_writes", results, sd_writes(work))
     if wanted("fleet_20"):
         await step("fleet_20", results, fleet_20(lab, work))
+    if wanted("omemo"):
+        alice = await lab.client("alice").start()
+        try:
+            await step("omemo", results, omemo_cost(lab, alice, work))
+        finally:
+            await alice.stop()
     if not wanted(*ON_G200, "scale_10k_fields", "plot_render", "plot_rss", "idle_cpu"):
         return results
     alice = await lab.client("alice").start()

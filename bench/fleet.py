@@ -47,6 +47,7 @@ def config(lab: Lab, work: Path, n: int, passwords: dict[str, str], room: str) -
             "ca_file": str(lab.prosody.ca_file),
             "rooms": [room],
             "peers": [lab.jid(u) for u in passwords],
+            "omemo": "off",  # 20 in-process gateways: OMEMO's cost is bench/omemo.py's to measure
         },
         "contacts": [{"jid": lab.jid("alice"), "role": "admin"}],
         "devices": [

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import Config, MqttSection
-from gateway.hub import Health, Hub, NotWritable, Unconfirmed
+from gateway.hub import SENT, Health, Hub, NotWritable, Unconfirmed
 from gateway.values import BadValue, Value, coerce
 
 from .base import Context, Driver
@@ -294,6 +294,20 @@ class _LoopClient(paho.Client):
         return super()._sock_send(buf)
 
 
+@runtime_checkable
+class BrokerUser(Protocol):
+    """What shares the broker: a driver (an `mqtt` device, a Zigbee2MQTT bridge, Tasmota
+    discovery) told when the connection comes and goes."""
+
+    id: str
+
+    def broker_up(self) -> None:
+        """The connection is up (again): report health accordingly."""
+
+    def broker_down(self, reason: str) -> None:
+        """The connection is down, for `reason`."""
+
+
 @dataclass
 class _Route:
     """Messages matching `sub` go to `handler`, on behalf of `owner` (a driver)."""
@@ -301,6 +315,7 @@ class _Route:
     owner: object
     sub: str
     handler: Handler
+    retained: bool = True  # False: a retained message (a stale command, say) is not delivered
 
 
 class Broker:
@@ -327,7 +342,7 @@ class Broker:
         self.reason = f"connecting to {cfg.url}"
         self._failed = False  # True once a connection attempt failed or the connection was lost
         self._expected = expected
-        self._users: list[MqttDriver] = []
+        self._users: list[BrokerUser] = []
         self._routes: list[_Route] = []
         self._matches: dict[str, list[_Route]] = {}  # topic -> matching routes
         self._subs: dict[str, None] = {}
@@ -359,7 +374,8 @@ class Broker:
         if broker is None:
             if ctx.config.mqtt is None:
                 raise MqttError("no [mqtt] section: mqtt devices need the broker url")
-            expected = {d.id for d in ctx.config.devices if d.driver == "mqtt"}
+            # Every driver on this broker (mqtt, zigbee2mqtt, tasmota …) declares the [mqtt] section.
+            expected = {d.id for d in ctx.config.devices if SHARED_KEY in d.sections}
             broker = cls(ctx.config.mqtt, default_client_id(ctx.config), asyncio.get_running_loop(), expected)
             broker.hub = ctx.hub
             ctx.shared[SHARED_KEY] = broker
@@ -392,8 +408,8 @@ class Broker:
 
     # ------------------------------------------------------------ devices
 
-    def attach(self, user: MqttDriver) -> None:
-        """Register a device; connecting starts once every mqtt device of the config is attached.
+    def attach(self, user: BrokerUser) -> None:
+        """Register a driver; connecting starts once every device of the config on this broker is attached.
 
         Waiting for all of them means the messages the broker kept for us
         while we were away find their device when they arrive.
@@ -406,17 +422,38 @@ class Broker:
         elif self._timer is None:
             self._timer = self.loop.call_later(START_GRACE, self._begin)
 
-    def detach(self, user: MqttDriver) -> bool:
-        """Forget a device and its routes; True when it was the last one."""
+    def detach(self, user: BrokerUser) -> bool:
+        """Forget a driver and its routes; True when it was the last one."""
         if user in self._users:
             self._users.remove(user)
         self._routes = [r for r in self._routes if r.owner is not user]
         self._matches = {}
         return not self._users
 
-    def route(self, owner: object, sub: str, handler: Handler) -> None:
-        """Call `handler(sub, topic, payload)` on the event loop for each message matching `sub`."""
-        self._routes.append(_Route(owner, sub, handler))
+    async def leave(self, ctx: Context, user: BrokerUser) -> None:
+        """`detach` a stopping driver; the last one closes the connection and frees `ctx`'s slot."""
+        if self.detach(user):
+            if ctx.shared.get(SHARED_KEY) is self:
+                del ctx.shared[SHARED_KEY]
+            try:
+                await self.close()
+            except Exception:
+                log.exception("mqtt: error while disconnecting")
+
+    def unroute(self, owner: object, sub: str) -> None:
+        """Stop `owner`'s routes on `sub` (a device gone at run time); unsubscribe when nobody else uses it."""
+        self._routes = [r for r in self._routes if not (r.owner is owner and r.sub == sub)]
+        self._matches = {}
+        if sub in self._subs and not any(r.sub == sub for r in self._routes):
+            del self._subs[sub]
+            self.refused.pop(sub, None)
+            if self.connected:
+                self.client.unsubscribe(sub)
+
+    def route(self, owner: object, sub: str, handler: Handler, retained: bool = True) -> None:
+        """Call `handler(sub, topic, payload)` on the event loop for each message matching `sub`;
+        with `retained=False`, only for messages published now, not a broker's retained copy."""
+        self._routes.append(_Route(owner, sub, handler, retained))
         self._matches = {}
         if sub not in self._subs:
             self._subs[sub] = None
@@ -709,7 +746,7 @@ class Broker:
 
     @_guarded
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self._deliver(msg.topic, msg.payload)
+        self._deliver(msg.topic, msg.payload, msg.retain)
 
     @_guarded
     def _on_publish(
@@ -782,7 +819,7 @@ class Broker:
 
     # ------------------------------------------------------------ messages
 
-    def _deliver(self, topic: str, payload: bytes) -> None:
+    def _deliver(self, topic: str, payload: bytes, retain: bool = False) -> None:
         if self._closed:
             return
         routes = self._matches.get(topic)
@@ -793,6 +830,9 @@ class Broker:
                 self._matches = {}
             self._matches[topic] = routes
         for r in routes:
+            if retain and not r.retained:
+                log.warning("mqtt: ignored a retained message on %s: commands must not be retained", topic)
+                continue
             try:
                 r.handler(r.sub, topic, payload)
             except Exception:
@@ -833,7 +873,7 @@ class Broker:
 
     def _tell_owners(self, topic: str) -> None:
         for r in self._routes:
-            if r.sub == topic and isinstance(r.owner, MqttDriver) and self.connected:
+            if r.sub == topic and r.owner in self._users and self.connected:
                 r.owner.broker_up()
 
     @property
@@ -883,17 +923,10 @@ class MqttDriver(Driver[MqttDevice]):
 
     async def stop(self) -> None:
         broker, self._broker = self._broker, None
-        if broker is None:
-            return
-        if broker.detach(self):
-            if self.ctx.shared.get(SHARED_KEY) is broker:
-                del self.ctx.shared[SHARED_KEY]
-            try:
-                await broker.close()
-            except Exception:
-                log.exception("mqtt: error while disconnecting")
+        if broker is not None:
+            await broker.leave(self.ctx, self)
 
-    async def write(self, field: str, value: Value) -> None:
+    async def write(self, field: str, value: Value) -> str | None:
         """Publish the command; with a state topic, wait until the device reports the new state.
 
         MQTT 3.1.1 gives no error for a publish the broker's ACL denies: the
@@ -918,9 +951,10 @@ class MqttDriver(Driver[MqttDevice]):
             await self._broker.publish(f.command_topic, payload, f.retain)
             log.info("%s.%s: published %s to %s", self.id, field, _short(payload), f.command_topic)
             if waiter is None:
-                # No state topic to confirm it: the acknowledged command is the new value.
+                # No state topic to confirm it: the acknowledged command stands in as the value,
+                # but the set is only "sent" (nothing reported that the device took it).
                 self.push(field, value)
-                return
+                return SENT
             timeout = self.device.confirm_timeout
             try:
                 await asyncio.wait_for(asyncio.shield(waiter), timeout)
@@ -931,6 +965,7 @@ class MqttDriver(Driver[MqttDevice]):
                 raise Unconfirmed(
                     f"not confirmed: the device did not report the new state within {timeout:g} s{seen}"
                 ) from None
+            return None  # confirmed: applied
         finally:
             if waiter is not None and self._waiting.get(field, (None, None))[1] is waiter:
                 del self._waiting[field]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 from devices import Context, Driver, driver_class
 
@@ -15,6 +16,9 @@ from .hub import FieldSpec, Health, Hub
 from .reverts import Reverts
 from .state import StateDir
 from .watches import Watches
+
+if TYPE_CHECKING:
+    from .homeassistant import HomeAssistant
 
 log = logging.getLogger("iot_gateway")
 
@@ -65,6 +69,7 @@ class Gateway:
         self.commands.plots.cache_dir = self.state.path / "matplotlib"
         self.drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.homeassistant: HomeAssistant | None = None  # [homeassistant]: MQTT discovery out, commands in
 
     async def start(self) -> None:
         """Load state, then start every driver; one failing device does not stop the rest."""
@@ -87,8 +92,26 @@ class Gateway:
                 continue
             if any(f.writable for f in d.fields):
                 self.hub.set_writer(d.id, driver.write)
+        await self._start_homeassistant()
         self.reverts.start()
         self._tasks.append(asyncio.create_task(self.hub.watch_stale(), name="stale-check"))
+
+    async def _start_homeassistant(self) -> None:
+        """Publish the devices to Home Assistant, unless another process owns the state (a console)."""
+        if self.config.homeassistant is None:
+            return
+        if self.state.readonly is not None:
+            log.info("homeassistant: not published from this process: %s", self.state.readonly)
+            return
+        from .homeassistant import HomeAssistant  # imports paho: only when asked for
+
+        try:
+            bridge = HomeAssistant(self.hub, self.config, self.ctx, self.state)
+            await bridge.start()
+        except Exception:
+            log.exception("homeassistant: failed to start; the devices run without it")
+            return
+        self.homeassistant = bridge
 
     async def stop(self) -> None:
         """Stop every driver (outputs go to their safe values) and background tasks."""
@@ -97,6 +120,9 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.homeassistant is not None:
+            await self.homeassistant.stop()
+            self.homeassistant = None
         await self.reverts.stop()
         for dev_id, driver in reversed(list(self.drivers.items())):
             try:
@@ -104,6 +130,7 @@ class Gateway:
             except Exception:
                 log.exception("%s: error while stopping", dev_id)
         self.drivers.clear()
+        self.watches.stop()  # after the drivers: their going down at stop is not news
         self.state.stop()
         if self.state.readonly is None:
             try:

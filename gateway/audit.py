@@ -22,7 +22,8 @@ class Entry:
     ref: str
     old: Value | None
     new: Value | None
-    outcome: str  # "applied", "refused" or "failed"
+    # "applied", "sent" (went out; the device reports no state to confirm it), "unconfirmed", "refused" or "failed"
+    outcome: str
     reason: str = ""
 
     def line(self) -> str:
@@ -30,6 +31,8 @@ class Entry:
         text = f"{self.actor.jid} via {self.actor.via}: {self.ref} "
         if self.outcome == "applied":
             return text + f"{fmt(self.old)} -> {fmt(self.new)}"
+        if self.outcome == "sent":
+            return text + f"{fmt(self.new)} sent (no state reported to confirm it)"
         return text + f"{self.outcome} ({fmt(self.new)}): {self.reason}"
 
 
@@ -51,5 +54,5 @@ class AuditLog:
         """Add an entry and log it (warning level for refusals and failures)."""
         entry = Entry(time.time(), actor, ref, old, new, outcome, reason)
         self.entries.append(entry)
-        log.log(logging.INFO if outcome == "applied" else logging.WARNING, "%s", entry.line())
+        log.log(logging.INFO if outcome in ("applied", "sent") else logging.WARNING, "%s", entry.line())
         return entry

@@ -311,10 +311,15 @@ async def _console(config: Config, state: StateDir) -> int:
             if line is None:
                 break
             if line.strip():
-                print(await commands.run(line.strip(), actor, styled=False), flush=True)
+                print(await commands.run(line.strip(), actor, styled=False, progress=_say), flush=True)
     finally:
         await gw.stop()
     return 0
+
+
+async def _say(text: str) -> None:
+    """An interim console message (a `set` waiting for its device)."""
+    print(text, flush=True)
 
 
 def _stdin_lines() -> asyncio.Queue[str | None]:

@@ -8,18 +8,22 @@ Conversations, Gajim and Dino.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import statistics
 import textwrap
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 from .audit import Entry
 from .auth import Actor, Forbidden, Permission, allowed, require
-from .hub import Field, Hub, HubError, Node
+from .hub import Field, Hub, HubError, Node, Written
 from .plot import MAX_FIELDS, Picture, PlotError, Plots, check_fields, history_spark
 from .reverts import Reverts
-from .values import BadValue, age, fmt, parse_duration
+from .values import BadValue, age, coerce, fmt, parse_duration
 from .watches import Watches, WatchError
 
 MAX_COMMAND = 1024
@@ -31,6 +35,13 @@ MAX_TIMED = 7 * 86400.0  # longest `set ... for D`
 PLOT_DEFAULT = "24h"
 PLOT_MAX = 31 * 86400.0  # longest `plot` window
 WIDTH = 40  # characters a phone shows on one line of a preformatted block (status, read, list)
+PROGRESS_AFTER = 1.0  # seconds a set may take before the contact hears "sent, waiting for the device"
+
+log = logging.getLogger("iot_gateway.commands")
+
+# An interim message to whoever ran the command (chat, a room, the console), before its reply.
+Progress = Callable[[str], Awaitable[None]]
+_progress: ContextVar[Progress | None] = ContextVar("progress", default=None)
 
 
 @dataclass(frozen=True)
@@ -66,11 +77,14 @@ class Commands:
         self.reverts = reverts
         self.plots = Plots()  # the XMPP session gives it an uploader
         self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/fleet.py)
+        self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/omemo.py), when on
 
-    async def run(self, text: str, actor: Actor, styled: bool = True) -> str:
+    async def run(self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None) -> str:
         """Answer one command line on behalf of `actor`.
 
-        With `styled`, the rows of a multi-row reply go in a preformatted block.
+        With `styled`, the rows of a multi-row reply go in a preformatted block. `progress`
+        sends an interim message: a `set` still waiting for its device after PROGRESS_AFTER
+        seconds says so through it before the final reply.
         """
         if len(text) > MAX_COMMAND:
             return f"Command too long (over {MAX_COMMAND} characters)."
@@ -80,12 +94,18 @@ class Commands:
         cmd = COMMANDS.get(words[0].lower())
         if cmd is None or (cmd.name in ("watch", "watches", "unwatch", "ack") and self.watches is None) or (
             cmd.name == "fleet" and self.fleet is None
+        ) or (
+            cmd.name in OMEMO_COMMANDS and self.omemo is None
         ):
             return f"Unknown command {_clip(words[0])!r}. Type help for the list of commands."
         try:
             if cmd.precheck:
                 require(actor, cmd.perm)
-            reply = await cmd.handler(self, words[1:], actor)
+            token = _progress.set(progress)
+            try:
+                reply = await cmd.handler(self, words[1:], actor)
+            finally:
+                _progress.reset(token)
         except Forbidden as e:
             return f"Refused: {e}."
         except (HubError, BadValue, WatchError, PlotError) as e:
@@ -103,6 +123,8 @@ class Commands:
         for c in COMMANDS.values():
             if allowed(actor.role, c.perm) and (self.watches or c.name not in WATCH_COMMANDS) and (
                 self.fleet or c.name != "fleet"
+            ) and (
+                self.omemo or c.name not in OMEMO_COMMANDS
             ):
                 lines.append(f"{c.usage} — {c.about}")
         return "\n".join(lines)
@@ -168,10 +190,14 @@ class Commands:
         if len(args) < 2:
             raise UsageError("Say which field and which value")
         ref, raw = args[0], " ".join(args[1:])
-        old, value = await self.hub.write(ref, raw, actor)
+        written = await self._write(ref, raw, actor)
+        old, value = written
         f = self.hub.field(ref)
         unit = f" {f.spec.unit}" if f.spec.unit else ""
-        text = f"{ref}: {fmt(old, f.spec.decimals)} → {fmt(value, f.spec.decimals)}{unit}"
+        if written.sent:  # nothing reports the device's state: say what was sent, claim no change
+            text = f"{ref}: {fmt(value, f.spec.decimals)}{unit} sent"
+        else:
+            text = f"{ref}: {fmt(old, f.spec.decimals)} → {fmt(value, f.spec.decimals)}{unit}"
         # The hub's write already cancelled a pending revert of the field (as for every entry point).
         replaced = self.reverts.taken(f.ref, actor) if self.reverts is not None else None
         if seconds is not None and self.reverts is not None:
@@ -186,6 +212,22 @@ class Commands:
                 text += ", but " + self.reverts.unsaved.note("after a restart it would still run")
             text += ")"
         return text
+
+    async def _write(self, ref: str, raw: str, actor: Actor) -> Written:
+        """The hub's write; one still under way after PROGRESS_AFTER seconds (the command went
+        out, the device has yet to report its new state) is told through the progress callback."""
+        progress = _progress.get()
+        if progress is None:
+            return await self.hub.write(ref, raw, actor)
+        write = asyncio.ensure_future(self.hub.write(ref, raw, actor))
+        try:
+            done, _pending = await asyncio.wait({write}, timeout=PROGRESS_AFTER)
+            if not done:
+                await _tell(progress, f"{_sent(self.hub.field(ref), raw)} sent, waiting for the device…")
+            return await write
+        except asyncio.CancelledError:
+            write.cancel()
+            raise
 
     async def history(self, args: list[str], actor: Actor) -> str:
         if not args or len(args) > 2:
@@ -311,8 +353,38 @@ class Commands:
         assert self.fleet is not None
         return self.fleet()
 
+    async def devices(self, args: list[str], actor: Actor) -> str:
+        assert self.omemo is not None
+        try:
+            return await self.omemo.devices(args[:1])
+        except (ValueError, RuntimeError) as e:  # omemo.TrustError, omemo.OmemoUnavailable
+            return f"Error: {str(e).rstrip('.')}."
+
+    async def trust(self, args: list[str], actor: Actor) -> str:
+        assert self.omemo is not None
+        try:
+            return await self.omemo.trust(args, True)
+        except (ValueError, RuntimeError) as e:
+            return f"Error: {str(e).rstrip('.')}."
+
+    async def distrust(self, args: list[str], actor: Actor) -> str:
+        assert self.omemo is not None
+        try:
+            return await self.omemo.trust(args, False)
+        except (ValueError, RuntimeError) as e:
+            return f"Error: {str(e).rstrip('.')}."
+
 
 WATCH_COMMANDS = {"watch", "watches", "unwatch", "ack"}
+OMEMO_COMMANDS = {"devices", "trust", "distrust"}
+
+
+class OmemoAdmin(Protocol):
+    """What the OMEMO commands ask of gateway/omemo.py (not imported here: it loads the crypto stack)."""
+
+    async def devices(self, args: list[str]) -> str: ...
+
+    async def trust(self, args: list[str], trusted: bool) -> str: ...
 
 
 def block(reply: str) -> str:
@@ -338,9 +410,28 @@ def _watch_id(args: list[str]) -> int:
     return int(args[0].lstrip("#"))
 
 
+async def _tell(progress: Progress, text: str) -> None:
+    """Send an interim message; one that cannot go out only costs the contact the notice."""
+    try:
+        await progress(text)
+    except Exception:
+        log.exception("could not send the interim message %r", text)
+
+
+def _sent(f: Field, raw: str) -> str:
+    """`plug.relay: on`: the value a set sent, as the reply will show it (validated by the hub by now)."""
+    try:
+        value = fmt(coerce(f.spec.type, raw), f.spec.decimals)
+    except BadValue:
+        value = raw
+    return f"{f.ref}: {value}" + (f" {f.spec.unit}" if f.spec.unit else "")
+
+
 def _change(e: Entry) -> str:
     if e.outcome == "applied":
         return f"{fmt(e.old)} → {fmt(e.new)}"
+    if e.outcome == "sent":
+        return f"{fmt(e.new)} sent"
     return f"{e.outcome} ({fmt(e.new)}): {e.reason}"
 
 
@@ -483,5 +574,8 @@ COMMANDS: dict[str, Command] = {
         Command("ack", Permission.READ, "ack ID", "silence a firing watch until it clears", Commands.ack),
         Command("log", Permission.READ, "log [device[.field]]", "recent actuator changes and refused attempts", Commands.log),
         Command("fleet", Permission.READ, "fleet", "the gateways sharing this gateway's rooms, with their health", Commands.fleet_),
+        Command("devices", Permission.ADMIN, "devices [JID]", "OMEMO devices of the gateway and the contacts, with fingerprint and trust", Commands.devices),
+        Command("trust", Permission.ADMIN, "trust JID FINGERPRINT", "trust a contact's OMEMO device (verified)", Commands.trust),
+        Command("distrust", Permission.ADMIN, "distrust JID FINGERPRINT", "distrust a contact's OMEMO device", Commands.distrust),
     ]
 }

@@ -8,6 +8,7 @@ not pass silently. `load()` reads a file and returns a `Config`, or raises
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -126,6 +127,8 @@ class GatewaySection(Strict):
     history_flush: float | None = Field(None, ge=1, le=3600)
     history_sync: Literal["normal", "full"] = "full"
     history_per_second: int = Field(2, ge=0, le=1000)
+    # Seconds a device's new health must last before contacts are told (0: at once, no flap summaries).
+    health_debounce: float = Field(10.0, ge=0, le=3600)
 
     @field_validator("retention")
     @classmethod
@@ -161,11 +164,23 @@ class XmppSection(Strict):
     nick: str = Field("gw", max_length=64)
     room_password: str | None = None
     uploads: bool = True  # plots as pictures via XEP-0363; false: text sparklines only
+    # OMEMO (docs/omemo.md): "accept" answers encrypted messages encrypted, plain ones plain; "require" refuses plain commands.
+    omemo: Literal["off", "accept", "require"] = "accept"
     # A fleet (docs/fleet.md): fellow gateways' JIDs, made members of rooms this gateway
     # owns and shown by `fleet`; never given command rights. The same list fits every site.
     peers: list[str] = []
     # Addresses that reach every gateway in a room at once: `all: status`.
     all_aliases: list[str] = ["all", "*"]
+
+    @field_validator("omemo")
+    @classmethod
+    def _omemo_installed(cls, v: str) -> str:
+        if v != "off" and importlib.util.find_spec("slixmpp_omemo") is None:
+            raise ValueError(
+                f"{v!r} needs the OMEMO packages, which are not installed: "
+                "pip install slixmpp-omemo==2.2.0 (the project's dependencies), or set omemo = \"off\""
+            )
+        return v
 
     @field_validator("peers")
     @classmethod
@@ -332,6 +347,28 @@ class MqttSection(Strict):
         return None
 
 
+class HomeAssistantSection(Strict):
+    """`[homeassistant]`: the gateway's own devices in Home Assistant (MQTT discovery on the `[mqtt]` broker)."""
+
+    # false: publish nothing, and remove what an earlier run published.
+    enabled: bool = True
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=128)
+    # This gateway in Home Assistant: its device identifier, and the level under which its topics go.
+    node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
+    # Where states and commands go; default `iot-gateway/<node_id>`.
+    base_topic: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=128)
+    role: Role = "operator"  # what commands from Home Assistant may do
+    exclude: list[str] = []  # `device` or `device.field` not to publish
+
+    @field_validator("exclude")
+    @classmethod
+    def _refs(cls, v: list[str]) -> list[str]:
+        for ref in v:
+            if not re.fullmatch(r"[a-z0-9_-]+(\.[A-Za-z0-9_-]+)?", ref):
+                raise ValueError(f"{ref!r}: name a device (greenhouse) or a field (greenhouse.temp)")
+        return v
+
+
 # Every driver's device model, found in devices/ (see devices.device_models).
 Device = Annotated[Union[tuple(device_models())], Field(discriminator="driver")]
 DRIVER_NAMES = driver_names()
@@ -344,6 +381,7 @@ class Config(Strict):
     xmpp: XmppSection | None = None
     contacts: list[Contact] = []
     mqtt: MqttSection | None = None
+    homeassistant: HomeAssistantSection | None = None
     devices: list[Device] = []
 
     @field_validator("contacts")
@@ -354,6 +392,13 @@ class Config(Strict):
         if dup:
             raise ValueError(f"contact listed twice: {', '.join(dup)}")
         return contacts
+
+    @field_validator("homeassistant")
+    @classmethod
+    def _needs_broker(cls, v: HomeAssistantSection | None, info: ValidationInfo) -> HomeAssistantSection | None:
+        if v is not None and "mqtt" in info.data and info.data["mqtt"] is None:
+            raise ValueError("Home Assistant discovery needs an [mqtt] section with the broker url")
+        return v
 
     @field_validator("devices")
     @classmethod

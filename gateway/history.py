@@ -32,8 +32,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
-from .hub import Field, Hub, Reading
+from .hub import Field, History, Hub, NodeEvent, Reading
 from .values import Value
 
 log = logging.getLogger("iot_gateway.history")
@@ -105,6 +106,7 @@ class HistoryStore:
         self._moved: str | None = None  # the notice after a corrupt database was moved aside
         # Rows written per field since its last trim (worker thread only).
         self._added: dict[str, int] = {}
+        self._side: set[asyncio.Task[None]] = set()  # loads and renames for devices that came and went
 
     @property
     def slack(self) -> int:
@@ -134,11 +136,15 @@ class HistoryStore:
         else:
             self._opened()
         self.hub.subscribe(reading=self._on_reading)
+        self.hub.subscribe(node=self._on_node)
         self._task = asyncio.create_task(self._run(), name="history-flush")
 
     async def stop(self) -> None:
         """Flush what is pending and close the database."""
         self.hub.unsubscribe(self._on_reading)
+        self.hub.unsubscribe(self._on_node)
+        for side in list(self._side):
+            side.cancel()
         self._release(None)
         if self._task is not None:
             self._task.cancel()
@@ -153,6 +159,8 @@ class HistoryStore:
 
     async def flush(self) -> None:
         """Write pending readings in one transaction; on failure keep them (bounded) for the next try."""
+        if self._side:  # a rename or a late load first, so the database is as of now
+            await asyncio.gather(*list(self._side), return_exceptions=True)
         async with self._lock:
             await self._flush()
 
@@ -194,6 +202,62 @@ class HistoryStore:
         self._pending.append((f.ref, r.time, encode(r.value)))
         if len(self._pending) == FLUSH_AT:  # once: until the flush runs, more readings only queue up
             asyncio.ensure_future(self.flush())
+
+    # ------------------------------------------------------------ devices that come and go
+
+    def _on_node(self, event: NodeEvent) -> None:
+        """A device discovered at run time gets its stored history back; a renamed one takes its
+        rows along (the same device under a new name). A removed one keeps its rows: it may come back."""
+        if event.kind == "renamed":
+            old, new = event.old_id + ".", event.node.id + "."
+            self._pending = [((new + r[len(old):]) if r.startswith(old) else r, t, v) for r, t, v in self._pending]
+            self._slots = {(new + r[len(old):]) if r.startswith(old) else r: s for r, s in self._slots.items()}
+            self._later(self._rename(event.old_id, event.node.id), "history-rename")
+        elif event.kind in ("added", "changed") and event.new:
+            fields = [event.node.fields[n] for n in event.new if n in event.node.fields]
+            self._later(self._restore_late(fields), "history-load")
+
+    def _later(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    async def _rename(self, old: str, new: str) -> None:
+        async with self._lock:
+            if self._db is None:
+                log.warning("history: %s renamed to %s while history.db is not usable: its stored rows keep the old name", old, new)
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._pool, self._move, old, new)
+            except (sqlite3.Error, OSError) as e:
+                await self._failed(e)
+
+    async def _restore_late(self, fields: list[Field]) -> None:
+        """Stored readings of fields that appeared after start, before the ones they got since."""
+        async with self._lock:
+            if self._db is None:
+                return
+            loop = asyncio.get_running_loop()
+            shared: dict[str, Value] = {}
+            for f in fields:
+                try:
+                    rows = await loop.run_in_executor(self._pool, self._load, f.ref)
+                except (sqlite3.Error, OSError) as e:
+                    await self._failed(e)
+                    return
+                if not rows or f.node.fields.get(f.name) is not f:
+                    continue  # nothing stored, or the field went away meanwhile
+                since = list(f.history)
+                # Rows already flushed from this run are in memory: keep the stored ones before them.
+                first = since[0].time if since else math.inf
+                f.history = History(self.hub.history_size, f.spec.type == "numeric")
+                latest = f.latest
+                f.latest = None
+                self._restore(f, [(t, v) for t, v in rows if t < first], shared)
+                for r in since:
+                    f.history.append(r)
+                if latest is not None:
+                    f.latest = latest
 
     def _release(self, second: int | None) -> None:
         """Queue the readings held back in seconds other than `second` (all of them with None)."""
@@ -349,6 +413,20 @@ class HistoryStore:
         except OSError as e:
             raise OSError(e.errno, f"corrupt ({why}) and cannot be moved aside: {e.strerror}", str(self.path)) from e
         self._moved = f"database was corrupt ({why}): moved aside to {target.name}, new one started"
+
+    def _move(self, old: str, new: str) -> None:
+        """Give the rows of device `old` to `new` (a rename); rows `new` had are a former device's: dropped."""
+        db = self._db
+        if db is None:
+            raise sqlite3.OperationalError("database closed")
+        o, n = old + ".", new + "."
+        with db:
+            db.execute("DELETE FROM readings WHERE substr(ref, 1, ?) = ?", (len(n), n))
+            db.execute(
+                "UPDATE readings SET ref = ? || substr(ref, ?) WHERE substr(ref, 1, ?) = ?",
+                (n, len(o) + 1, len(o), o),
+            )
+        self._added = {(n + r[len(o):]) if r.startswith(o) else r: c for r, c in self._added.items()}
 
     def _load(self, ref: str) -> list[tuple[float, str]]:
         """The last `history_size` readings of one field stored (insertion order, whatever their stamps), oldest first."""

@@ -93,6 +93,8 @@ class FieldSpec:
     min: float | None = None
     max: float | None = None
     description: str = ""
+    # The only values a string field takes (an enum of a discovered device); checked on every write.
+    choices: tuple[str, ...] = ()
 
 
 class History:
@@ -169,7 +171,8 @@ class Field:
 
     @cached_property
     def ref(self) -> str:
-        """`device.field`, the name users type (built once: every reading's listeners ask for it)."""
+        """`device.field`, the name users type (built once: every reading's listeners ask for it;
+        a renamed node forgets it)."""
         return f"{self.node.id}.{self.spec.name}"
 
 
@@ -194,6 +197,23 @@ class Node:
         if self.seen_at is None:
             return None
         return (time.monotonic() if now is None else now) - self.seen_at
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEvent:
+    """A device that appeared, went away, was renamed or changed its fields while the gateway runs.
+
+    `kind` is "added", "removed", "renamed" (`old_id` is the id it had) or "changed" (`gone`
+    names the fields it no longer has, `new` those it gained); `why` is for the user
+    ("removed from Zigbee2MQTT").
+    """
+
+    kind: str
+    node: Node
+    old_id: str = ""
+    gone: tuple[str, ...] = ()
+    new: tuple[str, ...] = ()
+    why: str = ""
 
 
 class HubError(Exception):
@@ -222,7 +242,23 @@ HealthListener = Callable[[Node, HealthState], None]
 ProblemListener = Callable[[str, Problem | None, Problem | None], None]
 # (field, old, new, actor) after a write was applied, from whatever entry point.
 WriteListener = Callable[["Field", Value | None, Value, Actor], None]
-Writer = Callable[[str, Value], Awaitable[None]]
+NodeListener = Callable[[NodeEvent], None]
+# A driver's write returns None when applied, or SENT when the command went out but the
+# device reports no state to confirm it (MQTT without a state topic): audited `sent`.
+Writer = Callable[[str, Value], Awaitable[str | None]]
+SENT = "sent"
+
+
+class Written(tuple):  # type: ignore[type-arg]
+    """What Hub.write returns: (old, new) as a tuple, and `sent`, True when the command went out
+    but nothing reports the device's state, so nobody can say it was applied."""
+
+    sent: bool
+
+    def __new__(cls, old: Value | None, new: Value, sent: bool = False) -> "Written":
+        w = super().__new__(cls, (old, new))
+        w.sent = sent
+        return w
 
 
 class Hub:
@@ -239,6 +275,7 @@ class Hub:
         self.problems: dict[str, Problem] = {}
         self._problem_listeners: list[ProblemListener] = []
         self._write_listeners: list[WriteListener] = []
+        self._node_listeners: list[NodeListener] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
 
@@ -251,16 +288,85 @@ class Hub:
         driver: str,
         fields: Iterable[FieldSpec],
         stale_after: float | None = None,
+        why: str = "",
     ) -> Node:
-        """Declare a device and its fields."""
+        """Declare a device and its fields; node listeners hear of it (a device discovered at run time)."""
         if node_id in self.nodes:
             raise ValueError(f"device {node_id!r} already exists")
         node = Node(node_id, name, driver, stale_after)
         node.health = HealthState(Health.STARTING, "not started yet", time.time())
         for spec in fields:
-            node.fields[spec.name] = Field(node, spec, History(self.history_size, spec.type == "numeric"))
+            node.fields[spec.name] = self._field(node, spec)
         self.nodes[node_id] = node
+        self._tell(NodeEvent("added", node, new=tuple(node.fields), why=why))
         return node
+
+    def _field(self, node: Node, spec: FieldSpec) -> Field:
+        return Field(node, spec, History(self.history_size, spec.type == "numeric"))
+
+    def remove_node(self, node_id: str, why: str = "") -> Node:
+        """Forget a device that went away (unpaired); its writer goes too. UnknownField if there is none."""
+        node = self.node(node_id)
+        del self.nodes[node_id]
+        self._writers.pop(node_id, None)
+        node.health = HealthState(Health.OFFLINE, why or "removed", time.time())
+        log.info("%s: removed%s", node_id, f" ({why})" if why else "")
+        self._tell(NodeEvent("removed", node, gone=tuple(node.fields), why=why))
+        return node
+
+    def rename_node(self, old_id: str, new_id: str, name: str | None = None, why: str = "") -> Node:
+        """Give a device a new id (and name), keeping its fields, history and writer."""
+        node = self.node(old_id)
+        if new_id != old_id:
+            if new_id in self.nodes:
+                raise ValueError(f"device {new_id!r} already exists")
+            del self.nodes[old_id]
+            node.id = new_id
+            self.nodes[new_id] = node
+            for f in node.fields.values():
+                f.__dict__.pop("ref", None)  # the cached `device.field`
+            writer = self._writers.pop(old_id, None)
+            if writer is not None:
+                self._writers[new_id] = writer
+        if name is not None:
+            node.name = name
+        log.info("%s: renamed to %s%s", old_id, new_id, f" ({why})" if why else "")
+        self._tell(NodeEvent("renamed", node, old_id=old_id, why=why))
+        return node
+
+    def update_fields(self, node_id: str, fields: Iterable[FieldSpec], why: str = "") -> NodeEvent | None:
+        """Replace a device's fields (a new firmware, a changed definition): a field whose name
+        stays keeps its history while its type does; the rest come and go. None when nothing changed."""
+        node = self.node(node_id)
+        specs = {s.name: s for s in fields}
+        old = node.fields
+        if {n: f.spec for n, f in old.items()} == specs and list(old) == list(specs):
+            return None
+        new_fields: dict[str, Field] = {}
+        for name, spec in specs.items():
+            f = old.get(name)
+            if f is not None and f.spec.type == spec.type:
+                f.spec = spec
+                new_fields[name] = f
+            else:
+                new_fields[name] = self._field(node, spec)
+        node.fields = new_fields
+        event = NodeEvent(
+            "changed",
+            node,
+            gone=tuple(n for n in old if n not in specs or new_fields[n] is not old[n]),
+            new=tuple(n for n in specs if n not in old or new_fields[n] is not old[n]),
+            why=why,
+        )
+        self._tell(event)
+        return event
+
+    def _tell(self, event: NodeEvent) -> None:
+        for listener in self._node_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("node listener failed for %s", event.node.id)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Attach the hub to the event loop that owns it; pushes from other threads hop onto it."""
@@ -273,10 +379,12 @@ class Hub:
         health: HealthListener | None = None,
         problem: ProblemListener | None = None,
         write: WriteListener | None = None,
+        node: NodeListener | None = None,
     ) -> None:
         """Call `reading(field, reading)` on each new reading, `health(node, old)` on health changes,
         `problem(component, new, old)` when a gateway problem appears, changes or clears,
-        `write(field, old, new, actor)` after a write was applied (any entry point)."""
+        `write(field, old, new, actor)` after a write was applied (any entry point),
+        `node(event)` when a device is added, removed, renamed or changes its fields at run time."""
         if reading is not None:
             self._reading_listeners.append(reading)
         if health is not None:
@@ -285,10 +393,18 @@ class Hub:
             self._problem_listeners.append(problem)
         if write is not None:
             self._write_listeners.append(write)
+        if node is not None:
+            self._node_listeners.append(node)
 
     def unsubscribe(self, callback: Callable[..., None]) -> None:
         """Stop calling a listener given to `subscribe`."""
-        for lst in (self._reading_listeners, self._health_listeners, self._problem_listeners, self._write_listeners):
+        for lst in (
+            self._reading_listeners,
+            self._health_listeners,
+            self._problem_listeners,
+            self._write_listeners,
+            self._node_listeners,
+        ):
             if callback in lst:
                 lst.remove(callback)
 
@@ -451,10 +567,11 @@ class Hub:
 
     # ------------------------------------------------------------ writes
 
-    async def write(self, ref: str, raw: Any, actor: Actor) -> tuple[Value | None, Value]:
+    async def write(self, ref: str, raw: Any, actor: Actor) -> Written:
         """Set a writable field on behalf of `actor`, after authorization and validation.
 
-        Returns (old, new): the latest value before the write and the value applied. Raises Forbidden, UnknownField, NotWritable,
+        Returns (old, new): the latest value before the write and the value applied (`sent`
+        when only sent: see Written). Raises Forbidden, UnknownField, NotWritable,
         BadValue or DeviceError; every attempt is audited.
         """
         try:
@@ -470,6 +587,8 @@ class Hub:
         try:
             value = coerce(f.spec.type, raw)
             check_bounds(value, f.spec.min, f.spec.max)
+            if f.spec.choices and value not in f.spec.choices:
+                raise BadValue(f"must be one of: {', '.join(f.spec.choices)}; got {_printable(raw)!r}")
         except BadValue as e:
             self.audit.record(actor, ref, old, _printable(raw), "refused", str(e))
             raise BadValue(f"{ref} {e}") from None
@@ -478,7 +597,7 @@ class Hub:
             self.audit.record(actor, ref, old, value, "failed", "device not running")
             raise DeviceError(f"{f.node.id} is not running")
         try:
-            await asyncio.wait_for(writer(f.name, value), WRITE_TIMEOUT)
+            result = await asyncio.wait_for(writer(f.name, value), WRITE_TIMEOUT)
         except asyncio.TimeoutError:
             self.audit.record(actor, ref, old, value, "failed", "device did not answer")
             raise DeviceError(f"{f.node.id} did not confirm within {WRITE_TIMEOUT:g} s") from None
@@ -488,13 +607,14 @@ class Hub:
         except Exception as e:
             self.audit.record(actor, ref, old, value, "failed", str(e))
             raise DeviceError(f"{f.node.id} refused the write: {e}") from None
-        self.audit.record(actor, ref, old, value, "applied")
+        sent = result == SENT
+        self.audit.record(actor, ref, old, value, SENT if sent else "applied")
         for listener in self._write_listeners:
             try:
                 listener(f, old, value, actor)
             except Exception:
                 log.exception("write listener failed for %s", ref)
-        return old, value
+        return Written(old, value, sent)
 
 
 def _printable(raw: Any) -> Any:

@@ -111,14 +111,20 @@ class Prosody:
 
     With `uploads`, also an XEP-0363 upload service (`http_file_share` as
     `upload.DOMAIN`) over HTTPS on `https_port`, with the same certificate.
+    PEP is on, as on any real server (OMEMO keeps its keys there); with `mam`,
+    every account's messages are archived too (XEP-0313), so a test can read
+    what the server stored.
     """
 
-    def __init__(self, root: Path, port: int | None = None, domain: str = "localhost", uploads: bool = True):
+    def __init__(
+        self, root: Path, port: int | None = None, domain: str = "localhost", uploads: bool = True, mam: bool = False
+    ):
         self.root = Path(root).resolve()
         self.port = port or free_port()
         self.domain = domain
         self.muc = f"conference.{domain}"
         self.https_port = free_port() if uploads else None
+        self.mam = mam
         self.config = self.root / "prosody.cfg.lua"
         self.proc: subprocess.Popen | None = None
         self.ca_file, self.cert, self.key = make_certs(self.root, [domain, self.muc])
@@ -144,7 +150,7 @@ data_path = "{data}"
 log = {{ info = "{self.root}/prosody.log" }}
 modules_enabled = {{
   "roster", "saslauth", "tls", "disco", "ping", "presence", "version",
-  "blocklist", "carbons", "smacks", "posix", "offline"
+  "blocklist", "carbons", "smacks", "posix", "offline", "pep"{', "mam"' if self.mam else ""}
 }}
 modules_disabled = {{ "s2s" }}
 c2s_ports = {{ {self.port} }}

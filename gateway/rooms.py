@@ -28,6 +28,7 @@ from slixmpp.exceptions import IqError, IqTimeout, PresenceError
 from slixmpp.stanza import Message, Presence
 
 from .auth import Actor
+from .commands import Progress
 from .fleet import SHOW, Member, addressed, concerns, delay, nick_for, overview
 from .plot import Picture
 from .upload import attach_oob
@@ -341,7 +342,13 @@ class Rooms:
             return
         if cmd.everyone and not concerns(self.session.hub, cmd.text):
             return  # `all: read boiler.temp` is for the gateway that has it
-        reply = await self._answer(cmd.text, cmd.everyone, Actor(contact.jid, contact.role, "room"))
+
+        async def progress(text: str) -> None:  # "sent, waiting for the device", before the reply
+            self.client.send_message(mto=room, mbody=f"{nick}: {text}", mtype="groupchat")
+
+        reply = await self._answer(
+            cmd.text, cmd.everyone, Actor(contact.jid, contact.role, "room"), None if cmd.everyone else progress
+        )
         if cmd.everyone:
             # Take our turn, so the fleet's answers come in nick order and spread over about a second.
             wait = delay(mine or self.nick, self._fleet_nicks(room)) - (time.monotonic() - received)
@@ -354,13 +361,13 @@ class Rooms:
             return
         self.client.send_message(mto=room, mbody=f"{nick}: {reply}", mtype="groupchat")
 
-    async def _answer(self, text: str, everyone: bool, actor: Actor) -> str:
+    async def _answer(self, text: str, everyone: bool, actor: Actor, progress: Progress | None = None) -> str:
         """The reply to a room command; to `all: status`, one line (the presence's summary)."""
         if everyone and text.lower() == "status":
             from .xmpp import health_summary  # the session module imports this one
 
             return health_summary(self.session.config.gateway.name, self.session.hub)[1]
-        return await self.session.run_command(text, actor)
+        return await self.session.run_command(text, actor, progress)
 
     def _fleet_nicks(self, room: str) -> list[str]:
         """The nicks of the fleet's gateways in `room` (ours included)."""

@@ -3,7 +3,9 @@
 `watch weather.temp > 30 hysteresis 0.5 interval 5m`, `watch plug.power change`,
 `watch weather offline`. A watch sends one alert when its condition becomes
 true and one when it clears; `ack` silences a firing watch until it clears.
-Device health changes go to contacts whose `alerts` setting asks for them.
+Device health changes go to contacts whose `alerts` setting asks for them,
+debounced: a new state is told once it has lasted `health_debounce` seconds, and
+a device whose link flaps gets one summary instead of a message per flap.
 Watches, and which firing watches are acknowledged, are persisted in the
 state folder and survive a restart.
 """
@@ -14,13 +16,14 @@ import asyncio
 import logging
 import operator
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .config import Config
-from .hub import Field, Health, HealthState, Hub, Node, Reading
+from .hub import Field, Health, HealthState, Hub, Node, NodeEvent, Reading
 from .state import SaveError, StateDir
-from .values import BadValue, Value, coerce, fmt, parse_duration
+from .values import BadValue, Value, age, coerce, fmt, parse_duration
 
 log = logging.getLogger("iot_gateway.watches")
 
@@ -35,6 +38,12 @@ OPS: dict[str, Callable[[Value, Value], bool]] = {
 DEFAULT_INTERVAL = 60.0  # seconds between repeated alerts of one watch
 MAX_WATCHES = 200
 STATE_FILE = "watches.json"
+# A device that went from ok to a problem FLAP_COUNT times within FLAP_WINDOW seconds is
+# flapping: one summary, then quiet until it has kept one state for FLAP_QUIET debounce periods.
+FLAP_COUNT = 5
+FLAP_WINDOW = 600.0
+FLAP_QUIET = 6
+BAD = (Health.OFFLINE, Health.ERROR, Health.STALE)
 
 
 class WatchError(ValueError):
@@ -96,6 +105,18 @@ class Alert:
 Sink = Callable[[Alert], None]
 
 
+@dataclass
+class Told:
+    """What contacts last heard of one device's health, and its recent problems (monotonic times)."""
+
+    said: str = "ok"  # "ok", or the problem as described (`offline (LWT)`)
+    changed: float = 0.0  # when its health last changed
+    downs: deque[tuple[float, Health]] = field(default_factory=deque)  # ok → problem, within FLAP_WINDOW
+    flapping: float | None = None  # when it was found flapping; None while it is not
+    summarised: bool = False  # the flapping summary went out
+    timer: asyncio.TimerHandle | None = None
+
+
 class Watches:
     """Evaluates watches on every reading and health change, and sends alerts to the sinks."""
 
@@ -107,8 +128,14 @@ class Watches:
         self.next_id = 1
         self.sinks: list[Sink] = []
         self._held: list[Alert] | None = None  # alerts raised while a new watch is primed
+        # Watches whose device or field is not there (removed at run time, or not discovered
+        # yet after a restart) -> what their owner was told ("" when nothing yet).
+        self._missing: dict[int, str] = {}
+        hub.subscribe(node=self._on_node)
+        self.debounce = config.gateway.health_debounce
+        self._told: dict[str, Told] = {}
         self._load()
-        hub.subscribe(reading=self._on_reading, health=self._on_health)
+        hub.subscribe(reading=self._on_reading, health=self._on_health, node=self._follow)
 
     # ------------------------------------------------------------ management
 
@@ -211,6 +238,13 @@ class Watches:
         """The watches a contact may see: their own, or all for an admin."""
         return [w for w in self.watches.values() if admin or w.owner == jid]
 
+    def stop(self) -> None:
+        """Cancel the pending health checks (the gateway is stopping: its devices' last changes are not news)."""
+        for told in self._told.values():
+            if told.timer is not None:
+                told.timer.cancel()
+                told.timer = None
+
     def _get(self, watch_id: int, jid: str, admin: bool) -> Watch:
         w = self.watches.get(watch_id)
         if w is None or not (admin or w.owner == jid):
@@ -229,7 +263,9 @@ class Watches:
                     # It was firing and acknowledged: it stays silent until it clears,
                     # and its clearing is announced (the alert was sent before the restart).
                     w.firing = w.notified = True
-                if w.kind == "offline":
+                if self._later(w.target):
+                    self._missing[w.id] = ""  # a discovered device: back once its bridge lists it
+                elif w.kind == "offline":
                     self.hub.node(w.target)
                 else:
                     self.hub.field(w.target)
@@ -248,6 +284,55 @@ class Watches:
             )
         except SaveError:
             pass
+
+    # ------------------------------------------------------------ devices that come and go
+
+    def _later(self, target: str) -> bool:
+        """Whether `target` may appear after start: it is not there now, and a driver discovers devices."""
+        node = self.hub.nodes.get(_node_of(target))
+        there = node is not None and ("." not in target or target.partition(".")[2] in node.fields)
+        return not there and any(getattr(d, "discovers", False) for d in self.config.devices)
+
+    def missing(self, watch_id: int) -> bool:
+        """True while a watch's device or field is gone (it waits for it to come back)."""
+        return watch_id in self._missing
+
+    def _on_node(self, event: NodeEvent) -> None:
+        """A device was added, removed, renamed or changed at run time: its watches follow, and
+        the owner of a watch whose device or field went away is told, not left with a silent watch."""
+        node = event.node
+        if event.kind == "renamed":
+            moved = False
+            for w in self.watches.values():
+                if _node_of(w.target) == event.old_id:
+                    old = w.target
+                    w.target = node.id + w.target[len(event.old_id):]
+                    moved = True
+                    why = f" ({event.why})" if event.why else ""
+                    self._emit(Alert(f"#{w.id} now watches {w.target}: {old} was renamed{why}", time.time(), (w.owner,), w.id))
+            if moved:
+                self._save()
+            return
+        for w in list(self.watches.values()):
+            if _node_of(w.target) != node.id:
+                continue
+            present = event.kind != "removed" and ("." not in w.target or w.target.partition(".")[2] in node.fields)
+            if not present:
+                if self._missing.get(w.id):
+                    continue  # its owner knows already
+                what = "device" if event.kind == "removed" or "." not in w.target else "field"
+                why = f" ({event.why})" if event.why else ""
+                self._missing[w.id] = f"{w.target} is gone"
+                w.firing, w.notified = False, False
+                self._emit(Alert(f"#{w.id} {w.describe()}: the {what} {w.target} is gone{why}; the watch waits "
+                                 f"for it to come back. Remove it with: unwatch {w.id}", time.time(), (w.owner,), w.id))
+            elif w.id in self._missing:
+                if self._missing.pop(w.id):
+                    self._emit(Alert(f"#{w.id} {w.target} is back: watching again", time.time(), (w.owner,), w.id))
+                try:
+                    self._prime(w)
+                except Exception as e:  # the field came back with another type
+                    log.warning("watch #%s on %s not primed: %s", w.id, w.target, e)
 
     # ------------------------------------------------------------ evaluation
 
@@ -299,19 +384,105 @@ class Watches:
         return value > t + w.hysteresis
 
     def _on_health(self, node: Node, old: HealthState) -> None:
-        now = time.time()
+        """A device's health changed: tell contacts (and offline watches) once the new state has
+        lasted `health_debounce` seconds; a flapping device gets one summary instead."""
+        s = self._told.setdefault(node.id, Told())
+        if self.debounce <= 0:
+            self._tell(node, s)
+            return
+        now = time.monotonic()
+        s.changed = now
+        if node.health.state in BAD and old.state not in BAD:
+            s.downs.append((now, node.health.state))
+        while s.downs and now - s.downs[0][0] > FLAP_WINDOW:
+            s.downs.popleft()
+        if s.flapping is None and len(s.downs) >= FLAP_COUNT:
+            s.flapping = now
+        self._schedule(node, s)
+
+    def _follow(self, event: NodeEvent) -> None:
+        """What contacts heard of a device follows it when renamed; a removed one's pending news is dropped."""
+        if event.kind == "renamed" and event.old_id in self._told:
+            self._told[event.node.id] = self._told.pop(event.old_id)
+        elif event.kind == "removed":
+            s = self._told.pop(event.node.id, None)
+            if s is not None and s.timer is not None:
+                s.timer.cancel()
+
+    def _due(self, s: Told) -> float:
+        """When a device's pending health news is due (monotonic)."""
+        if s.flapping is not None and not s.summarised:
+            return s.flapping + self.debounce  # how it is once the burst has gone on a while
+        if s.flapping is not None:
+            return s.changed + FLAP_QUIET * self.debounce
+        return s.changed + self.debounce
+
+    def _schedule(self, node: Node, s: Told) -> None:
+        if s.timer is not None:
+            s.timer.cancel()
+            s.timer = None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (a script): nothing to wait with
+            self._tell(node, s)
+            return
+        s.timer = loop.call_later(max(0.0, self._due(s) - time.monotonic()), self._check, node, s)
+
+    def _check(self, node: Node, s: Told) -> None:
+        """A device's health news is due: the flapping summary, or its state if contacts heard another."""
+        s.timer = None
+        if s.flapping is not None and not s.summarised:
+            s.summarised = True
+            self._summarise(node, s)
+            self._schedule(node, s)  # quiet until it has kept one state a while
+            return
+        if s.flapping is not None:  # stable again: tell how it ended up; count flaps anew
+            s.flapping, s.summarised = None, False
+            s.downs.clear()
+        self._tell(node, s)
+
+    def _tell(self, node: Node, s: Told) -> None:
+        """Tell the device's current health, unless it is what contacts heard last (or not news)."""
+        h = node.health
+        said = _said(h)
+        if said is None or said == s.said:
+            return  # starting up is not news; nor is a state they know
+        s.said = said
         for w in list(self.watches.values()):
             if w.kind == "offline" and w.target == node.id:
-                self._health_watch(w, node, now)
-        new = node.health
-        if new.state is Health.STARTING or (old.state is Health.STARTING and new.healthy):
-            return  # a device starting up normally is not news
-        text = f"{node.id}: back to ok" if new.healthy else f"{node.id}: {new.describe()}"
-        to = tuple(c.jid for c in self.config.contacts if c.alert_level in ("all", "health"))
-        self._emit(Alert(text, now, to))
+                self._health_watch(w, node, h.since)
+        text = f"{node.id}: back to ok" if h.healthy else f"{node.id}: {h.describe()}"
+        self._emit(Alert(text, h.since, self._health_contacts()))
+
+    def _summarise(self, node: Node, s: Told) -> None:
+        """One message for a burst of flaps, to everyone who would have heard of each flap."""
+        now = time.monotonic()
+        h = node.health
+        kinds = {state for _t, state in s.downs}
+        word = kinds.pop().value if len(kinds) == 1 else "not ok"
+        text = (f"{node.id}: flapping: {word} {len(s.downs)} times in the last {age(now - s.downs[0][0])}; "
+                f"now {h.describe()}")
+        to = set(self._health_contacts())
+        bad = h.state in BAD
+        for w in list(self.watches.values()):
+            if w.kind != "offline" or w.target != node.id or w.acked:
+                continue
+            to |= {w.owner} | {c.jid for c in self.config.contacts if c.alert_level == "all"}
+            # The summary told its owner how the device is now: the watch follows, silently.
+            if bad and not w.firing:
+                w.firing, w.notified, w.last_sent = True, True, now
+            elif w.firing and h.healthy:
+                self._clear(w)
+        said = _said(h)
+        if said is not None:
+            s.said = said
+        self._emit(Alert(text, time.time(), tuple(sorted(to))))
+
+    def _health_contacts(self) -> tuple[str, ...]:
+        return tuple(c.jid for c in self.config.contacts if c.alert_level in ("all", "health"))
 
     def _health_watch(self, w: Watch, node: Node, now: float) -> None:
-        bad = node.health.state in (Health.OFFLINE, Health.ERROR, Health.STALE)
+        bad = node.health.state in BAD
         if bad and not w.firing:
             w.firing, w.acked = True, False
             self._send(w, f"ALERT #{w.id} {node.id} is {node.health.describe()}", now)
@@ -353,6 +524,17 @@ class Watches:
                 sink(alert)
             except Exception:
                 log.exception("alert sink failed")
+
+
+def _said(h: HealthState) -> str | None:
+    """A health as contacts are told it: "ok", the problem, or None for `starting` (not news)."""
+    if h.state is Health.STARTING:
+        return None
+    return "ok" if h.healthy else h.describe()
+
+
+def _node_of(target: str) -> str:
+    return target.partition(".")[0]
 
 
 def _definition(w: Watch) -> dict[str, object]:

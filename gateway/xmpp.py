@@ -14,14 +14,15 @@ import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING
 
 import slixmpp
 from slixmpp.stanza import Message, Presence
 from slixmpp.xmlstream import StanzaBase
 
 from .auth import Actor
-from .commands import Commands
-from .config import Config
+from .commands import Commands, Progress
+from .config import Config, ConfigError
 from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
@@ -33,6 +34,9 @@ from .sensordata import SensorData
 from .upload import Uploader, attach_oob
 from .values import age
 from .watches import Alert
+
+if TYPE_CHECKING:
+    from .omemo import Omemo
 
 log = logging.getLogger("iot_gateway.xmpp")
 
@@ -137,8 +141,12 @@ class Session:
         # Connecting, keepalive, reconnecting and why it is offline.
         self.link = Link(c, self.xcfg, hub)
         hub.subscribe(health=self._on_health, problem=self._on_problem)
+        hub.subscribe(node=self._on_node)  # a device discovered or removed changes the counts
         self.rooms = Rooms(self)
         self.phone = Phone(self)  # receipts, markers, edits, retractions
+        self.omemo = _omemo(self)  # end-to-end encryption (gateway/omemo.py); None when off
+        if self.omemo is not None:
+            commands.omemo = self.omemo
         self.adhoc = AdHoc(self)
         self.sensordata = SensorData(self)
         self.control = Control(self)
@@ -169,6 +177,7 @@ class Session:
         self.link.close()
         self.hub.unsubscribe(self._on_health)
         self.hub.unsubscribe(self._on_problem)
+        self.hub.unsubscribe(self._on_node)
         if self._presence_task is not None:
             self._presence_task.cancel()
         if self.online.is_set():
@@ -323,12 +332,20 @@ class Session:
                     self._unacked.popitem(last=False)
                 while len(self._alert_ids) > 2 * QUEUE_SIZE:
                     self._alert_ids.popitem(last=False)
-            msg.send()
+            if self.omemo is not None:
+                self.omemo.send_alert(msg)  # encrypted to known devices; re-encrypted from the text when resent
+            else:
+                msg.send()
         if hooks:
             for hook in self.alert_hooks:
                 hook(alert, delayed)
 
     # ------------------------------------------------------------ presence
+
+    def _on_node(self, event: object) -> None:
+        """A device was added, removed or renamed while running: presence counts follow."""
+        if self.online.is_set() and (self._presence_task is None or self._presence_task.done()):
+            self._presence_task = asyncio.ensure_future(self._debounced_presence())
 
     def _on_health(self, node: Node, old: HealthState) -> None:
         if not self.online.is_set():
@@ -368,6 +385,14 @@ class Session:
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal"):
             return
+        secure = False  # came OMEMO-encrypted: every answer goes back encrypted
+        if self.omemo is not None:
+            # Before the body check: OMEMO key exchanges have no body. A contact's encrypted message
+            # comes back decrypted (its fallback body is never run); strangers' are not decrypted.
+            opened = await self.omemo.incoming(msg)
+            if opened is None:
+                return
+            msg, secure = opened
         body = msg["body"]
         if not body:
             return  # chat states, receipts and the like
@@ -383,28 +408,32 @@ class Session:
             ahead = stamp.timestamp() - time.time()
             log.warning("ignored a command from %s stamped %.0f s ahead of this gateway's clock: is the clock wrong?",
                         sender, ahead)
-            msg.reply(
+            await self._answer(
+                msg,
                 f"Ignored a command the server stamped {age(ahead)} ahead of the gateway's clock, so "
-                "its age is unknown (is the gateway's clock wrong?); send it again."
-            ).send()
+                "its age is unknown (is the gateway's clock wrong?); send it again.",
+                secure,
+            )
             return
         if stamp is not None and time.time() - stamp.timestamp() > MAX_COMMAND_AGE:
             # Sent while the gateway was offline: acting on it now could flip an
             # actuator long after the sender meant to. (A short network drop that
             # XEP-0198 resumes delivers commands only seconds late: those run.)
-            msg.reply("Ignored a command sent while the gateway was offline; send it again.").send()
+            await self._answer(msg, "Ignored a command sent while the gateway was offline; send it again.", secure)
             return
         if len(body.encode()) > MAX_BODY:
-            msg.reply(f"Message too long (over {MAX_BODY} bytes).").send()
+            await self._answer(msg, f"Message too long (over {MAX_BODY} bytes).", secure)
             return
         if not self.allow_rate(sender):
             if sender not in self._throttled:
                 self._throttled.add(sender)
                 g = self.config.gateway
-                msg.reply(
+                await self._answer(
+                    msg,
                     f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. "
-                    "Ignoring your messages until then."
-                ).send()
+                    "Ignoring your messages until then.",
+                    secure,
+                )
             return
         self._throttled.discard(sender)
         self.phone.accepted(msg)  # XEP-0184 receipt, XEP-0333 displayed
@@ -412,11 +441,23 @@ class Session:
             # An edit of a set, a retraction: answered, never run (in turn: the original is known by then).
             answer = self.phone.instead(msg, sender)
             if answer is not None:
-                msg.reply(answer).send()
+                await self._answer(msg, answer, secure)
                 return
-            reply = await self.run_command(body, Actor(sender, contact.role, "chat"))
+            reply = await self.run_command(
+                body, Actor(sender, contact.role, "chat"), progress=lambda text: self._answer(msg, text, secure)
+            )
             self.phone.remember(msg, sender, body, reply)
-            attach_oob(msg.reply(reply), reply).send()
+            if secure:
+                await self._answer(msg, reply, secure)  # the picture's URL inside, no OOB in clear
+            else:
+                attach_oob(msg.reply(reply), reply).send()
+
+    async def _answer(self, msg: Message, text: str, secure: bool) -> None:
+        """Reply to a contact's message: OMEMO-encrypted when it came encrypted, else plain."""
+        if secure and self.omemo is not None:
+            await self.omemo.reply(msg, text)
+        else:
+            msg.reply(text).send()
 
     @contextlib.asynccontextmanager
     async def _turn(self, jid: str) -> AsyncIterator[None]:
@@ -433,10 +474,11 @@ class Session:
             else:
                 self._turns[jid] = (lock, users - 1)
 
-    async def run_command(self, text: str, actor: Actor) -> str:
-        """Run a chat command; an unexpected failure is logged and answered, never raised."""
+    async def run_command(self, text: str, actor: Actor, progress: Progress | None = None) -> str:
+        """Run a chat command; an unexpected failure is logged and answered, never raised.
+        `progress` sends an interim message ("sent, waiting for the device") before the reply."""
         try:
-            return await self.commands.run(text.strip(), actor)
+            return await self.commands.run(text.strip(), actor, progress=progress)
         except Exception:
             log.exception("command %r from %s failed", text[:100], actor.jid)
             return "Internal error while running that command; it has been logged."
@@ -469,6 +511,18 @@ def _stamp(msg: Message, alert: Alert, by: str) -> None:
     """Mark a message as delayed (XEP-0203): it tells when the alert happened."""
     msg["delay"]["stamp"] = dt.datetime.fromtimestamp(alert.time, dt.timezone.utc)
     msg["delay"]["from"] = by
+
+
+def _omemo(session: Session) -> "Omemo | None":
+    """OMEMO for the session, unless `[xmpp] omemo = "off"`; its packages are imported only then."""
+    policy = session.xcfg.omemo
+    if policy == "off":
+        return None
+    try:
+        from .omemo import STORE, Omemo
+    except ImportError as e:
+        raise ConfigError([f"xmpp.omemo: {policy!r} needs the OMEMO packages ({e}); set omemo = \"off\""]) from None
+    return Omemo(session, policy, session.config.gateway.state_dir / STORE)
 
 
 def _version() -> str:

@@ -80,12 +80,14 @@ def gateway_config(
 ) -> Config:
     """A config for the suite's Prosody with alice/olive/victor as admin/operator/viewer."""
     data: dict[str, Any] = {
-        "gateway": {"name": "Test GW", "state_dir": str(tmp_path / "state")},
+        # Health alerts at once (no debounce): tests of other things count them; test_flapping.py debounces.
+        "gateway": {"name": "Test GW", "state_dir": str(tmp_path / "state"), "health_debounce": 0},
         "xmpp": {
             "jid": server.jid("gateway"),
             "password": server.passwords["gateway"],
             "server": server.prosody.address,
             "ca_file": str(server.prosody.ca_file),
+            "omemo": "off",  # tests/test_omemo.py turns it on; the other tests' gateways stay light
             **(xmpp or {}),
         },
         "contacts": [

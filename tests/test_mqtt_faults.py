@@ -8,6 +8,7 @@ import json
 import logging
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from gateway.localservers import Mosquitto
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.test_mqtt import Echo, Publisher, gateways, health, make_config, unique, values  # noqa: F401
+from tests.test_rooms import gateway_in, new_room
 
 ADMIN = Actor("admin@example.org", "admin", "test")
 DYNSEC = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
@@ -52,7 +54,7 @@ async def test_a_set_the_broker_denies_is_not_confirmed_and_audited_so(
     broker.start()
     p = unique("plug")
     config = gateway_config(
-        xmpp_server, tmp_path, devices=[plug(p, confirm_timeout=1)], mqtt={"url": broker.url, "client_id": cid}
+        xmpp_server, tmp_path, devices=[plug(p, confirm_timeout=2)], mqtt={"url": broker.url, "client_id": cid}
     )
     running = await start_gateway(config, xmpp_server.passwords["gateway"])
     gw = running.gateway
@@ -60,16 +62,20 @@ async def test_a_set_the_broker_denies_is_not_confirmed_and_audited_so(
     alice = await xmpp_server.peer("alice").start()
     try:
         await until(lambda: health(gw, "plug") == (Health.OK, ""), "broker connection")
-        reply = await alice.ask(running.jid, "set plug.relay on")
-        assert reply == (
-            "Error: plug.relay: on sent, not confirmed: the device did not report the new state within 1 s."
+        # Still waiting after a second: the contact hears so, then the outcome.
+        assert await alice.ask(running.jid, "set plug.relay on") == "plug.relay: on sent, waiting for the device…"
+        assert await alice.reply_from(running.jid) == (
+            "Error: plug.relay: on sent, not confirmed: the device did not report the new state within 2 s."
         )
         entry = gw.hub.audit.entries[-1]
         assert (entry.ref, entry.new, entry.outcome) == ("plug.relay", True, "unconfirmed")
-        assert entry.reason == "not confirmed: the device did not report the new state within 1 s"
+        assert entry.reason == "not confirmed: the device did not report the new state within 2 s"
         assert echo.heard == [] and values(gw, "plug.relay") == []
-        # Without a state topic the acknowledged command is all there is to go by.
-        assert await alice.ask(running.jid, "set plug.led on") == "plug.led: — → on"
+        # Without a state topic nothing can confirm it: "sent", claiming no change, audited so.
+        assert await alice.ask(running.jid, "set plug.led on") == "plug.led: on sent"
+        entry = gw.hub.audit.entries[-1]
+        assert (entry.ref, entry.new, entry.outcome) == ("plug.led", True, "sent")
+        assert (await alice.ask(running.jid, "log plug.led")).endswith("via chat  plug.led  on sent")
     finally:
         echo.stop()
         await alice.stop()
@@ -100,6 +106,59 @@ async def test_a_set_the_device_confirms_is_applied(
             await gw.hub.write("plug.relay", "off", ADMIN)
     finally:
         stubborn.stop()
+
+
+def slowly(payload: str) -> str:
+    """A plug that takes a moment to switch before it reports its state (on its own paho thread)."""
+    time.sleep(1.5)
+    return payload
+
+
+async def test_a_set_the_device_confirms_late_says_sent_then_applied(
+    xmpp_server: XmppServer, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    p = unique("plug")
+    config = gateway_config(xmpp_server, tmp_path, devices=[plug(p, confirm_timeout=5)],
+                            mqtt={"url": mosquitto.url, "client_id": unique("gwslow")})
+    running = await start_gateway(config, xmpp_server.passwords["gateway"])
+    gw = running.gateway
+    alice = await xmpp_server.peer("alice").start()
+    echo = Echo(mosquitto.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", slowly)})
+    try:
+        await until(lambda: health(gw, "plug") == (Health.OK, ""), "broker connection")
+        assert await alice.ask(running.jid, "set plug.relay on") == "plug.relay: on sent, waiting for the device…"
+        assert await alice.reply_from(running.jid) == "plug.relay: — → on"
+        assert gw.hub.audit.entries[-1].outcome == "applied"
+        echo.states[f"cmnd/{p}/POWER"] = (f"stat/{p}/POWER", str)  # now a quick one: no interim message
+        assert await alice.ask(running.jid, "set plug.relay off") == "plug.relay: on → off"
+        with pytest.raises(TimeoutError):
+            await alice.reply_from(running.jid, timeout=1.5)
+    finally:
+        echo.stop()
+        await alice.stop()
+        await running.stop()
+
+
+async def test_a_slow_set_in_a_room_says_sent_then_the_outcome(xmpp_server: XmppServer, tmp_path: Path) -> None:
+    room = new_room("slow")
+    gw = await gateway_in(xmpp_server, tmp_path, room)
+    hub = gw.gateway.hub
+    write = hub._writers["sim"]
+
+    async def slow(field: str, value: Any) -> None:  # a device that takes a while to confirm
+        await asyncio.sleep(1.5)
+        await write(field, value)
+
+    hub.set_writer("sim", slow)
+    olive = await xmpp_server.peer("olive").start()
+    try:
+        await olive.join(room, "olive")
+        olive.client.send_message(mto=room, mbody="gw: set sim.speed 40", mtype="groupchat")
+        assert await olive.room_said(room, "gw") == "olive: sim.speed: 40 sent, waiting for the device…"
+        assert await olive.room_said(room, "gw") == "olive: sim.speed: 0 → 40"
+    finally:
+        await olive.stop()
+        await gw.stop()
 
 
 # ---------------------------------------------------------------- item 2: a denied subscription

@@ -19,7 +19,8 @@ VICTOR = Actor("victor@x", "viewer", "test")
 
 def config(tmp_path: Path, **gateway: object):
     return parse({
-        "gateway": {"name": "W", "state_dir": str(tmp_path / "state"), **gateway},
+        # Health alerts at once unless a test asks for the debounce (test_flapping.py does).
+        "gateway": {"name": "W", "state_dir": str(tmp_path / "state"), "health_debounce": 0, **gateway},
         "contacts": [{"jid": "alice@x", "role": "admin"}, {"jid": "victor@x", "role": "viewer"},
                      {"jid": "olive@x", "role": "operator", "alerts": "all"}],
         "devices": [{

@@ -1,0 +1,55 @@
+"""Config shared by the drivers of self-describing MQTT devices (`zigbee2mqtt`, `tasmota`).
+
+Kept apart from `devices._discovery` (which imports paho) so `iot-gateway check` needs no paho.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+
+from gateway.configbase import DeviceBase, FieldBase
+
+BRIDGE_FIELDS = [
+    FieldBase(name="devices", type="integer", description="devices found, each shown as its own device")
+]
+
+
+class DiscoveringDevice(DeviceBase):
+    """A config entry that stands for every device a bridge or a discovery describes on the `[mqtt]` broker."""
+
+    sections: ClassVar[tuple[str, ...]] = ("mqtt",)
+    # Devices appear after start: watches on them are kept across a restart until they are back.
+    discovers: ClassVar[bool] = True
+
+    # Shell patterns (`kitchen/*`) of the names to show (empty: all) and to leave out.
+    include: list[str] = Field(default_factory=list, max_length=500)
+    exclude: list[str] = Field(default_factory=list, max_length=500)
+    # Put before every device id made from a name: `zb-` makes `zb-hall_motion`.
+    prefix: str = Field("", pattern=r"^[a-z0-9_-]*$", max_length=20)
+    # Seconds a set waits for the device to report the new state (a write gets 10 s in all).
+    confirm_timeout: float = Field(5.0, gt=0, le=8)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p or len(p) > 256 or not p.isprintable():
+                raise ValueError(f"{p!r} is not a usable name pattern (1-256 printable characters)")
+        return v
+
+    @property
+    def fields(self) -> list[FieldBase]:
+        """The entry's own node: how many devices it shows (theirs come at run time)."""
+        return BRIDGE_FIELDS
+
+
+def topic_part(v: str, what: str) -> str:
+    """A topic prefix without wildcards or empty levels (`zigbee2mqtt`, `tasmota/discovery`)."""
+    if not v or "\x00" in v or "+" in v or "#" in v or v.startswith("/") or v.endswith("/") or "//" in v:
+        raise ValueError(f"`{what}` must be a topic without wildcards, empty levels or a leading or trailing '/', got {v!r}")
+    if not re.fullmatch(r"[^\s]{1,200}", v):
+        raise ValueError(f"`{what}` must be 1-200 characters without spaces, got {v!r}")
+    return v

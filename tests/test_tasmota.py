@@ -1,0 +1,232 @@
+"""The tasmota driver against a real Mosquitto, with the test playing the Tasmota devices.
+
+Discovery messages are the fixtures in tests/discovery/ (a Sonoff POW R2 and a BME280
+node, shaped as Tasmota's TasDiscoverMessage publishes them), with each test's own
+discovery prefix and device topics, so retained messages of one do not reach another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devices.tasmota import full_topic, relays, sensor_spots
+from gateway.app import Gateway
+from gateway.auth import Actor
+from gateway.config import parse
+from gateway.hub import Health
+from gateway.localservers import Mosquitto
+from tests.helpers import until
+from tests.test_mqtt import Publisher
+
+HERE = Path(__file__).resolve().parent / "discovery"
+PLUG_CFG: dict[str, Any] = json.loads((HERE / "tasmota_plug_config.json").read_text())
+PLUG_SNS: dict[str, Any] = json.loads((HERE / "tasmota_plug_sensors.json").read_text())
+BME_CFG: dict[str, Any] = json.loads((HERE / "tasmota_sensor_config.json").read_text())
+BME_SNS: dict[str, Any] = json.loads((HERE / "tasmota_sensor_sensors.json").read_text())
+MESSAGES: dict[str, Any] = json.loads((HERE / "tasmota_messages.json").read_text())
+ADMIN = Actor("admin@example.org", "admin", "test")
+
+
+class Tasmota:
+    """The test as two Tasmota devices: retained discovery and LWT; the plug answers POWER
+    commands on stat/<t>/RESULT and STATUS 10 polls with its sensors, as the firmware does."""
+
+    def __init__(self, pub: Publisher, port: int):
+        self.pub = pub
+        tag = uuid.uuid4().hex[:6]
+        self.dp = f"tasmota-{tag}/discovery"
+        self.plug = dict(PLUG_CFG, t=f"plug_{tag}")
+        self.bme = dict(BME_CFG, t=f"balcony_{tag}")
+        self.commands: list[tuple[str, str]] = []
+        self.power = "OFF"
+        self.answering = True
+        ready = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="tas-" + tag)
+        c.on_connect = lambda *_a: c.subscribe(f"cmnd/{self.plug['t']}/#", qos=1)
+        c.on_subscribe = lambda *_a: ready.set()
+        c.on_message = self._on_command
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        assert ready.wait(5), "tasmota stand-in could not subscribe"
+        self.client = c
+
+    def _on_command(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        t = self.plug["t"]
+        body = msg.payload.decode()
+        self.commands.append((msg.topic, body))
+        if not self.answering:
+            return
+        if msg.topic.startswith(f"cmnd/{t}/POWER"):
+            self.power = body
+            self.client.publish(f"stat/{t}/RESULT", json.dumps({"POWER": body}), qos=1)
+            self.client.publish(f"stat/{t}/POWER", body, qos=1)
+        elif msg.topic == f"cmnd/{t}/STATUS" and body == "10":
+            sns = json.loads(MESSAGES["plug"]["messages"][8]["payload"])
+            self.client.publish(f"stat/{t}/STATUS10", json.dumps(sns), qos=1)
+
+    async def announce(self, which: str = "both") -> None:
+        for cfg, sns in ((self.plug, PLUG_SNS), (self.bme, BME_SNS)):
+            if which not in ("both", cfg["t"]):
+                continue
+            await self.pub.send(f"{self.dp}/{cfg['mac']}/config", json.dumps(cfg), retain=True)
+            await self.pub.send(f"{self.dp}/{cfg['mac']}/sensors", json.dumps(sns), retain=True)
+            await self.pub.send(f"tele/{cfg['t']}/LWT", cfg["onln"], retain=True)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+async def tas(mosquitto: Mosquitto) -> AsyncIterator[Tasmota]:
+    pub = Publisher(mosquitto.port)
+    fake = Tasmota(pub, mosquitto.port)
+    yield fake
+    fake.stop()
+    pub.stop()
+
+
+async def started(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, **extra: Any) -> Gateway:
+    config = parse(
+        {
+            "gateway": {"name": "Tasmota test", "state_dir": str(tmp_path / "state"), "history_per_second": 0},
+            "mqtt": {"url": mosquitto.url, "client_id": "gw-" + uuid.uuid4().hex[:8]},
+            "devices": [{"id": "tas", "driver": "tasmota", "discovery_prefix": tas.dp, **extra}],
+        }
+    )
+    gw = Gateway(config)
+    await gw.start()
+    return gw
+
+
+def node_id(t: str) -> str:
+    return t.lower()
+
+
+# ---------------------------------------------------------------- parsing, no broker
+
+
+def test_topics_relays_and_sensor_units() -> None:
+    assert full_topic(PLUG_CFG, PLUG_CFG["mac"], 0) == "cmnd/tasmota_5D3A1F/"
+    custom = dict(PLUG_CFG, ft="%topic%/%prefix%/", tp=["c", "s", "t"])
+    assert full_topic(custom, PLUG_CFG["mac"], 2) == "tasmota_5D3A1F/t/"
+    one = relays(PLUG_CFG, "cmnd/x/")
+    assert list(one) == ["power"] and one["power"].command == "cmnd/x/POWER1"
+    two = relays(dict(PLUG_CFG, rl=[1, 0, 1, 3]), "cmnd/x/")
+    assert list(two) == ["power1", "power3"]  # a shutter (3) is not an on/off field
+    energy = sensor_spots(PLUG_SNS["sn"])
+    assert energy["energy_power"].spec.unit == "W" and energy["energy_reactivepower"].spec.unit == "VAr"
+    assert energy["energy_total"].spec.unit == "kWh" and "energy_totalstarttime" not in energy
+    bme = sensor_spots(BME_SNS["sn"])
+    assert bme["bme280_temperature"].spec.unit == "°C" and bme["bme280_pressure"].spec.unit == "hPa"
+    fahrenheit = sensor_spots(dict(BME_SNS["sn"], TempUnit="F"))
+    assert fahrenheit["bme280_dewpoint"].spec.unit == "°F"
+
+
+# ---------------------------------------------------------------- through Mosquitto
+
+
+async def test_discovery_sensors_relay_round_trip_and_lwt(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota) -> None:
+    await tas.announce()
+    gw = await started(tmp_path, mosquitto, tas)
+    hub = gw.hub
+    plug, bme = node_id(tas.plug["t"]), node_id(tas.bme["t"])
+    try:
+        await until(lambda: {plug, bme} <= set(hub.nodes), "both devices")
+        assert hub.nodes[plug].name == "Kettle Plug" and hub.nodes[plug].driver == "tasmota"
+        assert hub.field(f"{plug}.power").spec.writable
+        assert hub.field(f"{bme}.bme280_humidity").spec.unit == "%"
+        # The plug was polled (STATUS 10) and answered with its energy readings.
+        await until(lambda: hub.field(f"{plug}.energy_power").latest is not None, "the polled energy readings")
+        assert hub.field(f"{plug}.energy_power").latest.value == 2101
+        await until(lambda: hub.nodes[plug].health.state is Health.OK, "the plug online (LWT)")
+        # Telemetry of the sensor node.
+        sensor = MESSAGES["sensor"]["messages"][1]["payload"]
+        await tas.pub.send(f"tele/{tas.bme['t']}/SENSOR", sensor)
+        await until(lambda: hub.field(f"{bme}.bme280_temperature").latest is not None, "the BME280 reading")
+        assert hub.field(f"{bme}.bme280_temperature").latest.value == 18.6
+        # A set: cmnd/<t>/POWER1 ON, confirmed by the device's stat/<t>/RESULT {"POWER":"ON"}.
+        old, new = await gw.hub.write(f"{plug}.power", "on", ADMIN)
+        assert new is True and (f"cmnd/{tas.plug['t']}/POWER1", "ON") in tas.commands
+        assert hub.field(f"{plug}.power").latest.value is True
+        assert gw.hub.audit.entries[-1].outcome == "applied"
+        await gw.hub.write(f"{plug}.power", "off", ADMIN)
+        assert (f"cmnd/{tas.plug['t']}/POWER1", "OFF") in tas.commands
+        # tele/<t>/STATE reports the relay too.
+        state = json.loads(MESSAGES["plug"]["messages"][5]["payload"])
+        await tas.pub.send(f"tele/{tas.plug['t']}/STATE", json.dumps(state))
+        await until(lambda: hub.field(f"{plug}.power").latest.value is True, "the relay from tele STATE")
+        # LWT: offline and back.
+        await tas.pub.send(f"tele/{tas.plug['t']}/LWT", "Offline", retain=True)
+        await until(lambda: hub.nodes[plug].health.state is Health.OFFLINE, "the plug offline (LWT)")
+        assert hub.nodes[bme].health.state is Health.OK
+        await tas.pub.send(f"tele/{tas.plug['t']}/LWT", "Online", retain=True)
+        await until(lambda: hub.nodes[plug].health.state is Health.OK, "the plug back")
+        # A device that does not confirm: the set is unconfirmed, not applied.
+        tas.answering = False
+        with pytest.raises(Exception, match="not confirmed"):
+            await gw.hub.write(f"{plug}.power", "on", ADMIN)
+        assert gw.hub.audit.entries[-1].outcome == "unconfirmed"
+    finally:
+        await gw.stop()
+
+
+async def test_removal_rename_and_hostile_discovery(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, caplog: pytest.LogCaptureFixture) -> None:
+    await tas.announce()
+    gw = await started(tmp_path, mosquitto, tas)
+    hub = gw.hub
+    plug, bme = node_id(tas.plug["t"]), node_id(tas.bme["t"])
+    alerts: list[str] = []
+    gw.watches.sinks.append(lambda a: alerts.append(a.text))
+    try:
+        await until(lambda: {plug, bme} <= set(hub.nodes), "both devices")
+        await until(lambda: hub.field("tas.devices").latest is not None and hub.field("tas.devices").latest.value == 2, "the count")
+        caplog.set_level(logging.WARNING, "iot_gateway")
+        mac = tas.bme["mac"]
+        for bad in (b"\xff", "[1, 2]", json.dumps(dict(tas.bme, t=5)), json.dumps(dict(tas.bme, rl="x" * 100_000)), "{" * 10_000):
+            await tas.pub.send(f"{tas.dp}/{mac}/config", bad, retain=True)
+        await tas.pub.send(f"{tas.dp}/not-a-mac/config", json.dumps(tas.bme), retain=True)
+        await tas.pub.send(f"{tas.dp}/{mac}/config", json.dumps(tas.bme), retain=True)
+        await tas.pub.send(f"{tas.dp}/{mac}/sensors", json.dumps({"sn": {f"S{i}": {"V": i} for i in range(500)}}), retain=True)
+        await asyncio.sleep(0.3)
+        assert {plug, bme} <= set(hub.nodes), "bad discovery messages remove nothing"
+        # Rename: the same MAC under a new topic keeps its history.
+        await tas.pub.send(f"tele/{tas.bme['t']}/SENSOR", MESSAGES["sensor"]["messages"][1]["payload"])
+        await until(lambda: hub.field(f"{bme}.bme280_temperature").latest is not None, "a reading")
+        await gw.history.flush()
+        moved = dict(tas.bme, t=tas.bme["t"] + "_2")
+        await tas.pub.send(f"{tas.dp}/{mac}/sensors", json.dumps(BME_SNS), retain=True)
+        await tas.pub.send(f"{tas.dp}/{mac}/config", json.dumps(moved), retain=True)
+        await until(lambda: node_id(moved["t"]) in hub.nodes, "the renamed sensor")
+        assert bme not in hub.nodes
+        assert [r.value for r in hub.field(f"{node_id(moved['t'])}.bme280_temperature").history] == [18.6]
+        await gw.history.flush()
+        db = sqlite3.connect(tmp_path / "state" / "history.db")
+        n = db.execute("SELECT count(*) FROM readings WHERE ref = ?", (f"{node_id(moved['t'])}.bme280_temperature",)).fetchone()[0]
+        db.close()
+        assert n == 1
+        # Removal: Tasmota withdraws a device with an empty retained config.
+        w = gw.watches.add(gw.watches.parse("alice@example.org", [plug, "offline"]))
+        await tas.pub.send(f"{tas.dp}/{tas.plug['mac']}/config", b"", retain=True)
+        await until(lambda: plug not in hub.nodes, "the plug removed")
+        await until(lambda: any(f"#{w.id}" in a and "is gone" in a for a in alerts), "the watch's owner told")
+        assert hub.field("tas.devices").latest.value == 1
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == len(set(warnings)), "each problem is logged once"
+        assert any("not a MAC address" in x for x in warnings) and any("more than 100" in x for x in warnings)
+    finally:
+        await gw.stop()
+        for cfg in (tas.plug, tas.bme):
+            await tas.pub.send(f"{tas.dp}/{cfg['mac']}/config", b"", retain=True)

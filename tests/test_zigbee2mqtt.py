@@ -1,0 +1,387 @@
+"""The zigbee2mqtt driver against a real Mosquitto, with the test playing Zigbee2MQTT.
+
+The device list, states and availability are the fixtures in tests/discovery/
+(shaped as Zigbee2MQTT 2.x publishes them; SOURCES.md says where they come from).
+Each test uses its own base topic, so retained messages of one do not reach another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import sqlite3
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devices.zigbee2mqtt import convert, spots, state_word, usable
+from gateway.app import Gateway
+from gateway.auth import Actor
+from gateway.config import Config, parse
+from gateway.hub import Health
+from gateway.localservers import Mosquitto
+from gateway.values import BadValue
+from tests.conftest import XmppServer, gateway_config, start_gateway
+from tests.helpers import until
+from tests.test_mqtt import Publisher
+from tests.xep_helpers import SD, Inbox, by_name, child, iq, values
+
+HERE = Path(__file__).resolve().parent / "discovery"
+DEVICES: list[dict[str, Any]] = json.loads((HERE / "z2m_bridge_devices.json").read_text())
+STATES: dict[str, Any] = json.loads((HERE / "z2m_states.json").read_text())
+ADMIN = Actor("admin@example.org", "admin", "test")
+SHOWN = {"living_room_climate", "kitchen_kettle_plug", "hall_ceiling", "hall_motion"}
+
+
+def config(tmp_path: Path, url: str, base: str, **extra: Any) -> Config:
+    return parse(
+        {
+            # Every reading reaches history.db (no thinning to 2 a second): the rename test counts rows.
+            "gateway": {"name": "Z2M test", "state_dir": str(tmp_path / "state"), "history_per_second": 0},
+            "mqtt": {"url": url, "client_id": "gw-" + uuid.uuid4().hex[:8]},
+            "devices": [{"id": "zb", "driver": "zigbee2mqtt", "base_topic": base, **extra}],
+        }
+    )
+
+
+class Z2m:
+    """The test as Zigbee2MQTT: publishes the bridge's retained topics, and answers sets with the
+    new state (as Z2M does once the device reported it)."""
+
+    def __init__(self, pub: Publisher, base: str):
+        self.pub = pub
+        self.base = base
+        self.sets: list[tuple[str, dict[str, Any]]] = []
+        self.state: dict[str, dict[str, Any]] = {}
+        self._sub: paho.Client | None = None
+
+    async def devices(self, devices: list[dict[str, Any]] | str | bytes) -> None:
+        body = devices if isinstance(devices, (str, bytes)) else json.dumps(devices)
+        await self.pub.send(f"{self.base}/bridge/devices", body, retain=True)
+
+    async def bridge(self, payload: str) -> None:
+        await self.pub.send(f"{self.base}/bridge/state", payload, retain=True)
+
+    async def report(self, name: str, state: dict[str, Any]) -> None:
+        self.state.setdefault(name, {}).update(state)
+        await self.pub.send(f"{self.base}/{name}", json.dumps(self.state[name]))
+
+    def answer_sets(self, port: int) -> None:
+        """Subscribe to `<base>/+/+/set` and report each set back as the device's new state."""
+        ready = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="z2m-" + uuid.uuid4().hex[:8])
+        c.on_connect = lambda *_a: c.subscribe(f"{self.base}/#", qos=1)
+        c.on_subscribe = lambda *_a: ready.set()
+
+        def on_message(_c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+            if not msg.topic.endswith("/set"):
+                return
+            name = msg.topic[len(self.base) + 1 : -len("/set")]
+            body = json.loads(msg.payload)
+            self.sets.append((msg.topic, body))
+            self.state.setdefault(name, {}).update(body)
+            c.publish(f"{self.base}/{name}", json.dumps(self.state[name]), qos=1)
+
+        c.on_message = on_message
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        assert ready.wait(5), "z2m stand-in could not subscribe"
+        self._sub = c
+
+    def stop(self) -> None:
+        if self._sub is not None:
+            self._sub.disconnect()
+            self._sub.loop_stop()
+
+
+@pytest.fixture
+async def z2m(mosquitto: Mosquitto) -> AsyncIterator[Z2m]:
+    pub = Publisher(mosquitto.port)
+    fake = Z2m(pub, "z2m-" + uuid.uuid4().hex[:8])
+    yield fake
+    fake.stop()
+    pub.stop()
+
+
+async def started(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m, **extra: Any) -> Gateway:
+    gw = Gateway(config(tmp_path, mosquitto.url, z2m.base, **extra))
+    await gw.start()
+    return gw
+
+
+def renamed(devices: list[dict[str, Any]], old: str, new: str) -> list[dict[str, Any]]:
+    out = copy.deepcopy(devices)
+    for d in out:
+        if d["friendly_name"] == old:
+            d["friendly_name"] = new
+    return out
+
+
+# ---------------------------------------------------------------- parsing, no broker
+
+
+def test_only_usable_devices_are_shown() -> None:
+    why = {d["friendly_name"]: usable(d) for d in DEVICES}
+    assert why["Coordinator"] == "the coordinator"
+    assert why["0x54ef4410001a2b3c"].startswith("interview in_progress")
+    assert why["0xa4c1380f1e2d3c4b"].startswith("interview failed")  # a generated definition is not enough
+    assert {n for n, w in why.items() if not w} == {"living_room/climate", "kitchen/kettle_plug", "hall/ceiling", "hall/motion"}
+    v1 = json.loads((HERE / "z2m_bridge_devices_v1.json").read_text())
+    assert [usable(d) for d in v1] == ["not supported by Zigbee2MQTT", "the coordinator"]
+
+
+def test_exposes_become_fields() -> None:
+    light = spots(next(d for d in DEVICES if d["friendly_name"] == "hall/ceiling")["definition"]["exposes"], "x")
+    b = light["brightness"].spec
+    assert (b.type, b.writable, b.min, b.max) == ("numeric", True, 0, 254)
+    assert light["state"].spec.type == "boolean" and (light["state"].on, light["state"].off) == ("ON", "OFF")
+    assert light["color_temp"].spec.unit == "mired"
+    # A composite nests under its property; its write-only feature is writable and not read.
+    nested = light["level_config_current_level_startup"]
+    assert nested.path == ("level_config", "current_level_startup")
+    assert not light["color_options_execute_if_off"].readable and light["color_options_execute_if_off"].spec.writable
+    assert light["effect"].spec.choices[:2] == ("blink", "breathe") and not light["effect"].readable
+    assert light["linkquality"].spec.unit == "lqi" and not light["linkquality"].spec.writable
+    # A value that does not fit its declared type is not a reading.
+    assert convert(nested, "previous") is None and convert(nested, 3) == 3.0
+    motion = spots(next(d for d in DEVICES if d["friendly_name"] == "hall/motion")["definition"]["exposes"], "x")
+    assert convert(motion["occupancy"], True) is True and convert(motion["occupancy"], "ON") is None
+    assert state_word(b'{"state":"offline"}') is False and state_word(b"online") is True and state_word(b"maybe") is None
+
+
+# ---------------------------------------------------------------- through Mosquitto
+
+
+async def test_devices_readings_and_bridge_node(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
+    await z2m.devices(DEVICES)
+    await z2m.bridge('{"state":"online"}')
+    gw = await started(tmp_path, mosquitto, z2m)
+    try:
+        hub = gw.hub
+        await until(lambda: SHOWN <= set(hub.nodes), "the four devices")
+        assert set(hub.nodes) == SHOWN | {"zb"}
+        assert hub.nodes["hall_ceiling"].name == "hall/ceiling" and hub.nodes["hall_ceiling"].driver == "zigbee2mqtt"
+        await until(lambda: hub.field("zb.devices").latest is not None, "the bridge's device count")
+        assert hub.field("zb.devices").latest.value == 4
+        assert hub.nodes["zb"].health.state is Health.OK
+        for name, dev in STATES["devices"].items():
+            await z2m.report(name, dev["messages"][0])
+        await until(lambda: hub.field("hall_ceiling.brightness").latest is not None, "the light's state")
+        await until(lambda: hub.field("hall_motion.occupancy").latest is not None, "the motion sensor's state")
+        await until(lambda: hub.field("living_room_climate.pressure").latest is not None, "the climate sensor's state")
+        assert hub.field("living_room_climate.temperature").latest.value == 21.47
+        assert hub.field("living_room_climate.temperature").spec.unit == "°C"
+        assert hub.field("hall_motion.occupancy").latest.value is True
+        assert hub.field("hall_motion.motion_sensitivity").latest.value == "medium"
+        assert hub.field("hall_ceiling.state").latest.value is True
+        assert hub.field("hall_ceiling.level_config_execute_if_off").latest.value is False
+        assert hub.field("hall_ceiling.level_config_current_level_startup").latest is None  # "previous": skipped
+        assert hub.nodes["hall_ceiling"].health.state is Health.OK
+    finally:
+        await gw.stop()
+
+
+async def test_enum_and_bounds_refused_before_any_publish(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
+    await z2m.devices(DEVICES)
+    z2m.answer_sets(mosquitto.port)
+    gw = await started(tmp_path, mosquitto, z2m)
+    try:
+        await until(lambda: "hall_motion" in gw.hub.nodes, "the motion sensor")
+        with pytest.raises(BadValue, match="must be one of: low, medium, high"):
+            await gw.hub.write("hall_motion.motion_sensitivity", "extreme", ADMIN)
+        with pytest.raises(BadValue, match="254"):
+            await gw.hub.write("hall_ceiling.brightness", "300", ADMIN)
+        await asyncio.sleep(0.3)
+        assert z2m.sets == []
+        assert [e.outcome for e in gw.hub.audit.entries][-2:] == ["refused", "refused"]
+        await gw.hub.write("hall_motion.motion_sensitivity", "high", ADMIN)
+        assert z2m.sets[-1] == (f"{z2m.base}/hall/motion/set", {"motion_sensitivity": "high"})
+        await gw.hub.write("hall_ceiling.level_config_current_level_startup", "30", ADMIN)
+        assert z2m.sets[-1][1] == {"level_config": {"current_level_startup": 30}}
+        # Write-only (access 2): the acknowledged command is the value; nothing to wait for.
+        await gw.hub.write("hall_ceiling.effect", "blink", ADMIN)
+        await until(lambda: z2m.sets[-1][1] == {"effect": "blink"}, "the effect's /set")
+        assert gw.hub.audit.entries[-1].outcome == "sent"  # nothing reports it: not called applied
+    finally:
+        await gw.stop()
+
+
+async def test_availability_json_legacy_and_bridge_state(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
+    await z2m.devices(DEVICES)
+    await z2m.bridge('{"state":"online"}')
+    gw = await started(tmp_path, mosquitto, z2m)
+    hub = gw.hub
+    try:
+        await until(lambda: "kitchen_kettle_plug" in hub.nodes, "the plug")
+        plug = hub.nodes["kitchen_kettle_plug"]
+        avail = f"{z2m.base}/kitchen/kettle_plug/availability"
+        await z2m.pub.send(avail, '{"state":"offline"}', retain=True)
+        await until(lambda: plug.health.state is Health.OFFLINE, "the plug offline (JSON)")
+        await z2m.pub.send(avail, "online", retain=True)  # Zigbee2MQTT 1.x
+        await until(lambda: plug.health.state is Health.OK, "the plug online (legacy plain text)")
+        await z2m.pub.send(avail, "offline", retain=True)
+        await until(lambda: plug.health.state is Health.OFFLINE, "the plug offline (legacy)")
+        await z2m.pub.send(avail, '{"state":"online"}', retain=True)
+        await until(lambda: plug.health.state is Health.OK, "the plug online again")
+        await z2m.bridge('{"state":"offline"}')
+        await until(lambda: all(hub.nodes[n].health.state is Health.OFFLINE for n in SHOWN | {"zb"}), "every device offline with the bridge")
+        assert plug.health.reason == "(Zigbee2MQTT bridge offline)"
+        await z2m.bridge('{"state":"online"}')
+        await until(lambda: all(hub.nodes[n].health.state is Health.OK for n in SHOWN | {"zb"}), "every device back")
+    finally:
+        await gw.stop()
+
+
+async def test_hostile_lists_change_nothing(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m, caplog: pytest.LogCaptureFixture) -> None:
+    await z2m.devices(DEVICES)
+    gw = await started(tmp_path, mosquitto, z2m)
+    hub = gw.hub
+    try:
+        await until(lambda: SHOWN <= set(hub.nodes), "the four devices")
+        caplog.set_level(logging.WARNING, "iot_gateway")
+        many = [{"friendly_name": f"d{i}", "ieee_address": f"0x{i:016x}", "type": "EndDevice"} for i in range(10_000)]
+        big = [dict(DEVICES[1], friendly_name=f"d{i}", ieee_address=f"0x{i:016x}") for i in range(10_000)]
+        huge = copy.deepcopy(DEVICES)
+        huge[1]["friendly_name"] = "x" * 100_000  # the climate sensor: kept as it was
+        wrong = copy.deepcopy(DEVICES)
+        wrong[2]["definition"]["exposes"] = [{"type": "numeric", "property": 5, "access": "all"}]  # the plug
+        wrong[3]["definition"]["exposes"] = "lots"  # the light
+        nested: Any = []
+        for _ in range(50):
+            nested = [{"type": "composite", "property": "p", "features": nested}]
+        wrong[4]["definition"]["exposes"] = nested  # the motion sensor
+        for bad in (b"\xff\xfe", "{not json", '{"devices": []}', json.dumps(many), json.dumps(big), json.dumps(huge), json.dumps(wrong), "[" * 100_000):
+            await z2m.devices(bad)
+            await z2m.devices(bad)  # the same again: logged once
+        await z2m.pub.send(f"{z2m.base}/hall/ceiling", "[" * 50_000)
+        await z2m.pub.send(f"{z2m.base}/hall/ceiling", '{"brightness": "bright", "state": 7}')
+        # A valid list still works after all that: here, the light is renamed.
+        await z2m.devices(renamed(DEVICES, "hall/ceiling", "hall/lamp"))
+        await until(lambda: "hall_lamp" in hub.nodes, "the valid list after the hostile ones")
+        assert set(hub.nodes) == {"zb", "living_room_climate", "kitchen_kettle_plug", "hall_lamp", "hall_motion"}
+        assert {f.name for f in hub.nodes["kitchen_kettle_plug"].fields.values()} >= {"power", "state", "energy"}
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == len(set(warnings)), "each problem is logged once"
+        assert any("10000 devices, more than 500" in w for w in warnings)
+        assert any("bytes, more than" in w for w in warnings)
+        assert any("zb: " in w and "longer than 256" in w for w in warnings)
+        assert any("nested more than" in w for w in warnings)
+    finally:
+        await gw.stop()
+
+
+async def test_pairing_removal_rename_watches_and_history(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
+    await z2m.devices([d for d in DEVICES if d["friendly_name"] != "hall/motion"])
+    gw = await started(tmp_path, mosquitto, z2m)
+    hub = gw.hub
+    alerts: list[str] = []
+    gw.watches.sinks.append(lambda a: alerts.append(a.text))
+    try:
+        await until(lambda: "hall_ceiling" in hub.nodes, "the first devices")
+        assert "hall_motion" not in hub.nodes
+        await z2m.devices(DEVICES)  # paired while running
+        await until(lambda: "hall_motion" in hub.nodes, "the paired motion sensor")
+        await until(lambda: hub.field("zb.devices").latest.value == 4, "the count of 4")
+        w = gw.watches.add(gw.watches.parse("alice@example.org", ["hall_motion.occupancy", "change"]))
+        await z2m.devices([d for d in DEVICES if d["friendly_name"] != "hall/motion"])  # removed
+        await until(lambda: "hall_motion" not in hub.nodes, "the motion sensor gone")
+        await until(lambda: any(f"#{w.id}" in a and "is gone" in a for a in alerts), "the watch's owner told")
+        assert "unwatch" in alerts[-1] and gw.watches.missing(w.id)
+        await z2m.devices(DEVICES)  # back
+        await until(lambda: "hall_motion" in hub.nodes, "the motion sensor back")
+        await until(lambda: any(f"#{w.id} hall_motion.occupancy is back" in a for a in alerts), "told it is back")
+        await z2m.report("hall/motion", {"occupancy": True})
+        await z2m.report("hall/motion", {"occupancy": False})
+        await until(lambda: any("changed: on → off" in a for a in alerts), "the watch working again")
+
+        # A rename (same IEEE address) keeps the node's history, in memory and in history.db.
+        for power in (10, 20, 30):
+            await z2m.report("kitchen/kettle_plug", {"power": power})
+        await until(lambda: len(hub.field("kitchen_kettle_plug.power").history) == 3, "three readings")
+        await gw.history.flush()
+        w2 = gw.watches.add(gw.watches.parse("alice@example.org", ["kitchen_kettle_plug.power", ">", "1000"]))
+        await z2m.devices(renamed(DEVICES, "kitchen/kettle_plug", "kitchen/kettle"))
+        await until(lambda: "kitchen_kettle" in hub.nodes, "the renamed plug")
+        assert "kitchen_kettle_plug" not in hub.nodes
+        assert [r.value for r in hub.field("kitchen_kettle.power").history] == [10, 20, 30]
+        assert gw.watches.watches[w2.id].target == "kitchen_kettle.power"
+        await z2m.report("kitchen/kettle", {"power": 40})
+        await until(lambda: len(hub.field("kitchen_kettle.power").history) == 4, "a reading under the new name")
+        await gw.history.flush()
+        db = sqlite3.connect(tmp_path / "state" / "history.db")
+        rows = db.execute("SELECT v FROM readings WHERE ref = 'kitchen_kettle.power' ORDER BY rowid").fetchall()
+        stale = db.execute("SELECT count(*) FROM readings WHERE ref LIKE 'kitchen_kettle_plug.%'").fetchone()[0]
+        db.close()
+        assert [float(r[0]) for r in rows] == [10, 20, 30, 40] and stale == 0
+    finally:
+        await gw.stop()
+    # After a restart the stored watch waits for its device, and the history comes back with it.
+    gw = await started(tmp_path, mosquitto, z2m)
+    try:
+        assert gw.watches.watches[w2.id].target == "kitchen_kettle.power"
+        await until(lambda: "kitchen_kettle" in gw.hub.nodes, "the plug after a restart")
+        await until(lambda: len(gw.hub.field("kitchen_kettle.power").history) >= 4, "its history back")
+        assert not gw.watches.missing(w2.id)
+    finally:
+        await gw.stop()
+
+
+async def test_include_exclude_and_prefix(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
+    await z2m.devices(DEVICES)
+    gw = await started(tmp_path, mosquitto, z2m, include=["hall/*"], exclude=["*/motion"], prefix="zb-")
+    try:
+        await until(lambda: "zb-hall_ceiling" in gw.hub.nodes, "the light")
+        await asyncio.sleep(0.2)
+        assert set(gw.hub.nodes) == {"zb", "zb-hall_ceiling"}
+    finally:
+        await gw.stop()
+
+
+# ---------------------------------------------------------------- through XMPP
+
+
+async def test_chat_readout_and_set_round_trip(xmpp_server: XmppServer, tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m, peers: dict) -> None:
+    await z2m.devices(DEVICES)
+    await z2m.bridge('{"state":"online"}')
+    z2m.answer_sets(mosquitto.port)
+    cfg = gateway_config(
+        xmpp_server,
+        tmp_path,
+        devices=[{"id": "zb", "driver": "zigbee2mqtt", "base_topic": z2m.base}],
+        mqtt={"url": mosquitto.url, "client_id": "gw-" + uuid.uuid4().hex[:8]},
+    )
+    running = await start_gateway(cfg, xmpp_server.passwords["gateway"])
+    alice = peers["alice"]
+    try:
+        await until(lambda: SHOWN <= set(running.gateway.hub.nodes), "the devices")
+        await z2m.report("hall/ceiling", STATES["devices"]["hall/ceiling"]["messages"][0])
+        await until(lambda: running.gateway.hub.field("hall_ceiling.brightness").latest is not None, "the light's state")
+        listing = await alice.ask(running.jid, "list")
+        assert "hall_ceiling (zigbee2mqtt, hall/ceiling)" in listing
+        assert "brightness" in listing and "writable 0..254" in listing
+        read = await alice.ask(running.jid, "read hall_ceiling.brightness")
+        assert "215" in read
+        answer = await alice.ask(running.jid, "set hall_ceiling.brightness 128")
+        assert answer.startswith("hall_ceiling.brightness: 215 → 128"), answer
+        assert (f"{z2m.base}/hall/ceiling/set", {"brightness": 128}) in z2m.sets
+        inbox = Inbox(alice)
+        answer_iq = await iq(alice, running.session.client.boundjid.full, f"<req xmlns='{SD}' seqnr='7' momentary='true'><node nodeId='hall_ceiling'/></req>")
+        child(answer_iq, SD, "accepted")
+        got = by_name(values(await inbox.readout(7)), "hall_ceiling")
+        assert float(got["brightness"].value) == 128 and got["brightness"].attrs["writable"] == "true"
+        assert got["state"].type == "boolean" and got["state"].value == "true"
+        Path("/tmp/z2m-transcript.txt").write_text(
+            f"> list\n{listing}\n\n> read hall_ceiling.brightness\n{read}\n\n"
+            f"> set hall_ceiling.brightness 128\n{answer}\n\n"
+            f"published on {z2m.base}/hall/ceiling/set: {json.dumps(z2m.sets[-1][1])}\n"
+        )
+    finally:
+        await running.stop()
