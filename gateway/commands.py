@@ -37,6 +37,7 @@ PLOT_MAX = 31 * 86400.0  # longest `plot` window
 WIDTH = 40  # characters a phone shows on one line of a preformatted block (status, read, list)
 PROGRESS_AFTER = 1.0  # seconds a set may take before the contact hears "sent, waiting for the device"
 
+audit_log = logging.getLogger("iot_gateway.audit")
 log = logging.getLogger("iot_gateway.commands")
 
 # An interim message to whoever ran the command (chat, a room, the console), before its reply.
@@ -361,18 +362,21 @@ class Commands:
             return f"Error: {str(e).rstrip('.')}."
 
     async def trust(self, args: list[str], actor: Actor) -> str:
-        assert self.omemo is not None
-        try:
-            return await self.omemo.trust(args, True)
-        except (ValueError, RuntimeError) as e:
-            return f"Error: {str(e).rstrip('.')}."
+        return await self._trust(args, actor, True)
 
     async def distrust(self, args: list[str], actor: Actor) -> str:
+        return await self._trust(args, actor, False)
+
+    async def _trust(self, args: list[str], actor: Actor, trusted: bool) -> str:
         assert self.omemo is not None
+        what = "trust" if trusted else "distrust"
         try:
-            return await self.omemo.trust(args, False)
+            reply = await self.omemo.trust(args, trusted)
         except (ValueError, RuntimeError) as e:
             return f"Error: {str(e).rstrip('.')}."
+        # Who may read the gateway's answers is a security decision: say who made it.
+        audit_log.info("%s via %s: OMEMO %s %s", actor.jid, actor.via, what, " ".join(args))
+        return reply
 
 
 WATCH_COMMANDS = {"watch", "watches", "unwatch", "ack"}

@@ -24,7 +24,7 @@ from slixmpp.xmlstream.handler import CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 from .auth import Actor, Forbidden, Permission, allowed
-from .hub import DeviceError, FieldSpec, Hub, Node, NotWritable, UnknownField
+from .hub import DeviceError, FieldSpec, Hub, Node, NodeEvent, NotWritable, UnknownField
 from .sensordata import (
     answering,
     check_rate,
@@ -402,8 +402,13 @@ class Control:
         disco.add_feature(NS)
         disco.add_feature(XDV)
         for node in self.hub.nodes.values():
-            if writable(node):
-                disco.add_feature(NS, node=node.id)
+            self._on_node(NodeEvent("added", node))
+        self.hub.subscribe(node=self._on_node)  # devices found while running
+
+    def _on_node(self, event: NodeEvent) -> None:
+        """A device with writable fields is a control node too (SensorData lists and unlists nodes)."""
+        if event.kind != "removed" and writable(event.node):
+            self.session.client.plugin["xep_0030"].add_feature(NS, node=event.node.id)
 
     async def apply(self, el: ET.Element, sender: JID, role: str) -> Plan:
         """Check a whole `<set/>`, then write each parameter through Hub.write; Refused on failure."""

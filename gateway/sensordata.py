@@ -32,7 +32,7 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp.xmlstream.tostring import tostring
 
 from .auth import Permission, allowed
-from .hub import FieldSpec, Health, Hub, Node, Reading
+from .hub import FieldSpec, Health, Hub, Node, NodeEvent, Reading
 from .values import Value
 
 if TYPE_CHECKING:
@@ -731,13 +731,33 @@ class SensorData:
         disco.add_feature(NS)
         # disco#items lists the nodes; each node answers disco#info for itself.
         # Only to contacts: a stranger sees no item, and a node as if it did not exist.
-        me = c.boundjid.full
+        self._me = c.boundjid.full
         for node in self.hub.nodes.values():
-            disco.add_item(jid=me, name=node.name, subnode=node.id)
-            disco.add_identity(category="hierarchy", itype="leaf", name=node.name, node=node.id)
-            disco.add_feature(NS, node=node.id)
-            disco.set_node_handler("get_info", jid=me, node=node.id, handler=self._node_info)
-        disco.set_node_handler("get_items", jid=me, node=None, handler=self._items)
+            self._list(node)
+        disco.set_node_handler("get_items", jid=self._me, node=None, handler=self._items)
+        # Devices found while running (Zigbee2MQTT, Tasmota) are listed and unlisted as they come and go.
+        self.hub.subscribe(node=self._on_node)
+
+    def _list(self, node: Node) -> None:
+        """Make a device discoverable: an item of the gateway, and a node answering disco#info."""
+        disco, me = self.client.plugin["xep_0030"], self._me
+        disco.add_item(jid=me, name=node.name, subnode=node.id)
+        disco.add_identity(category="hierarchy", itype="leaf", name=node.name, node=node.id)
+        disco.add_feature(NS, node=node.id)
+        disco.set_node_handler("get_info", jid=me, node=node.id, handler=self._node_info)
+
+    def _unlist(self, node_id: str) -> None:
+        disco, me = self.client.plugin["xep_0030"], self._me
+        disco.del_item(jid=me, ijid=me, inode=node_id)
+        # Its identity and features go; _node_info answers item-not-found while it is gone.
+        disco.del_identities(jid=me, node=node_id)
+        disco.del_features(jid=me, node=node_id)
+
+    def _on_node(self, event: NodeEvent) -> None:
+        if event.kind in ("removed", "renamed"):
+            self._unlist(event.old_id or event.node.id)
+        if event.kind in ("added", "renamed"):
+            self._list(event.node)
 
     def _stranger(self, ifrom: JID | None) -> bool:
         return ifrom is not None and role_of(self.session, JID(ifrom)) is None  # None: the gateway asking itself
@@ -750,7 +770,7 @@ class SensorData:
 
     def _node_info(self, jid: JID, node: str | None, ifrom: JID | None, data: object) -> DiscoInfo:
         """disco#info of a node, for contacts only; a stranger gets the answer for a missing node."""
-        if self._stranger(ifrom):
+        if self._stranger(ifrom) or node not in self.hub.nodes:
             raise XMPPError("item-not-found")
         return self.client.plugin["xep_0030"].static.get_info(jid, node, ifrom, data)
 

@@ -289,7 +289,9 @@ async def test_alert_plain_to_a_contact_without_omemo_and_withheld_under_require
         await olive.stop()
 
 
-async def test_trust_commands_list_distrust_and_trust_again(server: XmppServer, tmp_path: Path, alice: Omemo) -> None:
+async def test_trust_commands_list_distrust_and_trust_again(
+    server: XmppServer, tmp_path: Path, alice: Omemo, caplog: pytest.LogCaptureFixture
+) -> None:
     gw = await start(server, tmp_path)
     try:
         await befriend(gw, alice)
@@ -307,6 +309,7 @@ async def test_trust_commands_list_distrust_and_trust_again(server: XmppServer, 
         # Another admin (here through the command engine) distrusts alice's phone: its commands are
         # refused in one plain line, and nothing is encrypted for it any more.
         admin = Actor(alice.jid, "admin", "chat")
+        caplog.set_level(logging.INFO, logger="iot_gateway.audit")
         reply = await gw.session.commands.run(f"distrust {alice.jid} {fp}", admin)
         assert reply.startswith(f"Distrusted device {own.device_id}")
         kind, body = await alice.ask(g, "set sim.relay on")
@@ -318,6 +321,9 @@ async def test_trust_commands_list_distrust_and_trust_again(server: XmppServer, 
 
         reply = await gw.session.commands.run(f"trust {alice.jid} {fp}", admin)
         assert reply.startswith(f"Trusted device {own.device_id}")
+        audited = [r.getMessage() for r in caplog.records if r.name == "iot_gateway.audit"]
+        assert f"{alice.jid} via chat: OMEMO distrust {alice.jid} {fp}" in audited  # who decided, in the audit log
+        assert f"{alice.jid} via chat: OMEMO trust {alice.jid} {fp}" in audited
         assert await alice.ask(g, "set sim.relay on") == ("encrypted", "sim.relay: off → on")
         # Viewers and operators may not touch trust.
         refused = await gw.session.commands.run(f"distrust {alice.jid} {fp}", Actor("olive@localhost", "operator", "chat"))

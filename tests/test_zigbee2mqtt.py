@@ -20,6 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from slixmpp.exceptions import IqError
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.zigbee2mqtt import convert, spots, state_word, usable
@@ -378,10 +379,21 @@ async def test_chat_readout_and_set_round_trip(xmpp_server: XmppServer, tmp_path
         got = by_name(values(await inbox.readout(7)), "hall_ceiling")
         assert float(got["brightness"].value) == 128 and got["brightness"].attrs["writable"] == "true"
         assert got["state"].type == "boolean" and got["state"].value == "true"
-        Path("/tmp/z2m-transcript.txt").write_text(
-            f"> list\n{listing}\n\n> read hall_ceiling.brightness\n{read}\n\n"
-            f"> set hall_ceiling.brightness 128\n{answer}\n\n"
-            f"published on {z2m.base}/hall/ceiling/set: {json.dumps(z2m.sets[-1][1])}\n"
-        )
+
+        # A client discovering the gateway sees the discovered devices as nodes (XEP-0323/0325),
+        # and a device removed from Zigbee2MQTT goes from that list too.
+        gw_full = running.session.client.boundjid.full
+        items = await alice.client.plugin["xep_0030"].get_items(jid=gw_full, timeout=10)
+        assert SHOWN <= {node for _, node, _ in items["disco_items"]["items"]}
+        info = await alice.client.plugin["xep_0030"].get_info(jid=gw_full, node="hall_ceiling", timeout=10)
+        assert {SD, "urn:xmpp:iot:control"} <= set(info["disco_info"]["features"])
+        await z2m.devices([d for d in DEVICES if d.get("friendly_name") != "hall/ceiling"])
+        await until(lambda: "hall_ceiling" not in running.gateway.hub.nodes, "the light removed")
+        items = await alice.client.plugin["xep_0030"].get_items(jid=gw_full, timeout=10)
+        nodes = {node for _, node, _ in items["disco_items"]["items"]}
+        assert "hall_ceiling" not in nodes and "hall_motion" in nodes
+        with pytest.raises(IqError) as gone:
+            await alice.client.plugin["xep_0030"].get_info(jid=gw_full, node="hall_ceiling", timeout=10)
+        assert gone.value.condition == "item-not-found"
     finally:
         await running.stop()
