@@ -29,6 +29,9 @@ class Context:
     hub: Hub
     config: "Config"
     shared: dict[str, Any] = field(default_factory=dict)
+    # Another process (the gateway) runs this config and owns its sessions; this one (a console
+    # next to it) must take none of them: e.g. its own MQTT client id, with no persistent session.
+    guest: bool = False
 
 
 class Driver(Generic[D]):

@@ -17,6 +17,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import random
 import re
 import ssl
@@ -331,9 +332,17 @@ class Broker:
     connection (DNS, TCP, TLS handshake) runs in a worker thread.
     """
 
-    def __init__(self, cfg: MqttSection, client_id: str, loop: asyncio.AbstractEventLoop, expected: set[str]):
+    def __init__(
+        self,
+        cfg: MqttSection,
+        client_id: str,
+        loop: asyncio.AbstractEventLoop,
+        expected: set[str],
+        persistent: bool = True,
+    ):
         self.cfg = cfg
         self.client_id = client_id
+        self.persistent = persistent  # False: a clean session, nothing queued for us while away
         self.status_topic = f"{client_id}/status"
         self.loop = loop
         self._loop_thread = threading.get_ident()
@@ -376,7 +385,10 @@ class Broker:
                 raise MqttError("no [mqtt] section: mqtt devices need the broker url")
             # Every driver on this broker (mqtt, zigbee2mqtt, tasmota …) declares the [mqtt] section.
             expected = {d.id for d in ctx.config.devices if SHARED_KEY in d.sections}
-            broker = cls(ctx.config.mqtt, default_client_id(ctx.config), asyncio.get_running_loop(), expected)
+            client_id = default_client_id(ctx.config)
+            if ctx.guest:  # never push the gateway off its client id, nor drain its persistent session
+                client_id = f"{client_id}-console-{os.getpid()}"
+            broker = cls(ctx.config.mqtt, client_id, asyncio.get_running_loop(), expected, not ctx.guest)
             broker.hub = ctx.hub
             ctx.shared[SHARED_KEY] = broker
         return broker
@@ -386,7 +398,7 @@ class Broker:
         c = _LoopClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            clean_session=False,
+            clean_session=not self.persistent,
             protocol=paho.MQTTv311,
         )
         if cfg.username:

@@ -51,8 +51,8 @@ class Gateway:
         """`state`: the state folder, already locked (or read-only) by the caller; else an unlocked one."""
         self.config = config
         self.hub = build_hub(config)
-        self.ctx = Context(self.hub, config)
         self.state = state if state is not None else StateDir(config.gateway.state_dir)
+        self.ctx = Context(self.hub, config, guest=self.state.readonly is not None)
         self.state.on_problem = lambda message: self.hub.set_problem("state", message)
         self.watches = Watches(self.hub, config, self.state)
         self.reverts = Reverts(self.hub, self.state)

@@ -20,6 +20,7 @@ from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.hub import Health, Unconfirmed
 from gateway.localservers import Mosquitto
+from gateway.state import StateDir, StateLocked
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.test_mqtt import Echo, Publisher, gateways, health, make_config, unique, values  # noqa: F401
@@ -246,6 +247,42 @@ async def test_two_gateways_with_one_client_id_back_off_and_say_so_once(
     assert changes == []  # no alert per flap
     said = [r.getMessage() for r in caplog.records if "most likely another client uses the client id" in r.getMessage()]
     assert len(said) == 1 and f"{cid!r}" in said[0] and "retrying every 5 min" in said[0], said
+
+
+async def test_a_console_next_to_the_gateway_never_takes_its_mqtt_session(
+    mosquitto: Mosquitto, gateways: list[Gateway], tmp_path: Path,  # noqa: F811
+) -> None:
+    """`iot-gateway console` on the running gateway's config (the README suggests it) uses the
+    state read-only, and its own MQTT client id with a clean session: no twin fight, and the
+    gateway's queued QoS 1 readings stay the gateway's."""
+    cid = unique("shared-config")
+    t = unique("console")
+    devices = [{"id": "probe", "driver": "mqtt", "fields": [{"name": "n", "topic": f"{t}/n"}]}]
+    config = make_config(tmp_path, mosquitto.url, devices, client_id=cid)
+    owner = StateDir(config.gateway.state_dir)
+    owner.lock()
+    gw = Gateway(config, owner)
+    gateways.append(gw)
+    await gw.start()
+    await until(lambda: health(gw, "probe")[0] is Health.OK, "the gateway connected")
+    guest_state = StateDir(config.gateway.state_dir)
+    with pytest.raises(StateLocked) as locked:
+        guest_state.lock()
+    guest_state.use_readonly(locked.value)
+    console = Gateway(config, guest_state)
+    gateways.append(console)
+    await console.start()
+    await until(lambda: health(console, "probe")[0] is Health.OK, "the console connected")
+    guest: Broker = console.ctx.shared["mqtt"]
+    assert guest.client_id.startswith(f"{cid}-console-") and not guest.persistent
+    pub = Publisher(mosquitto.port)
+    try:
+        await pub.send(f"{t}/n", "7")
+        await until(lambda: values(gw, "probe.n") == [7.0] and values(console, "probe.n") == [7.0], "both read it")
+    finally:
+        pub.stop()
+    assert "mqtt" not in gw.hub.problems and "mqtt" not in console.hub.problems
+    assert gw.ctx.shared["mqtt"].client_id == cid and health(gw, "probe") == (Health.OK, "")
 
 
 # ---------------------------------------------------------------- item 6: a flooding device
