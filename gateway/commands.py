@@ -455,6 +455,8 @@ def _describe(f: Field) -> str:
         if s.min is not None or s.max is not None:
             rng = f" {fmt(s.min) if s.min is not None else ''}..{fmt(s.max) if s.max is not None else ''}"
         parts.append("writable" + rng)
+    if s.choices:  # an enum (Zigbee2MQTT): the values a `set` takes
+        parts.append("one of: " + " · ".join(s.choices))  # spaces, so a phone-width wrap can break it
     return ", ".join(parts)
 
 

@@ -368,6 +368,9 @@ async def test_chat_readout_and_set_round_trip(xmpp_server: XmppServer, tmp_path
         listing = await alice.ask(running.jid, "list")
         assert "hall_ceiling (zigbee2mqtt, hall/ceiling)" in listing
         assert "brightness" in listing and "writable 0..254" in listing
+        # An enum says which values a set takes, wrapped to a phone's width.
+        assert "one of: blink · breathe · okay" in " ".join(listing.split()), listing
+        assert max(len(line) for line in listing.split("\n")) <= 40, listing
         read = await alice.ask(running.jid, "read hall_ceiling.brightness")
         assert "215" in read
         answer = await alice.ask(running.jid, "set hall_ceiling.brightness 128")
