@@ -306,6 +306,8 @@ class Commands:
         lines = [f"{len(ws)} watches:"]
         for w in ws:
             state = "FIRING" + (" (acked)" if w.acked else "") if w.firing else "ok"
+            if self.watches.missing(w.id):  # its device or field went away (a Zigbee device removed)
+                state = "waiting: the device or field is gone"
             owner = f"  [{w.owner}]" if w.owner != actor.jid else ""
             lines.append(f"#{w.id:<3} {w.describe()}  — {state}{owner}")
         return "\n".join(lines)

@@ -296,6 +296,8 @@ async def test_pairing_removal_rename_watches_and_history(tmp_path: Path, mosqui
         await until(lambda: "hall_motion" not in hub.nodes, "the motion sensor gone")
         await until(lambda: any(f"#{w.id}" in a and "is gone" in a for a in alerts), "the watch's owner told")
         assert "unwatch" in alerts[-1] and gw.watches.missing(w.id)
+        listed = await gw.commands.run("watches", Actor("alice@example.org", "admin", "chat"))
+        assert f"#{w.id}" in listed and "waiting: the device or field is gone" in listed, listed
         await z2m.devices(DEVICES)  # back
         await until(lambda: "hall_motion" in hub.nodes, "the motion sensor back")
         await until(lambda: any(f"#{w.id} hall_motion.occupancy is back" in a for a in alerts), "told it is back")
