@@ -324,12 +324,7 @@ class Discovering(Driver[DeviceBase]):
         broker = Broker.shared(self.ctx)
         self.broker = broker
         self.routes(broker)
-        if broker.connected:
-            self.broker_up()
-        elif broker.failed:
-            self.broker_down(broker.reason)
-        else:
-            self.health(Health.STARTING, broker.reason)
+        self.health(Health.STARTING, broker.reason)  # until the broker tells otherwise (at once if it knows)
         broker.attach(self)
 
     def routes(self, broker: Broker) -> None:

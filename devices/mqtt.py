@@ -424,9 +424,14 @@ class Broker:
         """Register a driver; connecting starts once every device of the config on this broker is attached.
 
         Waiting for all of them means the messages the broker kept for us
-        while we were away find their device when they arrive.
+        while we were away find their device when they arrive. The user is
+        told at once if the connection is already up, or already failed.
         """
         self._users.append(user)
+        if self.connected:
+            user.broker_up()
+        elif self.failed:
+            user.broker_down(self.reason)
         if self._started:
             return
         if {u.id for u in self._users} >= self._expected:
@@ -925,12 +930,7 @@ class MqttDriver(Driver[MqttDevice]):
             broker.route(self, topic, self._on_reading)
         if self.device.availability_topic is not None:
             broker.route(self, self.device.availability_topic, self._on_availability)
-        if broker.connected:
-            self.broker_up()
-        elif broker.failed:
-            self.broker_down(broker.reason)
-        else:
-            self.health(Health.STARTING, broker.reason)
+        self.health(Health.STARTING, broker.reason)  # until the broker tells otherwise (at once if it knows)
         broker.attach(self)
 
     async def stop(self) -> None:

@@ -365,9 +365,7 @@ class HomeAssistant:
                 lay.prefix, lay.node_id, lay.base,
             )
         self._tasks.append(asyncio.create_task(self._run_publish(), name="homeassistant-publish"))
-        broker.attach(self)
-        if broker.connected:
-            self.broker_up()
+        broker.attach(self)  # calls broker_up at once if the connection is already there
 
     async def stop(self) -> None:
         """Stop publishing; the broker's `offline` status makes every entity unavailable."""

@@ -20,7 +20,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -32,6 +31,7 @@ from gateway.localservers import Mosquitto
 from tests.helpers import until
 from tests.test_kernel import W1_ID, FakeSys
 from tests.test_mqtt import Publisher
+from tests.test_gpio import pins  # noqa: F401  (gpiozero's MockFactory, a fixture)
 
 SCHEMA = json.loads((Path(__file__).parent / "discovery" / "ha_schema.json").read_text())
 # The MQTT `text` entity is not in ha_schema.json: its rules from Home Assistant's mqtt/text.py.
@@ -223,20 +223,6 @@ class Watcher:
 
 
 @pytest.fixture
-def pins(monkeypatch: pytest.MonkeyPatch) -> Iterator[MockFactory]:
-    """gpiozero's MockFactory with PWM-capable pins, as in tests/test_gpio.py."""
-    monkeypatch.setenv("GPIOZERO_PIN_FACTORY", "mock")
-    monkeypatch.setenv("GPIOZERO_MOCK_PIN_CLASS", "mockpwmpin")
-    Device.pin_factory = None
-    Device.ensure_pin_factory()
-    factory = Device.pin_factory
-    assert isinstance(factory, MockFactory)
-    yield factory
-    factory.reset()
-    Device.pin_factory = None
-
-
-@pytest.fixture
 def ids() -> dict[str, str]:
     """A discovery prefix, node id and client id of this test's own, on the suite's shared broker."""
     tag = uuid.uuid4().hex[:8]
@@ -303,7 +289,7 @@ def configs(snap: dict[str, str], prefix: str) -> dict[str, dict[str, Any]]:
 
 
 async def test_every_field_of_simulated_kernel_and_gpio_devices_is_discovered_valid_and_retained(
-    mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], pins: MockFactory
+    mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], pins: MockFactory,  # noqa: F811
 ) -> None:
     sysfs = FakeSys(tmp_path / "sys")
     sysfs.ds18b20(W1_ID, 21500)
