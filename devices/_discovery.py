@@ -72,6 +72,13 @@ def sanitise(name: str) -> str:
     return out[:64].rstrip("_")
 
 
+def dig(doc: Any, path: tuple[str, ...] | list[str]) -> Any:
+    """The value at `path` in a JSON document (`{"ENERGY": {"Power": 5}}`, ("ENERGY", "Power") → 5), or None."""
+    for key in path:
+        doc = doc.get(key) if isinstance(doc, dict) else None
+    return doc
+
+
 def picked(name: str, include: list[str], exclude: list[str]) -> bool:
     """Whether `name` passes `include` (empty: everything) and `exclude` (shell patterns)."""
     if include and not any(fnmatch.fnmatchcase(name, p) for p in include):

@@ -25,7 +25,7 @@ from typing import Any
 from gateway.hub import FieldSpec, Health
 from gateway.values import Value
 
-from ._discovery import MAX_DEVICES, MAX_FIELDS, MAX_TEXT, Device, Discovering, Malformed, Spot, describe, picked, text
+from ._discovery import MAX_DEVICES, MAX_FIELDS, MAX_TEXT, Device, Discovering, Malformed, Spot, describe, dig, picked, text
 from .mqtt import Broker, MqttError, Throttle, _short
 from .tasmota_config import TasmotaDevice
 
@@ -311,9 +311,7 @@ class TasmotaDriver(Discovering):
                         self._relay(dev, k, doc[k])
                         break
                 continue
-            raw: Any = doc
-            for k in spot.path:
-                raw = raw.get(k) if isinstance(raw, dict) else None
+            raw = dig(doc, spot.path)
             if raw is None:
                 continue
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):

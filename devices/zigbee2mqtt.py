@@ -41,6 +41,7 @@ from ._discovery import (
     Malformed,
     Spot,
     describe,
+    dig,
     number,
     picked,
     sanitise,
@@ -356,9 +357,7 @@ class Zigbee2MqttDriver(Discovering):
         for name, spot in dev.spots.items():
             if not spot.readable:
                 continue
-            raw: Any = doc
-            for key in spot.path:
-                raw = raw.get(key) if isinstance(raw, dict) else None
+            raw = dig(doc, spot.path)
             if raw is None:
                 continue
             value = convert(spot, raw)
