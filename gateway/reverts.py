@@ -12,6 +12,11 @@ no longer allows it) will never apply, so it is dropped and the owner told why.
 A newer set of the field from any entry point (chat, room, ad-hoc, XEP-0325)
 cancels its pending revert: Reverts listens to the hub's applied writes.
 
+A revert whose device is not there (yet) is kept too: devices found on the
+network (Zigbee2MQTT, Tasmota) appear a moment after a restart, or come back
+after being unplugged; it runs as soon as the device appears, and is given up
+(the owner told) only after WAIT_FOR_DEVICE.
+
 Countdowns run on the monotonic clock; the wall-clock `due` is only what is
 stored for the next start, so a clock stepped by NTP neither shortens nor
 stretches a timed set.
@@ -26,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from .auth import Actor, Forbidden
-from .hub import Field, Health, HealthState, Hub, Node, NotWritable, UnknownField
+from .hub import Field, Health, HealthState, Hub, Node, NodeEvent, NotWritable, UnknownField
 from .state import SaveError, StateDir
 from .values import BadValue, Value, age, fmt
 from .watches import Alert
@@ -36,8 +41,14 @@ log = logging.getLogger("iot_gateway.reverts")
 STATE_FILE = "reverts.json"
 RETRY_FIRST = 2.0  # seconds after the first failed try
 RETRY_MAX = 60.0  # the backoff doubles up to this
-# Refusals by the hub's own checks, before any I/O: trying again cannot help.
+# Refusals by the hub's own checks, before any I/O: trying again cannot help
+# (an unknown field of a device that is not there is the exception: see _absent).
 PERMANENT = (Forbidden, BadValue, NotWritable, UnknownField)
+WAIT_FOR_DEVICE = 86_400.0  # seconds a revert waits for its device to appear before it is given up
+
+
+class DeviceAbsent(Exception):
+    """The revert's device is not in the hub: it may appear (a discovered device), so try again."""
 
 
 @dataclass
@@ -56,6 +67,7 @@ class Revert:
     role: str
     tries: int = 0
     error: str = ""
+    failing_since: float = 0.0  # Unix time of the first failed try (0: none)
     at: float = field(default=0.0, compare=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +111,7 @@ class Reverts:
 
     def start(self) -> None:
         """Load stored reverts and arm their timers (overdue ones run at once)."""
-        self.hub.subscribe(health=self._on_health, write=self._on_write)
+        self.hub.subscribe(health=self._on_health, write=self._on_write, node=self._on_node)
         if self.state.readonly is not None:
             # They belong to the process that owns the folder: it runs them.
             log.info("stored timed reverts are left to the process that owns %s", self.state.path)
@@ -108,7 +120,8 @@ class Reverts:
         for item in raw if isinstance(raw, list) else []:
             try:
                 r = Revert(**item)
-                self.hub.field(r.ref)
+                if not self._absent(r.ref):
+                    self.hub.field(r.ref)
             except Exception as e:
                 log.warning("dropping stored revert %r: %s", item, e)
                 continue
@@ -119,6 +132,7 @@ class Reverts:
         """Disarm timers and wait out a try in flight; pending reverts stay on disk for the next start."""
         self.hub.unsubscribe(self._on_health)
         self.hub.unsubscribe(self._on_write)
+        self.hub.unsubscribe(self._on_node)
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()
@@ -198,6 +212,19 @@ class Reverts:
                 self._timers.pop(r.ref).cancel()
                 self._spawn(r)
 
+    def _absent(self, ref: str) -> bool:
+        """Whether `ref`'s device is not in the hub (it may appear later), as opposed to a field it lacks."""
+        return ref.split(".", 1)[0] not in self.hub.nodes
+
+    def _on_node(self, event: NodeEvent) -> None:
+        """A device appeared (discovered, or back): run its reverts that were waiting for it now."""
+        if event.kind not in ("added", "renamed"):
+            return
+        for r in list(self.pending.values()):
+            if r.tries and r.ref.split(".", 1)[0] == event.node.id and r.ref in self._timers:
+                self._timers.pop(r.ref).cancel()
+                self._spawn(r)
+
     async def _run(self, r: Revert) -> None:
         if self.pending.get(r.ref) is not r:
             return
@@ -205,6 +232,16 @@ class Reverts:
             self._finish(r, f"{r.ref}: time is up, but there was no earlier value to go back to")
             return
         try:
+            if self._absent(r.ref):
+                if r.failing_since and time.time() - r.failing_since > WAIT_FOR_DEVICE:
+                    text = (
+                        f"{r.ref}: going back to {fmt(r.value)} is given up: "
+                        f"{r.ref.split('.', 1)[0]} has not been here for {age(WAIT_FOR_DEVICE)}"
+                    )
+                    log.error("%s", text)
+                    self._finish(r, text)
+                    return
+                raise DeviceAbsent(f"{r.ref.split('.', 1)[0]} is not here (yet)")
             old, new = await self.hub.write(r.ref, r.value, Actor(r.jid, r.role, "timer"))
         except PERMANENT as e:
             text = f"{r.ref}: time is up, but going back to {fmt(r.value)} was refused: {e}; it stays as it is"
@@ -216,6 +253,7 @@ class Reverts:
                 return  # replaced while the write was in flight
             r.tries += 1
             r.error = str(e)
+            r.failing_since = r.failing_since or time.time()
             wait = min(RETRY_MAX, RETRY_FIRST * 2 ** (r.tries - 1))
             r.due, r.at = time.time() + wait, time.monotonic() + wait
             self._save()

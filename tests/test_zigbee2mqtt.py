@@ -259,9 +259,14 @@ async def test_hostile_lists_change_nothing(tmp_path: Path, mosquitto: Mosquitto
         for _ in range(50):
             nested = [{"type": "composite", "property": "p", "features": nested}]
         wrong[4]["definition"]["exposes"] = nested  # the motion sensor
+        drv = gw.drivers["zb"]
         for bad in (b"\xff\xfe", "{not json", '{"devices": []}', json.dumps(many), json.dumps(big), json.dumps(huge), json.dumps(wrong), "[" * 100_000):
+            seen = drv._seq
             await z2m.devices(bad)
             await z2m.devices(bad)  # the same again: logged once
+            # Each list is dealt with before the next (a big one is parsed in a thread, and a newer
+            # list that is applied first wins over it, silently: here every list must be looked at).
+            await until(lambda: drv._seq >= seen + 2 and drv._applied == drv._seq, "the hostile list handled")
         await z2m.pub.send(f"{z2m.base}/hall/ceiling", "[" * 50_000)
         await z2m.pub.send(f"{z2m.base}/hall/ceiling", '{"brightness": "bright", "state": 7}')
         # A valid list still works after all that: here, the light is renamed.
@@ -402,3 +407,35 @@ async def test_chat_readout_and_set_round_trip(xmpp_server: XmppServer, tmp_path
         assert gone.value.condition == "item-not-found"
     finally:
         await running.stop()
+
+
+async def test_a_timed_set_falling_due_before_its_device_reappears_waits_for_it(
+    tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m
+) -> None:
+    """`set … for` on a discovered device, then a restart: the device is found only after the
+    broker connects, so at start the revert's device is not there yet. It must wait for it,
+    not be dropped (the light would stay on for good)."""
+    await z2m.devices(DEVICES)
+    await z2m.bridge('{"state":"online"}')
+    z2m.answer_sets(mosquitto.port)
+    alice = Actor("alice@example.org", "admin", "chat")
+    gw = await started(tmp_path, mosquitto, z2m)
+    try:
+        await until(lambda: "hall_ceiling" in gw.hub.nodes, "the light")
+        await z2m.report("hall/ceiling", {"state": "OFF"})
+        await until(lambda: gw.hub.field("hall_ceiling.state").latest is not None, "the light's state")
+        reply = await gw.commands.run("set hall_ceiling.state on for 1s", alice)
+        assert "off → on" in reply, reply
+    finally:
+        await gw.stop()  # before it falls due: the revert stays on disk
+    await asyncio.sleep(1.2)  # due while the gateway is down
+    gw = await started(tmp_path, mosquitto, z2m)
+    told: list[str] = []
+    gw.reverts.sinks.append(lambda a: told.append(a.text))
+    try:
+        assert "hall_ceiling.state" in gw.reverts.pending  # kept although the device is not there yet
+        await until(lambda: (f"{z2m.base}/hall/ceiling/set", {"state": "OFF"}) in z2m.sets, "the light switched back off")
+        await until(lambda: "hall_ceiling.state" not in gw.reverts.pending, "the revert done")
+        assert gw.hub.field("hall_ceiling.state").latest.value is False
+    finally:
+        await gw.stop()
