@@ -56,6 +56,14 @@ class Profanity:
             raise RuntimeError(f"tmux {args[0]} failed: {err.decode().strip()}")
         return out.decode()
 
+    async def close(self) -> None:
+        """Stop Profanity and its tmux server; remove the socket's folder."""
+        try:
+            await self.tmux("kill-server")
+        except (RuntimeError, TimeoutError):
+            pass  # already gone: Profanity exited and took the server with it
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
+
     async def type(self, line: str) -> None:
         """Type `line` and Enter (literally: no tmux key names)."""
         await self.tmux("send-keys", "-t", self.session, "-l", line)
@@ -98,27 +106,34 @@ def _account(server: XmppServer, user: str, data: Path) -> None:
     (folder / "accounts").chmod(0o600)
 
 
-@pytest.fixture
-async def prof(
-    xmpp_server: XmppServer, running_gateway: RunningGateway, tmp_path: Path
-) -> AsyncIterator[Profanity]:
-    """Profanity logged in as olive, subscribed to the gateway, on its console window."""
+async def launch(server: XmppServer, user: str, tmp_path: Path) -> Profanity:
+    """Profanity in a new tmux session, logging in as `user` with a HOME of its own under
+    `tmp_path` and the suite's CA as its only trust anchor."""
     home = tmp_path / "home"
     config, data = home / ".config", home / ".local" / "share"
     config.mkdir(parents=True)
-    _account(xmpp_server, USER, data)
+    _account(server, user, data)
     # A short socket path: tmux's must fit in a sockaddr_un (about 100 bytes).
     sockdir = Path(tempfile.mkdtemp(prefix="prof-", dir="/tmp"))
     p = Profanity(sockdir / "tmux")
     env = {
         "HOME": str(home), "XDG_CONFIG_HOME": str(config), "XDG_DATA_HOME": str(data),
-        "SSL_CERT_FILE": str(xmpp_server.prosody.ca_file), "TERM": "screen-256color", "LANG": "C.UTF-8",
+        "SSL_CERT_FILE": str(server.prosody.ca_file), "TERM": "screen-256color", "LANG": "C.UTF-8",
     }
     await p.tmux(
         "-f", "/dev/null", "new-session", "-d", "-s", p.session, "-x", "200", "-y", "50",
         *[a for k, v in env.items() for a in ("-e", f"{k}={v}")],
-        f"profanity -a {xmpp_server.jid(USER)}",
+        f"profanity -a {server.jid(user)}",
     )
+    return p
+
+
+@pytest.fixture
+async def prof(
+    xmpp_server: XmppServer, running_gateway: RunningGateway, tmp_path: Path
+) -> AsyncIterator[Profanity]:
+    """Profanity logged in as olive, subscribed to the gateway, on its console window."""
+    p = await launch(xmpp_server, USER, tmp_path)
     try:
         await p.wait(rf"{re.escape(xmpp_server.jid(USER))}/profanity logged in successfully")
         # Approve the gateway's subscription request (if any) and ask for its presence.
@@ -127,11 +142,7 @@ async def prof(
         await p.type("/roster show status")
         yield p
     finally:
-        try:
-            await p.tmux("kill-server")
-        except (RuntimeError, TimeoutError):
-            pass  # already gone: Profanity exited and took the server with it
-        shutil.rmtree(sockdir, ignore_errors=True)
+        await p.close()
 
 
 async def test_roster_shows_the_gateways_presence_status(prof: Profanity, running_gateway: RunningGateway) -> None:

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from gateway.auth import Actor
 from gateway.omemo import fingerprint
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until
-from tests.test_clients import Profanity, _account
+from tests.test_clients import Profanity, launch
 
 USER = "olive"  # an operator: may read and set
 LEGACY = "eu.siacs.conversations.axolotl"
@@ -105,21 +104,7 @@ async def omemo_gateway(xmpp_server: XmppServer, tmp_path: Path) -> AsyncIterato
 @pytest.fixture
 async def prof(xmpp_server: XmppServer, omemo_gateway: RunningGateway, tmp_path: Path) -> AsyncIterator[Profanity]:
     """Profanity logged in as olive, subscribed both ways with the gateway, on its console window."""
-    home = tmp_path / "home"
-    config, data = home / ".config", home / ".local" / "share"
-    config.mkdir(parents=True)
-    _account(xmpp_server, USER, data)
-    sockdir = Path(tempfile.mkdtemp(prefix="profo-", dir="/tmp"))  # tmux's socket path must be short
-    p = Profanity(sockdir / "tmux")
-    env = {
-        "HOME": str(home), "XDG_CONFIG_HOME": str(config), "XDG_DATA_HOME": str(data),
-        "SSL_CERT_FILE": str(xmpp_server.prosody.ca_file), "TERM": "screen-256color", "LANG": "C.UTF-8",
-    }
-    await p.tmux(
-        "-f", "/dev/null", "new-session", "-d", "-s", p.session, "-x", "200", "-y", "50",
-        *[a for k, v in env.items() for a in ("-e", f"{k}={v}")],
-        f"profanity -a {xmpp_server.jid(USER)}",
-    )
+    p = await launch(xmpp_server, USER, tmp_path)
     try:
         await p.wait(rf"{re.escape(xmpp_server.jid(USER))}/profanity logged in successfully", DEADLINE)
         await p.type(f"/sub allow {omemo_gateway.jid}")
@@ -129,11 +114,7 @@ async def prof(xmpp_server: XmppServer, omemo_gateway: RunningGateway, tmp_path:
         await until(lambda: roster[jid]["subscription"] == "both", f"{jid} subscribed both ways", DEADLINE)
         yield p
     finally:
-        try:
-            await p.tmux("kill-server")
-        except (RuntimeError, TimeoutError):
-            pass
-        shutil.rmtree(sockdir, ignore_errors=True)
+        await p.close()
 
 
 async def retype(p: Profanity, line: str, pattern: str, total: float = DEADLINE, every: float = 2.0) -> str:
