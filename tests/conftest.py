@@ -37,6 +37,13 @@ class XmppServer:
     def jid(self, user: str) -> str:
         return f"{user}@{self.prosody.domain}"
 
+    def contacts_toml(self) -> str:
+        """The suite's contacts and roles as `[[contacts]]` tables, for a gateway run from a config file
+        (so the roster sync leaves the shared account as other tests expect it)."""
+        return "".join(
+            f'[[contacts]]\njid = "{self.jid(user)}"\nrole = "{role}"\n' for user, role in USERS.items() if role
+        )
+
     def peer(self, user: str) -> Peer:
         return Peer(
             self.jid(user), self.passwords[user], self.prosody.address, self.prosody.ca_file, gateway=self.jid("gateway")

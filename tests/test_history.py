@@ -29,7 +29,7 @@ from gateway.history import HistoryStore
 from gateway.hub import FieldSpec, Hub, Problem
 from gateway.localservers import Mosquitto
 from gateway.systemd import notify_address
-from tests.conftest import USERS, XmppServer, gateway_config, start_gateway
+from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.test_systemd import FakeSystemd
 from tests.helpers import answering, until
 
@@ -392,9 +392,7 @@ async def test_disk_full_shows_in_status_and_presence_and_tells_admins_once(
 
 
 def write_config(tmp_path: Path, server: XmppServer) -> Path:
-    contacts = "".join(
-        f'[[contacts]]\njid = "{server.jid(user)}"\nrole = "{role}"\n' for user, role in USERS.items() if role
-    )
+    contacts = server.contacts_toml()
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
         f"""

@@ -23,7 +23,7 @@ import pytest
 from gateway.cli import JournalFormatter
 from gateway.localservers import Prosody
 from gateway.systemd import Notifier, NotifyError, notify_address, watchdog_interval
-from tests.conftest import USERS, XmppServer
+from tests.conftest import XmppServer
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "iot-gateway.service"
@@ -91,10 +91,7 @@ stale_after = 0.5
   type = "boolean"
   writable = true
 """
-    # The suite's contacts and roles, so that the roster sync leaves the shared account as other tests expect it.
-    contacts = "".join(
-        f'[[contacts]]\njid = "{server.jid(user)}"\nrole = "{role}"\n' for user, role in USERS.items() if role
-    )
+    contacts = server.contacts_toml()
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
         f"""
