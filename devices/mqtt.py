@@ -9,6 +9,11 @@ commands) goes out in one write.
 The session is persistent (MQTT 3.1.1, clean session off, QoS 1
 subscriptions, a stable client id), so the broker keeps what devices publish
 while the gateway is away and delivers it when the gateway comes back.
+Command topics (Home Assistant's `…/set`) are the exception: a command is
+run now or never, so they are subscribed at QoS 0 (Mosquitto keeps no QoS 0
+message for an offline client: `queue_qos0_messages false`), and a command
+that is retained, or arrives before this connection's subscription to it is
+confirmed (kept from an older session), is dropped and logged.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import json
 import logging
 import os
 import random
-import re
 import ssl
 import threading
 import time
@@ -34,6 +38,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import Config, MqttSection
 from gateway.hub import SENT, Health, Hub, NotWritable, Unconfirmed
+from gateway.noise import Throttle
 from gateway.values import BadValue, Value, coerce
 
 from .base import Context, Driver
@@ -50,11 +55,16 @@ KICKED_WITHIN = 30.0  # a connection the broker closes this soon after accepting
 KICKED_TIMES = 3  # ...this many times in a row: another client uses our client id
 TWIN_WAIT = 300.0  # seconds between attempts while another client seems to use our client id
 PROBLEM = "mqtt"  # the component name in the hub's problems
+OPEN_PROBLEM = "broker"  # the hub's problem when the broker lets clients in without a password
+PROBE_TIMEOUT = 5.0  # seconds the anonymous test connection may take
+OPEN_BROKER = (
+    "the broker accepts clients without a password: anyone on the network can fake readings "
+    "and send commands; give it a password_file and an acl_file (docs/mqtt.md)"
+)
 READ_CHUNK = 65536  # bytes asked of the socket per recv()
 READ_BATCH = 500  # packets handled per event-loop turn, so a flood cannot starve the loop
 START_GRACE = 2.0  # seconds to wait for every mqtt device to attach before connecting anyway
 STOP_TIMEOUT = 2.0  # seconds to wait for the broker to take the "offline" status at stop
-LOG_EVERY = 60.0  # seconds between two warnings about the same field
 MATCH_CACHE = 4096  # topics whose matching routes are remembered
 SHOWN = 80  # characters of a bad payload quoted in a warning
 ONLINE, OFFLINE = "online", "offline"
@@ -75,11 +85,10 @@ class BadPayload(ValueError):
 
 
 def default_client_id(config: Config) -> str:
-    """`[mqtt] client_id`, else "iot-gateway-" and the gateway's JID (or its name) made topic-safe."""
+    """`[mqtt] client_id`, else "iot-gateway-" and `[gateway] id` (never the JID: topics are seen by every client)."""
     if config.mqtt is not None and config.mqtt.client_id:
         return config.mqtt.client_id
-    source = config.xmpp.jid if config.xmpp is not None else config.gateway.name
-    return "iot-gateway-" + (re.sub(r"[^a-z0-9_-]+", "-", source.lower()).strip("-") or "gateway")
+    return f"iot-gateway-{config.gateway.id}"
 
 
 def _kind(v: Any) -> str:
@@ -213,24 +222,34 @@ def _describe(err: BaseException | None) -> str:
     return str(err) or type(err).__name__
 
 
-class Throttle:
-    """Lets one warning per key through every `every` seconds and counts the ones held back."""
-
-    def __init__(self, every: float = LOG_EVERY):
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warn(self, key: str, message: str) -> None:
-        """Log `message` as a warning unless `key` was warned about less than `every` seconds ago."""
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.every:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        log.warning("%s%s", message, f" ({held} more like it not logged)" if held else "")
+def accepts_anonymous(cfg: MqttSection, timeout: float = PROBE_TIMEOUT) -> bool | None:
+    """Whether the broker of `cfg` accepts a connection without username and password; None when
+    it could not be told (unreachable, no answer in `timeout`). Blocks: run it in a worker thread."""
+    answers: list[bool] = []
+    c = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"iot-gateway-probe-{os.urandom(4).hex()}",
+        clean_session=True, protocol=paho.MQTTv311,
+    )
+    if cfg.tls:
+        c.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None)
+    c.connect_timeout = timeout
+    c.on_connect = lambda _c, _u, _f, reason, _p: answers.append(not reason.is_failure)
+    try:
+        c.connect(cfg.host, cfg.port, keepalive=max(5, int(timeout) * 2))
+        deadline = time.monotonic() + timeout
+        while not answers and time.monotonic() < deadline:
+            if c.loop(0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break
+        if answers and answers[0]:
+            c.disconnect()
+            c.loop(0.1)
+    except (OSError, ssl.SSLError, ValueError):
+        return None
+    finally:
+        sock = c.socket()
+        if sock is not None:
+            sock.close()
+    return answers[0] if answers else None
 
 
 # ---------------------------------------------------------------- the shared client
@@ -316,7 +335,7 @@ class _Route:
     owner: object
     sub: str
     handler: Handler
-    retained: bool = True  # False: a retained message (a stale command, say) is not delivered
+    command: bool = False  # True: only what is published now, while we are subscribed (never a kept copy)
 
 
 class Broker:
@@ -355,6 +374,9 @@ class Broker:
         self._routes: list[_Route] = []
         self._matches: dict[str, list[_Route]] = {}  # topic -> matching routes
         self._subs: dict[str, None] = {}
+        self._commands: set[str] = set()  # filters of command routes: QoS 0, nothing kept for later
+        self._live: set[str] = set()  # command filters whose SUBACK came on this connection
+        self._throttle = Throttle(logger=log)
         self._sub_mids: dict[int, list[str]] = {}
         self.refused: dict[str, str] = {}  # topic filter -> why the broker refused it (SUBACK 0x80)
         self._acks: dict[int, asyncio.Future[None]] = {}
@@ -374,6 +396,7 @@ class Broker:
         self._kicked = 0  # connections in a row the broker closed soon after accepting them
         self.twin = False  # another client seems to use our client id
         self.wait = 0.0  # seconds of the current wait before connecting again
+        self._probe: asyncio.Task[None] | None = None  # is the broker open to anonymous clients?
         self.client = self._make_client()
 
     @classmethod
@@ -390,6 +413,7 @@ class Broker:
                 client_id = f"{client_id}-console-{os.getpid()}"
             broker = cls(ctx.config.mqtt, client_id, asyncio.get_running_loop(), expected, not ctx.guest)
             broker.hub = ctx.hub
+            broker._throttle.noise = ctx.hub.noise
             ctx.shared[SHARED_KEY] = broker
         return broker
 
@@ -463,15 +487,23 @@ class Broker:
         self._matches = {}
         if sub in self._subs and not any(r.sub == sub for r in self._routes):
             del self._subs[sub]
+            self._commands.discard(sub)
+            self._live.discard(sub)
             self.refused.pop(sub, None)
             if self.connected:
                 self.client.unsubscribe(sub)
 
-    def route(self, owner: object, sub: str, handler: Handler, retained: bool = True) -> None:
-        """Call `handler(sub, topic, payload)` on the event loop for each message matching `sub`;
-        with `retained=False`, only for messages published now, not a broker's retained copy."""
-        self._routes.append(_Route(owner, sub, handler, retained))
+    def route(self, owner: object, sub: str, handler: Handler, command: bool = False) -> None:
+        """Call `handler(sub, topic, payload)` on the event loop for each message matching `sub`.
+
+        `command=True` for topics that make the gateway act: subscribed at QoS 0 so that the
+        broker keeps nothing for us while we are away, and only messages published while this
+        connection is subscribed are delivered (no retained copy, nothing kept from before).
+        """
+        self._routes.append(_Route(owner, sub, handler, command))
         self._matches = {}
+        if command:
+            self._commands.add(sub)
         if sub not in self._subs:
             self._subs[sub] = None
             if self.connected:
@@ -720,6 +752,8 @@ class Broker:
             except MqttError as e:
                 log.warning("mqtt: could not publish %s to %s: %s", OFFLINE, self.status_topic, e)
         self._closed = True
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
         self._fail_acks("the MQTT client is stopping")
         if self.client.socket() is not None:
             self.client.disconnect()
@@ -797,11 +831,26 @@ class Broker:
             "resumed" if session_present else "new",
         )
         self.client.publish(self.status_topic, ONLINE, qos=QOS, retain=True)
+        self._live.clear()
         self._subscribe(list(self._subs))
+        if self._probe is None and self.persistent:
+            self._probe = self.loop.create_task(self._check_open(), name="mqtt-anonymous-check")
         if self.twin:
             return  # devices stay offline (with the reason) until the connection holds
         for user in list(self._users):
             user.broker_up()
+
+    async def _check_open(self) -> None:
+        """Once per start: warn (log, `status`, admins) when the broker lets anyone in."""
+        if not self.cfg.username:
+            log.warning("mqtt: no username in [mqtt], and %s", OPEN_BROKER)
+            return  # our own connection says it all; the problem is not repeated to admins at each start
+        open_ = await asyncio.to_thread(accepts_anonymous, self.cfg)
+        if open_ and not self._closed:
+            if self.hub is not None:
+                self.hub.set_problem(OPEN_PROBLEM, OPEN_BROKER)  # logged, in status, told to admins once
+            else:
+                log.warning("mqtt: %s", OPEN_BROKER)
 
     def _unreachable(self, detail: str) -> None:
         if not self._closed:
@@ -847,8 +896,14 @@ class Broker:
                 self._matches = {}
             self._matches[topic] = routes
         for r in routes:
-            if retain and not r.retained:
-                log.warning("mqtt: ignored a retained message on %s: commands must not be retained", topic)
+            if r.command and retain:
+                self._throttle.warn(f"mqtt: retained command on {topic}", f"mqtt: ignored a retained message on {topic}: commands must not be retained")
+                continue
+            if r.command and r.sub not in self._live:
+                self._throttle.warn(
+                    f"mqtt: late command on {topic}",
+                    f"mqtt: ignored a command on {topic} kept by the broker from before this connection: commands are run now or never",
+                )
                 continue
             try:
                 r.handler(r.sub, topic, payload)
@@ -869,7 +924,7 @@ class Broker:
     def _subscribe(self, topics: list[str]) -> None:
         if not topics:
             return
-        rc, mid = self.client.subscribe([(t, QOS) for t in topics])
+        rc, mid = self.client.subscribe([(t, 0 if t in self._commands else QOS) for t in topics])
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._sub_mids[mid] = topics
 
@@ -877,6 +932,8 @@ class Broker:
         topics = self._sub_mids.pop(mid, [])
         for topic, failure in zip(topics, failures):
             if failure is None:
+                if topic in self._commands:
+                    self._live.add(topic)
                 if self.refused.pop(topic, None) is not None:
                     log.warning("mqtt: the broker now accepts the subscription to %s", topic)
                     self._tell_owners(topic)
@@ -918,7 +975,7 @@ class MqttDriver(Driver[MqttDevice]):
                 self._by_topic.setdefault(f.topic, []).append(f)
         self._available: bool | None = None
         self._broker: Broker | None = None
-        self._throttle = Throttle()
+        self._throttle = Throttle(logger=log)
         # field -> (value asked for, resolved when the state topic reports it): sets waiting for the device
         self._waiting: dict[str, tuple[Value, asyncio.Future[None]]] = {}
         self._reported: dict[str, Value] = {}  # the last state each field reported

@@ -146,6 +146,7 @@ class Commands:
             lines.append(f"NOT saving state: {reason}")
         # `history: not saved: …`; the state folder's trouble is the NOT saving line above.
         lines.extend(p.describe() for p in self.hub.problems.values() if p.component != "state" or not unsaved)
+        lines.extend(self.hub.noise.lines())
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:

@@ -81,6 +81,11 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{user}{':***' if colon else ''}@{host}"
 
 
+def slug(text: str) -> str:
+    """A topic- and id-safe form of a name: `Shed #2` → `shed-2`; `gateway` when nothing is left."""
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-_")[:64].rstrip("-_") or "gateway"
+
+
 def _existing_file(v: Path | None) -> Path | None:
     if v is not None and not v.is_file():
         raise ValueError(f"file not found: {v}")
@@ -115,6 +120,8 @@ class GatewaySection(Strict):
     """`[gateway]`: identity and housekeeping."""
 
     name: str = Field("IoT gateway", min_length=1, max_length=100)
+    # The gateway's id in MQTT topics and client ids (never its JID); default: `name` made topic-safe.
+    id: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
     history_size: int = Field(1000, ge=1, le=1_000_000)
     state_dir: Path = Path("/var/lib/iot-gateway")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -139,6 +146,12 @@ class GatewaySection(Strict):
             except ValueError as e:
                 raise ValueError(str(e)) from None
         return v
+
+    @model_validator(mode="after")
+    def _default_id(self) -> "GatewaySection":
+        if self.id is None:
+            self.id = slug(self.name)
+        return self
 
     @property
     def retention_seconds(self) -> float | None:
@@ -357,6 +370,8 @@ class HomeAssistantSection(Strict):
     node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$", max_length=64)
     # Where states and commands go; default `iot-gateway/<node_id>`.
     base_topic: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$", max_length=128)
+    # Home Assistant may set writable fields (through the hub, with `role`); off: every entity is read-only.
+    commands: bool = False
     role: Role = "operator"  # what commands from Home Assistant may do
     exclude: list[str] = []  # `device` or `device.field` not to publish
 

@@ -10,7 +10,10 @@ Topics, with `<base>` = `[homeassistant] base_topic` (`iot-gateway/<node_id>`):
 
 - `<prefix>/<component>/<node_id>_<device>/<field>/config`: discovery (retained);
 - `<base>/<device>/<field>`: the field's state, published on change (retained);
-- `<base>/<device>/<field>/set`: commands from Home Assistant;
+- `<base>/<device>/<field>/set`: commands from Home Assistant, only with
+  `commands = true` (else every entity is read-only and nothing is subscribed);
+  subscribed as a command topic (`Broker.route(command=True)`): a command
+  published while the gateway was away, or retained, is never run;
 - `<base>/<device>`: `online` while the device's health is ok, else `offline` (retained);
 - the broker connection's own `<client_id>/status` (`online`, `offline` as its
   last will): every entity needs both, so a stopped gateway shows unavailable.
@@ -32,11 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devices import Context
-from devices.mqtt import SHARED_KEY, Broker, MqttError, Throttle
+from devices.mqtt import SHARED_KEY, Broker, MqttError
 
 from .auth import Actor, Forbidden
 from .config import Config, HomeAssistantSection
 from .hub import Field, FieldSpec, Health, HealthState, Hub, HubError, Node, Reading
+from .noise import Throttle
 from .state import SaveError, StateDir
 from .values import BadValue, Value
 
@@ -139,14 +143,8 @@ def layout(config: Config, status_topic: str) -> Layout:
     """The topics and ids of `config` (whose `[homeassistant]` is set), the broker's status topic given."""
     ha = config.homeassistant
     assert ha is not None
-    node_id = ha.node_id or default_node_id(status_topic.rsplit("/", 1)[0])
+    node_id = ha.node_id or config.gateway.id or "gateway"
     return Layout(ha.discovery_prefix, node_id, ha.base_topic or f"iot-gateway/{node_id}", status_topic)
-
-
-def default_node_id(client_id: str) -> str:
-    """The MQTT client id as a Home Assistant id: `iot-gateway-gw-example-org` → `gw-example-org`."""
-    text = re.sub(r"[^A-Za-z0-9_-]+", "-", client_id.removeprefix("iot-gateway-")).strip("-")
-    return text or "gateway"
 
 
 def title(name: str) -> str:
@@ -190,20 +188,24 @@ def _step(spec: FieldSpec) -> float:
     return 0.001
 
 
-def build(node: Node, f: Field, lay: Layout, kind: str | None) -> Entity:
-    """The entity of field `f` of `node`: its component and discovery payload."""
+def build(node: Node, f: Field, lay: Layout, kind: str | None, commands: bool = True) -> Entity:
+    """The entity of field `f` of `node`: its component and discovery payload.
+
+    Without `commands`, a writable field is published read-only (a sensor or binary sensor).
+    """
     spec = f.spec
     ref = f.ref
     unit = UNIT_SPELLING.get(spec.unit, spec.unit)
     options: tuple[str, ...] = tuple(getattr(spec, "choices", ()) or ())  # enum fields (FieldSpec.choices)
+    writable = spec.writable and commands
     if spec.type == "boolean":
-        component = "switch" if spec.writable else "binary_sensor"
+        component = "switch" if writable else "binary_sensor"
     elif options:
-        component = "select" if spec.writable else "sensor"
+        component = "select" if writable else "sensor"
     elif spec.type in ("numeric", "integer"):
-        component = "number" if spec.writable else "sensor"
+        component = "number" if writable else "sensor"
     else:
-        component = "text" if spec.writable else "sensor"
+        component = "text" if writable else "sensor"
     state_topic = lay.state(ref)
     cfg: dict[str, Any] = {
         "name": title(spec.name),
@@ -221,7 +223,7 @@ def build(node: Node, f: Field, lay: Layout, kind: str | None) -> Entity:
         },
         "origin": {"name": "iot-gateway", "sw_version": VERSION},
     }
-    command_topic = f"{state_topic}/set" if spec.writable else None
+    command_topic = f"{state_topic}/set" if writable else None
     if command_topic is not None:
         cfg["command_topic"] = command_topic
     if component == "sensor" and options:
@@ -342,7 +344,7 @@ class HomeAssistant:
         self._commands: asyncio.Queue[tuple[Entity, str]] = asyncio.Queue(QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
         self._cleared = False  # what an earlier run left is cleared once per start
-        self._throttle = Throttle()
+        self._throttle = Throttle(logger=log, noise=hub.noise)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -355,14 +357,16 @@ class HomeAssistant:
             self.entities = self._build(lay)
             self._by_command = {e.command_topic: e for e in self.entities.values() if e.command_topic}
             self._nodes = list(dict.fromkeys(ref.split(".")[0] for ref in self.entities))
-            broker.route(self, f"{lay.base}/+/+/set", self._on_command, retained=False)  # a retained command would be applied again on every reconnect
+            if self.section.commands:
+                broker.route(self, f"{lay.base}/+/+/set", self._on_command, command=True)
             broker.route(self, f"{lay.prefix}/status", self._on_ha_status)
             self.hub.subscribe(reading=self._on_reading, health=self._on_health)
             self._tasks.append(asyncio.create_task(self._run_commands(), name="homeassistant-commands"))
             log.info(
-                "homeassistant: %d entities of %d devices under %s/…/%s_*, states under %s",
+                "homeassistant: %d entities of %d devices under %s/…/%s_*, states under %s, commands %s",
                 len(self.entities), len(self._nodes),
                 lay.prefix, lay.node_id, lay.base,
+                "on" if self.section.commands else "off (read-only)",
             )
         self._tasks.append(asyncio.create_task(self._run_publish(), name="homeassistant-publish"))
         broker.attach(self)  # calls broker_up at once if the connection is already there
@@ -407,7 +411,7 @@ class HomeAssistant:
                 if f.ref in excluded:
                     found.add(f.ref)
                     continue
-                entities[f.ref] = build(node, f, lay, kinds.get((node.id, f.name)))
+                entities[f.ref] = build(node, f, lay, kinds.get((node.id, f.name)), self.section.commands)
         for ref in sorted(excluded - found):
             log.warning("homeassistant: exclude names %r, which is no field or device of this gateway", ref)
         return entities
@@ -518,7 +522,7 @@ class HomeAssistant:
             for (topic, payload), result in zip(batch.items(), results):
                 if isinstance(result, MqttError):
                     pending.messages.setdefault(topic, payload)  # unless a newer one is queued
-                    self._throttle.warn("publish", f"homeassistant: could not publish to {topic}: {result}")
+                    self._throttle.warn("homeassistant: publishing failed", f"homeassistant: could not publish to {topic}: {result}")
                 elif isinstance(result, BaseException):
                     log.error("homeassistant: publishing to %s failed", topic, exc_info=result)
 
@@ -530,14 +534,14 @@ class HomeAssistant:
         e = self._by_command.get(topic)
         if e is None:
             self._throttle.warn(
-                "unknown", f"homeassistant: command on {topic} ignored: no writable field of this gateway is published there"
+                "homeassistant: commands on unknown topics", f"homeassistant: command on {topic} ignored: no writable field of this gateway is published there"
             )
             return
         text = payload[:MAX_COMMAND + 1].decode("utf-8", "replace").strip()
         try:
             self._commands.put_nowait((e, text))
         except asyncio.QueueFull:
-            self._throttle.warn("flood", f"homeassistant: more than {QUEUE} commands waiting: {e.ref} {text[:40]!r} dropped")
+            self._throttle.warn("homeassistant: commands dropped (queue full)", f"homeassistant: more than {QUEUE} commands waiting: {e.ref} {text[:40]!r} dropped")
 
     async def _run_commands(self) -> None:
         """Apply commands one at a time, in the order they came."""
@@ -562,7 +566,10 @@ class HomeAssistant:
     def _on_ha_status(self, sub: str, topic: str, payload: bytes) -> None:
         """Home Assistant (re)started: it asks for every config again."""
         if payload.strip().lower() == b"online" and self.broker is not None and self.broker.connected:
-            log.info("homeassistant: Home Assistant is online; publishing every entity again")
+            # Logged once a minute: a flapping status topic must not fill the log (counts in `status`).
+            self._throttle.info(
+                f"homeassistant: Home Assistant online on {topic}", "homeassistant: Home Assistant is online; publishing every entity again"
+            )
             self.broker_up()
 
 

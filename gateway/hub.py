@@ -22,6 +22,7 @@ from typing import Any
 
 from .audit import AuditLog
 from .auth import Actor, Forbidden, Permission, require
+from .noise import Noise
 from .values import BadValue, Value, check_bounds, coerce, fmt
 
 log = logging.getLogger("iot_gateway.hub")
@@ -273,6 +274,7 @@ class Hub:
         self._health_listeners: list[HealthListener] = []
         # Gateway-wide problems by component (`history`, ...); devices have their health instead.
         self.problems: dict[str, Problem] = {}
+        self.noise = Noise()  # causes whose log lines were held back (gateway.noise), for status
         self._problem_listeners: list[ProblemListener] = []
         self._write_listeners: list[WriteListener] = []
         self._node_listeners: list[NodeListener] = []

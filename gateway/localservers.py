@@ -204,20 +204,32 @@ Component "{self.muc}" "muc"
 
 
 class Mosquitto:
-    """A Mosquitto MQTT broker in `root`, anonymous, with persistence so sessions survive restarts."""
+    """A Mosquitto MQTT broker in `root`, with persistence so sessions survive restarts; anonymous
+    unless given `accounts`."""
 
-    def __init__(self, root: Path, port: int | None = None, acl: str | None = None):
-        """`acl`: the text of an `acl_file` (Mosquitto's topic rules), e.g. to deny publishing to cmnd/#."""
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        acl: str | None = None,
+        accounts: dict[str, str] | None = None,
+        anonymous: bool | None = None,
+    ):
+        """`acl`: the text of an `acl_file` (Mosquitto's topic rules), e.g. to deny publishing to cmnd/#.
+        `accounts`: user → password, written to a `password_file` (hashed by mosquitto_passwd).
+        `anonymous`: whether clients without a username get in; default: only without `accounts`."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.config = self.root / "mosquitto.conf"
         self.proc: subprocess.Popen | None = None
+        if anonymous is None:
+            anonymous = not accounts
         self.config.write_text(
             f"""# written by gateway.localservers: a throwaway broker on loopback
 listener {self.port} 127.0.0.1
 user {_user()}
-allow_anonymous true
+allow_anonymous {str(anonymous).lower()}
 persistence true
 persistence_location {self.root}/
 autosave_interval 1
@@ -229,6 +241,15 @@ max_queued_messages 100000
             (self.root / "acl").write_text(acl)
             with self.config.open("a") as f:
                 f.write(f"acl_file {self.root}/acl\n")
+        if accounts:
+            self.password_file = self.root / "passwords"
+            self.password_file.unlink(missing_ok=True)
+            self.password_file.touch(mode=0o600)
+            tool = _need("mosquitto_passwd", "mosquitto")
+            for user, password in accounts.items():
+                _run(tool, "-b", str(self.password_file), user, password)
+            with self.config.open("a") as f:
+                f.write(f"password_file {self.password_file}\n")
 
     def start(self) -> None:
         """Start the broker and wait until it accepts connections."""

@@ -254,7 +254,7 @@ def ha_config(mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], devices
         {
             "gateway": {"name": "HA test", "state_dir": str(tmp_path / "state")},
             "mqtt": {"url": f"mqtt://127.0.0.1:{mosquitto.port}", "client_id": ids["client"]},
-            "homeassistant": {"discovery_prefix": ids["prefix"], "node_id": ids["node"], **ha},
+            "homeassistant": {"discovery_prefix": ids["prefix"], "node_id": ids["node"], "commands": True, **ha},
             "devices": devices,
         }
     )

@@ -266,11 +266,16 @@ def test_render_commands() -> None:
         render(cmd(type="string", command_template='{"text": {value}}'), "hello")
 
 
-def test_client_id_defaults_to_the_gateway_jid(tmp_path: Path) -> None:
+def test_client_id_defaults_to_the_gateway_id_never_its_jid(tmp_path: Path) -> None:
     base = {"mqtt": {"url": "mqtt://127.0.0.1:1883"}}
     with_jid = parse({**base, "xmpp": {"jid": "Green.House@example.org", "password": "x"}})
-    assert default_client_id(with_jid) == "iot-gateway-green-house-example-org"
+    assert default_client_id(with_jid) == "iot-gateway-iot-gateway"  # the default name's slug
     assert default_client_id(parse({**base, "gateway": {"name": "Shed #2"}})) == "iot-gateway-shed-2"
+    assert default_client_id(parse({**base, "gateway": {"name": "Shed #2", "id": "barn-7"}})) == "iot-gateway-barn-7"
+    assert parse({"gateway": {"name": "Серверная"}}).gateway.id == "gateway"  # nothing topic-safe left
+    for bad in ("Barn", "a/b", "-x", "a+b", "x" * 65):
+        with pytest.raises(ConfigError, match="gateway.id"):
+            parse({"gateway": {"id": bad}})
     explicit = parse({"mqtt": {"url": "mqtt://127.0.0.1:1883", "client_id": "barn"}})
     assert default_client_id(explicit) == "barn"
 
@@ -698,8 +703,8 @@ async def test_contact_reads_and_sets_an_mqtt_device_over_xmpp(
         alice = await xmpp_server.peer("alice").start()
         gw_jid = xmpp_server.jid("gateway")
         await until(lambda: health(gw, "plug") == (Health.OK, ""), "broker connection")
-        # The client id comes from the gateway's JID.
-        assert await retained(mosquitto.port, "iot-gateway-gateway-localhost/status") == "1 online"
+        # The client id comes from the gateway's configured id ("Test GW"), never from its JID.
+        assert await retained(mosquitto.port, "iot-gateway-test-gw/status") == "1 online"
 
         await publisher.send(f"tele/{p}/SENSOR", '{"ENERGY": {"Power": 12.5}}')
         await publisher.send(f"stat/{p}/POWER", "OFF")
