@@ -397,6 +397,7 @@ class Broker:
         self.twin = False  # another client seems to use our client id
         self.wait = 0.0  # seconds of the current wait before connecting again
         self._probe: asyncio.Task[None] | None = None  # is the broker open to anonymous clients?
+        self.open: bool | None = None  # whether it is, once known (None: not known yet, or unknowable)
         self.client = self._make_client()
 
     @classmethod
@@ -843,9 +844,11 @@ class Broker:
     async def _check_open(self) -> None:
         """Once per start: warn (log, `status`, admins) when the broker lets anyone in."""
         if not self.cfg.username:
+            self.open = True
             log.warning("mqtt: no username in [mqtt], and %s", OPEN_BROKER)
             return  # our own connection says it all; the problem is not repeated to admins at each start
         open_ = await asyncio.to_thread(accepts_anonymous, self.cfg)
+        self.open = open_
         if open_ and not self._closed:
             if self.hub is not None:
                 self.hub.set_problem(OPEN_PROBLEM, OPEN_BROKER)  # logged, in status, told to admins once

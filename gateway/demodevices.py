@@ -66,7 +66,16 @@ class Plug:
     QoS 1, so a gateway's persistent session keeps the ones it missed.
     """
 
-    def __init__(self, host: str, port: int, topic: str = "plug", interval: float = 10.0, load: float = 42.0):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topic: str = "plug",
+        interval: float = 10.0,
+        load: float = 42.0,
+        password: str | None = None,
+    ):
+        """With `password`, the plug logs in as user `topic` (as a Tasmota device does in the broker's ACL)."""
         self.host, self.port, self.topic = host, port, topic
         self.interval = interval
         self.load = load  # watts drawn while the relay is on
@@ -81,6 +90,8 @@ class Plug:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"demo-{topic}-{uuid.uuid4().hex[:6]}"
         )
+        if password is not None:
+            self.client.username_pw_set(topic, password)
         self.client.will_set(self._t("tele", "LWT"), "Offline", qos=0, retain=True)
         self.client.reconnect_delay_set(1, 5)
         self.client.on_connect = self._on_connect

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,9 +26,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.app import Gateway
 from gateway.config import Config, ConfigError, parse
-from gateway.homeassistant import Layout, build, state_payload
+from gateway.auth import Actor
+from gateway.homeassistant import Layout, build, layout, state_payload
 from gateway.hub import FieldSpec, Health, Hub
 from gateway.localservers import Mosquitto
+from gateway.noise import Noise, Throttle
 from tests.helpers import until
 from tests.test_kernel import W1_ID, FakeSys
 from tests.test_mqtt import Publisher
@@ -194,10 +197,12 @@ def retained(port: int, *filters: str) -> dict[str, str]:
 class Watcher:
     """A client that keeps every message under some filters: (topic, payload, retained)."""
 
-    def __init__(self, port: int, *filters: str):
+    def __init__(self, port: int, *filters: str, auth: tuple[str, str] | None = None):
         self.messages: list[tuple[str, str, bool]] = []
         ready = threading.Event()
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id="watch-" + uuid.uuid4().hex[:8])
+        if auth is not None:
+            c.username_pw_set(*auth)
         c.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload.decode(), bool(m.retain)))
         c.on_connect = lambda *_a: c.subscribe([(f, 1) for f in filters])
         c.on_subscribe = lambda *_a: ready.set()
@@ -471,6 +476,95 @@ async def test_a_retained_command_is_never_applied(
             assert gw.hub.field("sim.relay").latest.value is False
     finally:
         await publisher.send(f"{base}/sim/relay/set", "", retain=True)  # clear it from the shared broker
+
+
+async def test_a_command_published_while_the_gateway_was_away_is_never_run(
+    mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A click in Home Assistant made while the gateway was stopped must not switch the relay when it
+    comes back; a reading published meanwhile still arrives (the persistent session keeps readings)."""
+    base = f"iot-gateway/{ids['node']}"
+    meter_topic = f"ha-away/{ids['node']}/power"
+    meter = {"id": "meter", "driver": "mqtt", "fields": [{"name": "power", "unit": "W", "topic": meter_topic}]}
+    config = ha_config(mosquitto, tmp_path, ids, [SIM, meter])
+    async with started(config):
+        await wait_retained(mosquitto.port, lambda s: f"{base}/sim/relay" in s, "the relay state", f"{base}/#")
+    # Stopped; its session (and subscriptions) stay on the broker.
+    await publisher.send(f"{base}/sim/relay/set", "ON")
+    await publisher.send(meter_topic, "17")
+    await asyncio.sleep(2)  # the click is a few seconds old when the gateway is back
+    async with started(config) as gw:
+        await until(lambda: [r.value for r in gw.hub.field("meter.power").history] == [17.0], "the reading kept for us")
+        await publisher.send(f"{base}/sim/speed/set", "7")  # a live command is still carried out
+        await until(lambda: len(gw.hub.audit.entries) >= 1, "the live command audited")
+        assert [e.line() for e in gw.hub.audit.entries] == ["homeassistant via mqtt: sim.speed 0 -> 7"]
+        assert gw.hub.field("sim.relay").latest.value is False
+
+
+async def test_without_commands_every_entity_is_read_only_and_set_topics_are_not_heard(
+    mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], publisher: Publisher
+) -> None:
+    p, node = ids["prefix"], ids["node"]
+    base = f"iot-gateway/{node}"
+    config = ha_config(mosquitto, tmp_path, ids, [SIM], commands=False)
+    assert parse({"mqtt": {}, "homeassistant": {}}).homeassistant.commands is False  # off by default
+    relay = f"{p}/binary_sensor/{node}_sim/relay/config"
+    async with started(config) as gw:
+        snap = await wait_retained(mosquitto.port, lambda s: relay in s and f"{base}/sim/relay" in s, "the read-only relay", f"{p}/#", f"{base}/#")
+        docs = {t: d for t, d in configs(snap, p).items() if f"/{node}_sim/" in t}
+        assert {t.split("/")[1] for t in docs} == {"sensor", "binary_sensor"}
+        assert [t for t, d in docs.items() if "command_topic" in d] == []
+        assert {t: ha_problems(t.split("/")[1], d) for t, d in docs.items() if ha_problems(t.split("/")[1], d)} == {}
+        speed = docs[f"{p}/sensor/{node}_sim/speed/config"]
+        assert (speed["state_topic"], speed["state_class"]) == (f"{base}/sim/speed", "measurement")
+        watcher = Watcher(mosquitto.port, f"{p}/#")
+        try:
+            await publisher.send(f"{base}/sim/relay/set", "ON")
+            await publisher.send(f"{p}/status", "online")  # after the command: when the configs come again, it was not heard
+            await until(lambda: watcher.live(relay) == 1, "the configs published again")
+        finally:
+            watcher.stop()
+        assert list(gw.hub.audit.entries) == [] and gw.hub.field("sim.relay").latest.value is False
+
+
+async def test_a_flapping_home_assistant_status_logs_one_line_and_counts_in_status(
+    mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="iot_gateway.homeassistant")
+    p = ids["prefix"]
+    cause = f"homeassistant: Home Assistant online on {p}/status"
+    async with started(ha_config(mosquitto, tmp_path, ids, [SIM])) as gw:
+        await wait_retained(mosquitto.port, lambda s: f"{p}/sensor/{ids['node']}_sim/temp/config" in s, "the temp config", f"{p}/#")
+        for i in range(100):
+            await publisher.send(f"{p}/status", "offline" if i % 2 else "online")
+        await until(lambda: cause in gw.hub.noise.counts and gw.hub.noise.counts[cause].times == 50, "50 births counted")
+        said = [r for r in caplog.records if "Home Assistant is online" in r.getMessage()]
+        assert len(said) == 1
+        reply = await gw.commands.run("status", Actor("admin@x", "admin", "test"), styled=False)
+        assert f"repeated: {cause} ×50 (49 not logged)" in reply.splitlines(), reply
+
+
+def test_ids_in_topics_come_from_the_gateway_id_never_the_jid() -> None:
+    config = parse({
+        "gateway": {"name": "Shed #2"}, "xmpp": {"jid": "gw@example.org", "password": "x"},
+        "mqtt": {}, "homeassistant": {},
+    })
+    lay = layout(config, "iot-gateway-shed-2/status")
+    assert (lay.node_id, lay.base) == ("shed-2", "iot-gateway/shed-2")
+    config = parse({"gateway": {"id": "barn"}, "mqtt": {}, "homeassistant": {}})
+    assert layout(config, "x/status").base == "iot-gateway/barn"
+
+
+def test_a_throttle_logs_one_line_per_cause_per_interval_and_counts_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    noise = Noise()
+    t = Throttle(every=60, logger=logging.getLogger("t"), noise=noise, clock=lambda: now[0])
+    assert [t.warn("a", "A") for _ in range(3)] == [True, False, False]
+    assert t.warn("b", "B")  # another cause has its own line
+    now[0] = 61
+    assert t.warn("a", "A again")
+    assert [r.getMessage() for r in caplog.records] == ["A", "B", "A again (2 more like it not logged)"]
+    assert noise.lines() == ["repeated: a ×4 (2 not logged)"]
 
 
 async def test_a_viewer_role_refuses_home_assistant_commands(

@@ -76,8 +76,10 @@ def paho_threads(config: Config) -> list[str]:
 class Publisher:
     """Another MQTT client, as a device would be: a plain paho client on its own thread."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, user: str | None = None, password: str | None = None):
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="pub-" + uuid.uuid4().hex[:8])
+        if user is not None:
+            self.client.username_pw_set(user, password)
         self.client.reconnect_delay_set(1, 1)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
