@@ -19,6 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.kernel import discover, read_file
+from gateway import demo
 from gateway.config import load
 from gateway.demodevices import Plug, Thermometer
 from gateway.localservers import Mosquitto
@@ -79,8 +80,19 @@ def thermometer(tmp_path: Path) -> Thermometer:
 
 
 @pytest.fixture
-def plug(mosquitto: Mosquitto) -> Iterator[Plug]:
-    p = Plug("127.0.0.1", mosquitto.port, topic="plug", interval=0.5)
+def demo_broker(tmp_path: Path) -> Iterator[tuple[Mosquitto, dict[str, str]]]:
+    """A Mosquitto set up as `make demo`'s: no anonymous clients, the demo's accounts and ACL."""
+    pw = {u: uuid.uuid4().hex for u in demo.MQTT_ACCOUNTS}
+    broker = Mosquitto(tmp_path / "demo-broker", acl=demo.ACL, accounts=pw)
+    broker.start()
+    yield broker, pw
+    broker.stop()
+
+
+@pytest.fixture
+def plug(demo_broker: tuple[Mosquitto, dict[str, str]]) -> Iterator[Plug]:
+    broker, pw = demo_broker
+    p = Plug("127.0.0.1", broker.port, topic=demo.PLUG_TOPIC, interval=0.5, password=pw[demo.PLUG_TOPIC])
     p.start()
     yield p
     p.stop()
@@ -100,6 +112,9 @@ def test_demo_config_has_every_kind_of_device(tmp_path: Path) -> None:
     assert {"simulated", "mqtt", "kernel"} <= set(drivers.values())
     assert drivers["plug"] == "mqtt" and drivers["pi"] == "kernel"
     assert config.mqtt is not None and config.mqtt.url == "mqtt://127.0.0.1:11883"
+    # The broker lets no anonymous client in: the gateway logs in with the file `make demo` writes.
+    assert (config.mqtt.username, config.gateway.id) == (demo.MQTT_GATEWAY, demo.GATEWAY_ID)
+    assert config.mqtt.password_file is not None and config.mqtt.password_file.resolve() == tmp_path / ".demo" / "mosquitto" / f"{demo.MQTT_GATEWAY}.password"
     pi = next(d for d in config.devices if d.id == "pi")
     # Relative paths are relative to the config file, like state_dir, wherever the gateway runs.
     assert pi.w1_root.resolve() == tmp_path / ".demo" / "sys" / "bus" / "w1" / "devices"
@@ -186,11 +201,16 @@ async def test_plug_answers_its_command_topic_like_tasmota(mosquitto: Mosquitto)
 
 
 async def test_plug_and_thermometer_answer_in_chat(
-    xmpp_server: XmppServer, mosquitto: Mosquitto, plug: Plug, thermometer: Thermometer, tmp_path: Path
+    xmpp_server: XmppServer, demo_broker: tuple[Mosquitto, dict[str, str]], plug: Plug, thermometer: Thermometer,
+    tmp_path: Path,
 ) -> None:
+    broker, pw = demo_broker
+    secret = tmp_path / "mqtt.password"
+    secret.write_text(pw[demo.MQTT_GATEWAY])
     config = gateway_config(
         xmpp_server, tmp_path, devices=demo_devices(thermometer.root),
-        mqtt={"url": mosquitto.url, "client_id": "demo-" + uuid.uuid4().hex[:8]},
+        mqtt={"url": broker.url, "username": demo.MQTT_GATEWAY, "password_file": str(secret)},
+        gateway={"name": "Demo greenhouse", "id": demo.GATEWAY_ID, "state_dir": str(tmp_path / "state"), "health_debounce": 0},
     )
     gw = await start_gateway(config, xmpp_server.passwords["gateway"])
     hub = gw.gateway.hub
