@@ -243,7 +243,7 @@ def accepts_anonymous(cfg: MqttSection, timeout: float = PROBE_TIMEOUT) -> bool 
         if answers and answers[0]:
             c.disconnect()
             c.loop(0.1)
-    except (OSError, ssl.SSLError, ValueError):
+    except (OSError, ValueError):  # unreachable, TLS refused (ssl.SSLError is an OSError), a bad host name
         return None
     finally:
         sock = c.socket()
