@@ -501,6 +501,32 @@ async def test_a_command_published_while_the_gateway_was_away_is_never_run(
         assert gw.hub.field("sim.relay").latest.value is False
 
 
+async def test_a_command_kept_in_an_older_qos1_session_is_dropped_and_logged_with_its_topic(
+    mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session left by an older version (its `…/set` subscribed with QoS 1) holds a command
+    published while the gateway was away: it arrives first thing on connecting, and is not run."""
+    base = f"iot-gateway/{ids['node']}"
+    old = paho.Client(CallbackAPIVersion.VERSION2, client_id=ids["client"], clean_session=False)
+    subscribed = threading.Event()
+    old.on_connect = lambda c, *_a: c.subscribe(f"{base}/+/+/set", qos=1)
+    old.on_subscribe = lambda *_a: subscribed.set()
+    old.connect("127.0.0.1", mosquitto.port)
+    old.loop_start()
+    try:
+        assert subscribed.wait(10), "the old session could not subscribe"
+    finally:
+        old.disconnect()
+        old.loop_stop()
+    await publisher.send(f"{base}/sim/relay/set", "ON")
+    async with started(ha_config(mosquitto, tmp_path, ids, [SIM])) as gw:
+        await until(lambda: f"ignored a command on {base}/sim/relay/set kept by the broker" in caplog.text, "the drop logged")
+        await publisher.send(f"{base}/sim/speed/set", "7")
+        await until(lambda: len(gw.hub.audit.entries) >= 1, "the live command audited")
+        assert [e.line() for e in gw.hub.audit.entries] == ["homeassistant via mqtt: sim.speed 0 -> 7"]
+        assert gw.hub.field("sim.relay").latest.value is False
+
+
 async def test_without_commands_every_entity_is_read_only_and_set_topics_are_not_heard(
     mosquitto: Mosquitto, tmp_path: Path, ids: dict[str, str], publisher: Publisher
 ) -> None:
