@@ -197,10 +197,13 @@ def retained(port: int, *filters: str) -> dict[str, str]:
 class Watcher:
     """A client that keeps every message under some filters: (topic, payload, retained)."""
 
-    def __init__(self, port: int, *filters: str, auth: tuple[str, str] | None = None):
+    def __init__(self, port: int, *filters: str, auth: tuple[str, str] | None = None, session: str | None = None):
+        """`session`: a client id whose persistent session (QoS 1 subscriptions) stays on the broker."""
         self.messages: list[tuple[str, str, bool]] = []
         ready = threading.Event()
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="watch-" + uuid.uuid4().hex[:8])
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=session or "watch-" + uuid.uuid4().hex[:8], clean_session=session is None
+        )
         if auth is not None:
             c.username_pw_set(*auth)
         c.on_message = lambda _c, _u, m: self.messages.append((m.topic, m.payload.decode(), bool(m.retain)))
@@ -507,17 +510,7 @@ async def test_a_command_kept_in_an_older_qos1_session_is_dropped_and_logged_wit
     """A session left by an older version (its `…/set` subscribed with QoS 1) holds a command
     published while the gateway was away: it arrives first thing on connecting, and is not run."""
     base = f"iot-gateway/{ids['node']}"
-    old = paho.Client(CallbackAPIVersion.VERSION2, client_id=ids["client"], clean_session=False)
-    subscribed = threading.Event()
-    old.on_connect = lambda c, *_a: c.subscribe(f"{base}/+/+/set", qos=1)
-    old.on_subscribe = lambda *_a: subscribed.set()
-    old.connect("127.0.0.1", mosquitto.port)
-    old.loop_start()
-    try:
-        assert subscribed.wait(10), "the old session could not subscribe"
-    finally:
-        old.disconnect()
-        old.loop_stop()
+    Watcher(mosquitto.port, f"{base}/+/+/set", session=ids["client"]).stop()
     await publisher.send(f"{base}/sim/relay/set", "ON")
     async with started(ha_config(mosquitto, tmp_path, ids, [SIM])) as gw:
         await until(lambda: f"ignored a command on {base}/sim/relay/set kept by the broker" in caplog.text, "the drop logged")
