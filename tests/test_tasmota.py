@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devices._discovery import Malformed
 from devices.tasmota import full_topic, relays, sensor_spots
 from gateway.app import Gateway
 from gateway.auth import Actor
@@ -119,9 +120,13 @@ def node_id(t: str) -> str:
 
 
 def test_topics_relays_and_sensor_units() -> None:
-    assert full_topic(PLUG_CFG, PLUG_CFG["mac"], 0) == "cmnd/tasmota_5D3A1F/"
+    assert full_topic(PLUG_CFG) == ("cmnd/tasmota_5D3A1F/", "stat/tasmota_5D3A1F/", "tele/tasmota_5D3A1F/")
     custom = dict(PLUG_CFG, ft="%topic%/%prefix%/", tp=["c", "s", "t"])
-    assert full_topic(custom, PLUG_CFG["mac"], 2) == "tasmota_5D3A1F/t/"
+    assert full_topic(custom, "%topic%/%prefix%/", ["c", "s", "t"])[2] == "tasmota_5D3A1F/t/"
+    # Only the configured full topic and prefixes: a device's own `ft`/`tp` never choose where commands go.
+    for forged in (dict(PLUG_CFG, ft="evil/%prefix%/%topic%/"), dict(PLUG_CFG, tp=["evil", "stat", "tele"]), dict(PLUG_CFG, t="x/y")):
+        with pytest.raises(Malformed):
+            full_topic(forged)
     one = relays(PLUG_CFG, "cmnd/x/")
     assert list(one) == ["power"] and one["power"].command == "cmnd/x/POWER1"
     two = relays(dict(PLUG_CFG, rl=[1, 0, 1, 3]), "cmnd/x/")
@@ -217,11 +222,11 @@ async def test_removal_rename_and_hostile_discovery(tmp_path: Path, mosquitto: M
         n = db.execute("SELECT count(*) FROM readings WHERE ref = ?", (f"{node_id(moved['t'])}.bme280_temperature",)).fetchone()[0]
         db.close()
         assert n == 1
-        # Removal: Tasmota withdraws a device with an empty retained config.
+        # Withdrawal: Tasmota withdraws a device with an empty retained config. It stays, offline.
         w = gw.watches.add(gw.watches.parse("alice@example.org", [plug, "offline"]))
         await tas.pub.send(f"{tas.dp}/{tas.plug['mac']}/config", b"", retain=True)
-        await until(lambda: plug not in hub.nodes, "the plug removed")
-        await until(lambda: any(f"#{w.id}" in a and "is gone" in a for a in alerts), "the watch's owner told")
+        await until(lambda: hub.nodes[plug].health.describe() == "offline (no longer listed by Tasmota)", "the plug offline")
+        assert plug in hub.nodes and not gw.watches.missing(w.id)
         assert hub.field("tas.devices").latest.value == 1
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == len(set(warnings)), "each problem is logged once"
