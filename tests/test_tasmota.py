@@ -235,3 +235,105 @@ async def test_removal_rename_and_hostile_discovery(tmp_path: Path, mosquitto: M
         await gw.stop()
         for cfg in (tas.plug, tas.bme):
             await tas.pub.send(f"{tas.dp}/{cfg['mac']}/config", b"", retain=True)
+
+
+# ---------------------------------------------------------------- what discovery may not do (issue 23)
+
+
+class Listener:
+    """A client subscribed to everything (`#`): what the gateway published, wherever it went."""
+
+    def __init__(self, port: int):
+        self.got: list[tuple[str, str]] = []
+        ready = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="all-" + uuid.uuid4().hex[:6])
+        c.on_connect = lambda *_a: c.subscribe("#", qos=1)
+        c.on_subscribe = lambda *_a: ready.set()
+        c.on_message = lambda _c, _u, msg: self.got.append((msg.topic, msg.payload.decode("utf-8", "replace")))
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        assert ready.wait(5), "listener could not subscribe"
+        self.client = c
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def test_a_topic_clash_skips_only_the_pair(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, caplog: pytest.LogCaptureFixture) -> None:
+    """A forged config claiming the plug's topic: the pair is skipped with one line naming both;
+    the plug stays as it was and works, and devices announced later are still found."""
+    await tas.announce()
+    gw = await started(tmp_path, mosquitto, tas)
+    hub = gw.hub
+    plug, bme = node_id(tas.plug["t"]), node_id(tas.bme["t"])
+    caplog.set_level(logging.WARNING, "iot_gateway")
+    try:
+        await until(lambda: {plug, bme} <= set(hub.nodes), "both devices")
+        forged = dict(tas.plug, mac="0000000000F1")
+        await tas.pub.send(f"{tas.dp}/{forged['mac']}/config", json.dumps(forged), retain=True)
+        def named(m: str) -> bool:
+            return "claim the same topic" in m and tas.plug["mac"] in m and forged["mac"] in m
+
+        await until(lambda: any(named(r.getMessage()) for r in caplog.records), "one line naming both")
+        late = dict(tas.bme, mac="0000000000F2", t=tas.bme["t"] + "_late")
+        await tas.pub.send(f"{tas.dp}/{late['mac']}/config", json.dumps(late), retain=True)
+        await until(lambda: node_id(late["t"]) in hub.nodes, "a device announced after the clash")
+        assert hub.nodes[plug].health.state is Health.OK and node_id(tas.plug["t"]) + "-2" not in hub.nodes
+        old, new = await hub.write(f"{plug}.power", "on", ADMIN)
+        assert new is True and (f"cmnd/{tas.plug['t']}/POWER1", "ON") in tas.commands
+        assert len([r for r in caplog.records if "claim the same topic" in r.getMessage()]) == 1
+    finally:
+        await gw.stop()
+        for mac in ("0000000000F1", "0000000000F2"):
+            await tas.pub.send(f"{tas.dp}/{mac}/config", b"", retain=True)
+
+
+async def test_a_forged_full_topic_never_points_commands_elsewhere(
+    tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ft`/`tp` of a discovery config never choose where the gateway publishes: a device whose
+    own differ from the configured ones is skipped (an existing one stays as it was)."""
+    await tas.announce()
+    gw = await started(tmp_path, mosquitto, tas)
+    hub = gw.hub
+    plug = node_id(tas.plug["t"])
+    everything = Listener(mosquitto.port)
+    caplog.set_level(logging.WARNING, "iot_gateway")
+    try:
+        await until(lambda: plug in hub.nodes, "the plug")
+        evil = dict(tas.plug, mac="0000000000E1", t="x", ft="evil/%prefix%/%topic%/")
+        await tas.pub.send(f"{tas.dp}/{evil['mac']}/config", json.dumps(evil), retain=True)
+        hijack = dict(tas.plug, tp=["evil", "stat", "tele"])  # the plug's own config, its prefixes forged
+        await tas.pub.send(f"{tas.dp}/{tas.plug['mac']}/config", json.dumps(hijack), retain=True)
+        await until(lambda: any("is not the configured '%prefix%/%topic%/'" in r.getMessage() for r in caplog.records), "the full topic refused")
+        await until(lambda: any("are not the configured ['cmnd', 'stat', 'tele']" in r.getMessage() for r in caplog.records), "the prefixes refused")
+        for ref in ("x.power", f"{plug}.power"):
+            try:
+                await hub.write(ref, "on", ADMIN)
+            except Exception:
+                pass
+        await tas.pub.send("probe/done", "1")
+        await until(lambda: ("probe/done", "1") in everything.got, "everything published so far seen")
+        wrong = [t for t, _ in everything.got if t.startswith("evil") or "/x/" in t]
+        assert wrong == [] and "x" not in hub.nodes
+        assert (f"cmnd/{tas.plug['t']}/POWER1", "ON") in tas.commands  # the plug as it was
+    finally:
+        everything.stop()
+        await gw.stop()
+        await tas.pub.send(f"{tas.dp}/0000000000E1/config", b"", retain=True)
+
+
+async def test_a_sensor_key_that_makes_no_name_is_skipped(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "iot_gateway")
+    await tas.pub.send(f"{tas.dp}/{tas.bme['mac']}/config", json.dumps(tas.bme), retain=True)
+    await tas.pub.send(f"{tas.dp}/{tas.bme['mac']}/sensors", json.dumps({"sn": dict(BME_SNS["sn"], **{"!!!": 5, "???": {"!!": 1}})}), retain=True)
+    gw = await started(tmp_path, mosquitto, tas)
+    bme = node_id(tas.bme["t"])
+    try:
+        await until(lambda: bme in gw.hub.nodes and "bme280_temperature" in gw.hub.nodes[bme].fields, "the sensor node")
+        assert "" not in gw.hub.nodes[bme].fields
+        await until(lambda: any("'!!!' skipped: its name makes no field name" in r.getMessage() for r in caplog.records), "the key said")
+    finally:
+        await gw.stop()
+        await tas.pub.send(f"{tas.dp}/{tas.bme['mac']}/config", b"", retain=True)
