@@ -307,7 +307,17 @@ class Discovering(Driver[DeviceBase]):
             self._adopt(dev, old if old.listed else None)
             self.refresh(dev)
         self.push("devices", sum(1 for d in self.devices.values() if d.listed))
+        for key in [k for k in self._readonly if k not in self.devices]:
+            del self._readonly[key]  # a device never shown: nothing of it to remember
         self._claims()
+
+    def drop(self, why: str) -> None:
+        """A message of a device not listed was dropped (too many to keep): counted in the bridge's
+        `dropped`, and `why` logged once."""
+        self.dropped += 1
+        self.once.warn(f"{self.id}: {why}; the others dropped (counted in {self.id}.dropped)")
+        if self.dropped == 1 or self.dropped % 100 == 0:  # a flood must not become a flood of readings
+            self.push("dropped", self.dropped)
 
     def _police(self, dev: Device) -> None:
         """A field is writable only when its device says so, the config's `writable` allows it and

@@ -184,9 +184,7 @@ class TasmotaDriver(Discovering):
             self._sync()
             return
         if mac not in self.configs and mac not in self.sensors and len(self.configs.keys() | self.sensors.keys()) >= MAX_DEVICES:
-            self.dropped += 1
-            self.once.warn(f"{self.id}: discovery messages of more than {MAX_DEVICES} devices: the others dropped (counted in {self.id}.dropped)")
-            self.push("dropped", self.dropped)
+            self.drop(f"discovery messages of more than {MAX_DEVICES} devices")
             return
         try:
             doc = describe(payload, topic, MAX_MESSAGE)

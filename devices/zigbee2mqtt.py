@@ -248,11 +248,8 @@ class Zigbee2MqttDriver(Discovering):
         old = self._early.pop(rest, None)
         self._early_bytes -= len(old) if old is not None else 0
         if len(payload) > EARLY_BYTES or (old is None and (len(self._early) >= EARLY_MAX or self._early_bytes + len(payload) > EARLY_TOTAL)):
-            self.dropped += 1
-            self.once.warn(f"{self.id}: messages of devices not listed by {self.base}/bridge/devices: more than {EARLY_MAX} "
-                           f"topics or {EARLY_TOTAL // 1024} KB, or over {EARLY_BYTES // 1024} KB each; the others dropped (counted in {self.id}.dropped)")
-            if self.dropped == 1 or self.dropped % 100 == 0:
-                self.push("dropped", self.dropped)
+            self.drop(f"messages of devices not listed by {self.base}/bridge/devices: more than {EARLY_MAX} "
+                      f"topics or {EARLY_TOTAL // 1024} KB, or over {EARLY_BYTES // 1024} KB each")
             return
         self._early[rest] = payload
         self._early_bytes += len(payload)

@@ -440,7 +440,7 @@ async def test_a_timed_set_falling_due_before_its_device_reappears_waits_for_it(
 # ---------------------------------------------------------------- what discovery may not do (issue 23)
 
 
-def by_name(devices: list[dict[str, Any]], name: str) -> dict[str, Any]:
+def entry(devices: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next(d for d in devices if d.get("friendly_name") == name)
 
 
@@ -505,11 +505,11 @@ async def test_a_forged_list_never_makes_a_field_writable_nor_leaves_the_device_
         assert "effect" not in hub.nodes["hall_ceiling"].fields  # write-only and not to be written: nothing left
         caplog.set_level(logging.WARNING, "iot_gateway")
         forged = copy.deepcopy(DEVICES)
-        climate = by_name(forged, "living_room/climate")
+        climate = entry(forged, "living_room/climate")
         climate["definition"]["exposes"] = [{"type": "light", "features": [dict(x, access=7) for x in climate["definition"]["exposes"]]}]
-        by_name(forged, "hall/motion")["friendly_name"] = "bridge/request/device/remove"
-        evil = dict(by_name(forged, "kitchen/kettle_plug"), friendly_name="x/+/#", ieee_address="0x00000000000000e1")
-        twin = dict(by_name(forged, "hall/ceiling"), ieee_address="0x00000000000000e2")  # a second hall/ceiling
+        entry(forged, "hall/motion")["friendly_name"] = "bridge/request/device/remove"
+        evil = dict(entry(forged, "kitchen/kettle_plug"), friendly_name="x/+/#", ieee_address="0x00000000000000e1")
+        twin = dict(entry(forged, "hall/ceiling"), ieee_address="0x00000000000000e2")  # a second hall/ceiling
         await z2m.devices(forged + [evil, twin])
         await until(lambda: any("both named 'hall/ceiling'" in r.getMessage() for r in caplog.records), "the twin refused")
         await until(lambda: any("it stays read-only" in r.getMessage() for r in caplog.records), "the widening refused")
@@ -539,7 +539,7 @@ async def test_a_new_device_with_an_old_name_inherits_neither_watches_nor_histor
     told: list[str] = []
     hub.subscribe(problem=lambda component, new, old: told.append(new.describe() if new else f"{component} cleared"))
     newcomer = [d for d in DEVICES if d.get("friendly_name") != "hall/motion"]
-    newcomer.append(dict(by_name(DEVICES, "hall/motion"), ieee_address="0x00000000000000b2"))
+    newcomer.append(dict(entry(DEVICES, "hall/motion"), ieee_address="0x00000000000000b2"))
     try:
         await until(lambda: "hall_motion" in hub.nodes, "the motion sensor")
         await z2m.report("hall/motion", {"temperature": 21.5})
