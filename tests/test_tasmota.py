@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sqlite3
 import threading
 import uuid
@@ -25,7 +26,7 @@ from devices._discovery import Malformed
 from devices.tasmota import full_topic, relays, sensor_spots
 from gateway.app import Gateway
 from gateway.auth import Actor
-from gateway.config import parse
+from gateway.config import ConfigError, parse
 from gateway.hub import Health
 from gateway.localservers import Mosquitto
 from tests.helpers import until
@@ -340,3 +341,20 @@ async def test_a_sensor_key_that_makes_no_name_is_skipped(tmp_path: Path, mosqui
     finally:
         await gw.stop()
         await tas.pub.send(f"{tas.dp}/{tas.bme['mac']}/config", b"", retain=True)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"full_topic": "evil/#/%topic%/"}, "devices.0.full_topic"),
+        ({"full_topic": "%topic%/"}, "%prefix% and %topic% once each"),
+        ({"full_topic": "%prefix%/%topic%/%hostname%/"}, "plain words"),
+        ({"prefixes": ["cmnd", "cmnd", "tele"]}, "three different words"),
+        ({"prefixes": ["cmnd", "st/at", "tele"]}, "single topic levels"),
+        ({"writable": ["", "x.*"]}, "not a usable pattern"),
+        ({"writable": "yes please"}, "writable"),
+    ],
+)
+def test_topics_and_writable_config_checked(extra: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse({"mqtt": {"url": "mqtt://127.0.0.1:1883"}, "devices": [{"id": "tas", "driver": "tasmota", **extra}]})
