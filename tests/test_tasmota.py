@@ -229,6 +229,11 @@ async def test_removal_rename_and_hostile_discovery(tmp_path: Path, mosquitto: M
         await until(lambda: hub.nodes[plug].health.describe() == "offline (no longer listed by Tasmota)", "the plug offline")
         assert plug in hub.nodes and not gw.watches.missing(w.id)
         assert hub.field("tas.devices").latest.value == 1
+        with pytest.raises(Exception, match="no longer listed"):
+            await hub.write(f"{plug}.power", "on", ADMIN)
+        await tas.announce(tas.plug["t"])  # announced again: ok again, the same node
+        await until(lambda: hub.nodes[plug].health.state is Health.OK, "the plug back")
+        assert hub.field("tas.devices").latest.value == 2
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == len(set(warnings)), "each problem is logged once"
         assert any("not a MAC address" in x for x in warnings) and any("more than 100" in x for x in warnings)
