@@ -274,7 +274,8 @@ class Discovering(Driver[DeviceBase]):
                 self._forget(dev)
                 log.warning("%s: %r (%s) is no longer listed by %s: kept, offline, with its watches and history", dev.node_id, dev.name, key, why)
                 self.refresh(dev)
-        for key, dev in found.items():
+        # Known devices first: one renamed away frees its id for a new device in the same list.
+        for key, dev in sorted(found.items(), key=lambda kv: kv[0] not in self.devices):
             old = self.devices.get(key)
             if old is not None and old.listed and old.same(dev):
                 continue
