@@ -47,6 +47,7 @@ MAX_CHOICES = 64  # values of an enum
 MAX_DEPTH = 4  # nesting of composite features
 MAX_PAYLOAD = 8 * 1024 * 1024  # bytes of one discovery message
 ONCE_KEYS = 1000  # distinct problems remembered so each is logged once
+NODE_ID = re.compile(r"[a-z0-9_-]{1,70}")  # what _free_id makes: a stored id is checked against it
 IDS_KEPT = 2000  # identities whose node id is remembered (the oldest not shown now is forgotten first)
 
 
@@ -189,7 +190,7 @@ class Discovering(Driver[DeviceBase]):
         raw = state.load(self._ids_file, {}) if state is not None else {}
         ids = raw.get("ids") if isinstance(raw, dict) else None
         for key, node_id in list(ids.items())[-IDS_KEPT:] if isinstance(ids, dict) else []:
-            if isinstance(key, str) and isinstance(node_id, str) and node_id not in self._owner:
+            if isinstance(key, str) and isinstance(node_id, str) and NODE_ID.fullmatch(node_id) and node_id not in self._owner:
                 self.ids[key] = node_id
                 self._owner[node_id] = key
 
