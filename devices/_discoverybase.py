@@ -6,14 +6,15 @@ Kept apart from `devices._discovery` (which imports paho) so `iot-gateway check`
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from gateway.configbase import DeviceBase, FieldBase
 
 BRIDGE_FIELDS = [
-    FieldBase(name="devices", type="integer", description="devices found, each shown as its own device")
+    FieldBase(name="devices", type="integer", description="devices found, each shown as its own device"),
+    FieldBase(name="dropped", type="integer", description="messages of devices not listed, dropped: too many to keep"),
 ]
 
 
@@ -31,13 +32,20 @@ class DiscoveringDevice(DeviceBase):
     prefix: str = Field("", pattern=r"^[a-z0-9_-]*$", max_length=20)
     # Seconds a set waits for the device to report the new state (a write gets 10 s in all).
     confirm_timeout: float = Field(5.0, gt=0, le=8)
+    # Which fields a set may change, of those the device's own description says are settable:
+    # unset, the driver's actuators only (a light's or a switch's features, Tasmota's relays);
+    # true, all of them; false, none; a list, those whose `<name>.<field>` matches a pattern.
+    writable: bool | list[str] | None = Field(None, union_mode="left_to_right")
 
-    @field_validator("include", "exclude")
+    @field_validator("include", "exclude", "writable")
     @classmethod
-    def _patterns(cls, v: list[str]) -> list[str]:
-        for p in v:
-            if not p or len(p) > 256 or not p.isprintable():
-                raise ValueError(f"{p!r} is not a usable name pattern (1-256 printable characters)")
+    def _patterns(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) > 500:
+                raise ValueError("at most 500 patterns")
+            for p in v:
+                if not p or len(p) > 256 or not p.isprintable():
+                    raise ValueError(f"{p!r} is not a usable pattern (1-256 printable characters)")
         return v
 
     @property

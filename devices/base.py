@@ -16,6 +16,7 @@ from gateway.values import Value
 
 if TYPE_CHECKING:
     from gateway.config import Config
+    from gateway.state import StateDir
 
 D = TypeVar("D", bound=DeviceBase)
 log = logging.getLogger("iot_gateway.devices")
@@ -32,6 +33,8 @@ class Context:
     # Another process (the gateway) runs this config and owns its sessions; this one (a console
     # next to it) must take none of them: e.g. its own MQTT client id, with no persistent session.
     guest: bool = False
+    # The state folder, for what a driver keeps across restarts (the node ids of discovered devices).
+    state: "StateDir | None" = None
 
 
 class Driver(Generic[D]):

@@ -10,7 +10,14 @@ confirmed by `stat/<t>/RESULT` (or `stat/<t>/POWER<n>`, `tele/<t>/STATE`), and
 a numeric field per sensor value (`energy_power`, `bme280_temperature`) read
 from `tele/<t>/SENSOR` and `stat/<t>/STATUS10`. Health follows
 `tele/<t>/LWT`. The MAC is the identity: a device that changes its topic is
-renamed, keeping its history. An empty config message removes the device.
+renamed, keeping its history. An empty config message (Tasmota withdrawing
+it) leaves the device offline.
+
+A device's topics are made from the entry's `full_topic` and `prefixes` and the
+device's own `t` (one topic level), never from its `ft`/`tp`: a device whose
+`ft` or `tp` differ from them is skipped, so no discovery message can point the
+gateway's commands anywhere else. Two devices claiming one topic are both
+skipped (one log line naming both); every other device goes on.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from typing import Any
 from gateway.hub import FieldSpec, Health
 from gateway.values import Value
 
-from ._discovery import MAX_DEVICES, MAX_FIELDS, MAX_TEXT, Device, Discovering, Malformed, Spot, describe, dig, picked, text
+from ._discovery import MAX_DEVICES, MAX_FIELDS, MAX_TEXT, Device, Discovering, Malformed, Spot, describe, dig, picked, sanitise, text
 from .mqtt import Broker, MqttError, Throttle, _short
-from .tasmota_config import TasmotaDevice
+from .tasmota_config import LEVEL, TasmotaDevice
 
 log = logging.getLogger("iot_gateway.tasmota")
 
@@ -58,26 +65,25 @@ UNITS = {
 TEMP_KEYS = ("Temperature", "DewPoint")
 PRESSURE_KEYS = ("Pressure", "SeaPressure")
 UNIT_KEYS = ("TempUnit", "PressureUnit", "Time")
+MAX_MESSAGE = 64 * 1024  # bytes of a discovery message (Tasmota's are about 1 KB)
+DEFAULT_FT = "%prefix%/%topic%/"
+DEFAULT_TP = ["cmnd", "stat", "tele"]
 
 
-def full_topic(cfg: dict[str, Any], mac: str, prefix: int) -> str:
-    """`cmnd/<t>/` (prefix 0), `stat/<t>/` (1) or `tele/<t>/` (2) from the config's `ft` and `tp`."""
-    ft = cfg.get("ft", "%prefix%/%topic%/")
-    tp = cfg.get("tp", ["cmnd", "stat", "tele"])
-    if not isinstance(tp, list) or len(tp) < 3:
-        raise Malformed("tp is not a list of the three prefixes")
-    parts = {
-        "%prefix%": text(tp[prefix], "tp", 64),
-        "%topic%": text(cfg.get("t"), "t", 64),
-        "%hostname%": text(cfg.get("hn", ""), "hn", 64),
-        "%id%": mac[-6:],
-    }
-    out = text(ft, "ft", 128)
-    for k, v in parts.items():
-        out = out.replace(k, v)
-    if any(c in out for c in "+#\x00") or out.startswith("/"):
-        raise Malformed(f"the topic {out!r} cannot be subscribed to")
-    return out if out.endswith("/") else out + "/"
+def full_topic(cfg: dict[str, Any], template: str = DEFAULT_FT, prefixes: list[str] = DEFAULT_TP) -> tuple[str, str, str]:
+    """(`cmnd/<t>/`, `stat/<t>/`, `tele/<t>/`) of a device from the configured full topic and
+    prefixes and its own topic `t`; Malformed when its `ft` or `tp` say otherwise, or `t` is not
+    one topic level."""
+    t = text(cfg.get("t"), "t", 64)
+    if not LEVEL.fullmatch(t):
+        raise Malformed(f"its topic {t!r} is not one topic level (no '/', '+', '#' or spaces)")
+    ft, tp = cfg.get("ft", template), cfg.get("tp", prefixes)
+    if not isinstance(ft, str) or ft.rstrip("/") != template.rstrip("/"):
+        raise Malformed(f"its full topic {_short(str(ft))} is not the configured {template!r}")
+    if tp != prefixes:
+        raise Malformed(f"its prefixes {_short(json.dumps(tp))} are not the configured {prefixes}")
+    out = template.replace("%topic%", t)
+    return out.replace("%prefix%", prefixes[0]), out.replace("%prefix%", prefixes[1]), out.replace("%prefix%", prefixes[2])
 
 
 def relays(cfg: dict[str, Any], cmnd: str) -> dict[str, Spot]:
@@ -96,12 +102,13 @@ def relays(cfg: dict[str, Any], cmnd: str) -> dict[str, Spot]:
     for i in found:
         name = "power" if found == [0] else f"power{i + 1}"
         spec = FieldSpec(name, "boolean", "", None, True, None, None, f"relay {i + 1} (POWER{i + 1})")
-        out[name] = Spot(spec, (f"POWER{i + 1}",), True, on, off, cmnd + f"POWER{i + 1}")
+        out[name] = Spot(spec, (f"POWER{i + 1}",), True, on, off, cmnd + f"POWER{i + 1}", actuator=True)
     return out
 
 
-def sensor_spots(sn: Any) -> dict[str, Spot]:
-    """A numeric field per sensor value of a `sensors` message (`ENERGY.Power` → `energy_power`)."""
+def sensor_spots(sn: Any, skipped: list[str] | None = None) -> dict[str, Spot]:
+    """A numeric field per sensor value of a `sensors` message (`ENERGY.Power` → `energy_power`);
+    a key that makes no field name (`!!!`) is added to `skipped`."""
     if not isinstance(sn, dict):
         raise Malformed("sn is not an object")
     temp_unit = sn.get("TempUnit", "C")
@@ -119,7 +126,11 @@ def sensor_spots(sn: Any) -> dict[str, Spot]:
             text(key, "a sensor key", 64)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue  # TotalStartTime, lists of phases…: no single number
-            name = re.sub(r"[^a-z0-9_-]+", "_", "_".join(path).lower()).strip("_")[:64]
+            name = sanitise("_".join(path))
+            if not name:
+                if skipped is not None:
+                    skipped.append(".".join(path))
+                continue
             unit = UNITS.get(key, "")
             if key in TEMP_KEYS and isinstance(temp_unit, str):
                 unit = "°F" if temp_unit.upper() == "F" else "°C"
@@ -166,15 +177,17 @@ class TasmotaDriver(Discovering):
             return
         store = self.configs if kind == "config" else self.sensors
         if not payload:
-            store.pop(mac, None)  # Tasmota's way of withdrawing a device (SetOption19, a reset)
+            if kind == "sensors" and mac in self.configs:
+                return  # its fields stay: a device is withdrawn by its config
+            store.pop(mac, None)  # Tasmota's way of withdrawing a device (SetOption19, a reset): it goes offline
             self.bad.discard(mac)
             self._sync()
             return
-        if mac not in self.configs and mac not in self.sensors and len(self.configs) >= MAX_DEVICES:
-            self.once.warn(f"{self.id}: {topic} skipped: more than {MAX_DEVICES} devices")
+        if mac not in self.configs and mac not in self.sensors and len(self.configs.keys() | self.sensors.keys()) >= MAX_DEVICES:
+            self.drop(f"discovery messages of more than {MAX_DEVICES} devices")
             return
         try:
-            doc = describe(payload, topic)
+            doc = describe(payload, topic, MAX_MESSAGE)
             if not isinstance(doc, dict):
                 raise Malformed(f"{topic} is not an object")
             store[mac] = doc
@@ -196,9 +209,17 @@ class TasmotaDriver(Discovering):
                 continue
             if dev is not None:
                 found[mac] = dev
-        if len({d.name for d in found.values()}) != len(found):
-            self.once.warn(f"{self.id}: two Tasmota devices use the same topic: discovery skipped until fixed")
-            return
+        by_topic: dict[str, list[str]] = {}
+        for mac, dev in found.items():
+            by_topic.setdefault(dev.name, []).append(mac)
+        for macs in by_topic.values():
+            if len(macs) > 1:
+                # One of them may be forged: neither is trusted with the topic; both stay as they were.
+                names = " and ".join(f"{m} ({found[m].name!r})" for m in sorted(macs))
+                self.once.warn(f"{self.id}: tasmota devices {names} claim the same topic: both skipped until one changes it")
+                for m in macs:
+                    del found[m]
+                    keep.add(m)
         self.sync(found, keep)
 
     def _device(self, mac: str, cfg: dict[str, Any], sensors: Any) -> Device | None:
@@ -210,12 +231,15 @@ class TasmotaDriver(Discovering):
             return None
         if not (picked(t, [], d.exclude) and picked(title, [], d.exclude)):  # type: ignore[attr-defined]
             return None
-        cmnd, stat, tele = (full_topic(cfg, mac, i) for i in range(3))
+        cmnd, stat, tele = full_topic(cfg, d.full_topic, d.prefixes)  # type: ignore[attr-defined]
         spots = relays(cfg, cmnd)
         if isinstance(sensors, dict) and "sn" in sensors:
             try:
-                for name, spot in sensor_spots(sensors["sn"]).items():
+                skipped: list[str] = []
+                for name, spot in sensor_spots(sensors["sn"], skipped).items():
                     spots.setdefault(name, spot)
+                for key in skipped:
+                    self.once.warn(f"{self.id}: tasmota device {mac}: sensor value {_short(key)} skipped: its name makes no field name")
             except Malformed as e:
                 if mac in self.devices:
                     raise  # a device that was fine stays as it was
@@ -335,6 +359,11 @@ class TasmotaDriver(Discovering):
 
     def command(self, dev: Device, spot: Spot, value: Value) -> tuple[str, str]:
         return spot.command, str(spot.on if value else spot.off)
+
+    def owns(self, dev: Device, topic: str) -> bool:
+        d = self.device
+        cmnd = full_topic({"t": dev.name}, d.full_topic, d.prefixes)[0]  # type: ignore[attr-defined]
+        return topic.startswith(cmnd) and re.fullmatch(r"POWER\d{1,2}", topic[len(cmnd):]) is not None
 
     async def stop(self) -> None:
         for task in list(self._polls):

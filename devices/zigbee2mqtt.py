@@ -13,9 +13,15 @@ on `<base>/<friendly_name>`, sets go to `<base>/<friendly_name>/set` as
 (`{"state":"online"}`, or 1.x's plain `online`) and `<base>/bridge/state`.
 
 A device's identity is its IEEE address: a renamed device keeps its node
-(renamed), its history and its watches. A new list adds and removes nodes
-while the gateway runs. Friendly names may contain `/`: topics are matched
-against the known names, never split.
+(renamed), its history and its watches. A new list adds nodes while the gateway
+runs; a device it no longer names stays, offline. Friendly names may contain
+`/`: topics are matched against the known names, never split; a name that
+would put our `/set` outside the device's own topic (wildcards, `bridge/…`,
+empty levels) is refused. Two devices with one name are both skipped.
+
+Messages on topics of devices not listed yet are kept until the list names
+them, at most EARLY_MAX topics and EARLY_TOTAL bytes; more are dropped and
+counted (the bridge node's `dropped`).
 """
 
 from __future__ import annotations
@@ -52,12 +58,14 @@ from .zigbee2mqtt_config import Zigbee2MqttDevice
 
 log = logging.getLogger("iot_gateway.zigbee2mqtt")
 
-EARLY_MAX = 1000  # messages of devices not listed yet, kept until the list arrives
-EARLY_BYTES = 64 * 1024  # a bigger early message is not kept
+EARLY_MAX = 1000  # topics of devices not listed yet whose last message is kept until the list names them
+EARLY_BYTES = 8 * 1024  # a bigger early message is not kept
+EARLY_TOTAL = 1024 * 1024  # bytes of all early messages
 INLINE_BYTES = 64 * 1024  # a bigger device list is parsed in a worker thread
 AVAILABILITY = "/availability"
 ONLINE, OFFLINE = "online", "offline"
 COMPOSITES = {"switch", "light", "climate", "fan", "cover", "lock", "composite"}
+ACTUATORS = {"switch", "light"}  # what their features set is the device's purpose: writable by default
 
 
 def state_word(payload: bytes) -> bool | None:
@@ -95,18 +103,31 @@ def usable(entry: dict[str, Any]) -> str:
     return ""
 
 
-def spots(exposes: Any, what: str) -> dict[str, Spot]:
-    """The fields of a device from its `definition.exposes`; Malformed when they cannot be used."""
+def bad_name(name: str) -> str:
+    """Why a friendly name cannot be a device's own topic under the base topic ("" when it can)."""
+    if any(c in name for c in "+#\x00") or name.startswith("/") or name.endswith("/") or "//" in name:
+        return "it has a wildcard or an empty topic level"
+    if name == "bridge" or name.startswith("bridge/"):
+        return "it is the bridge's own topic"
+    levels = name.split("/")
+    if "set" in levels or "get" in levels or levels[-1] == "availability":
+        return "it has a `set`, `get` or `availability` topic level"
+    return ""
+
+
+def spots(exposes: Any, what: str, problems: list[str] | None = None) -> dict[str, Spot]:
+    """The fields of a device from its `definition.exposes`; Malformed when they cannot be used.
+    A property that makes no field name (`!!!`) is skipped and said in `problems`."""
     if not isinstance(exposes, list):
         raise Malformed(f"{what}: definition.exposes is not a list")
     out: dict[str, Spot] = {}
-    _walk(exposes, (), 0, out, what)
+    _walk(exposes, (), 0, out, what, False, problems if problems is not None else [])
     if len(out) > MAX_FIELDS:
         raise Malformed(f"{what}: {len(out)} fields, more than {MAX_FIELDS}")
     return out
 
 
-def _walk(exposes: list[Any], path: tuple[str, ...], depth: int, out: dict[str, Spot], what: str) -> None:
+def _walk(exposes: list[Any], path: tuple[str, ...], depth: int, out: dict[str, Spot], what: str, actuator: bool, problems: list[str]) -> None:
     if depth > MAX_DEPTH:
         raise Malformed(f"{what}: features nested more than {MAX_DEPTH} deep")
     if len(exposes) > MAX_FIELDS:
@@ -122,11 +143,11 @@ def _walk(exposes: list[Any], path: tuple[str, ...], depth: int, out: dict[str, 
             prop = x.get("property")
             # A plain composite sets and reports its features nested under its own property.
             sub = path + (text(prop, f"{what}: a composite's property"),) if kind == "composite" and prop else path
-            _walk(features, sub, depth + 1, out, what)
+            _walk(features, sub, depth + 1, out, what, actuator or kind in ACTUATORS, problems)
             continue
         if kind not in ("numeric", "binary", "enum", "text"):
             continue  # list and the like: no single value
-        spot = _spot(x, kind, path, what)
+        spot = _spot(x, kind, path, what, actuator, problems)
         if spot is None:
             continue
         if spot.spec.name in out:
@@ -134,7 +155,7 @@ def _walk(exposes: list[Any], path: tuple[str, ...], depth: int, out: dict[str, 
         out[spot.spec.name] = spot
 
 
-def _spot(x: dict[str, Any], kind: str, path: tuple[str, ...], what: str) -> Spot | None:
+def _spot(x: dict[str, Any], kind: str, path: tuple[str, ...], what: str, actuator: bool, problems: list[str]) -> Spot | None:
     prop = text(x.get("property"), f"{what}: an expose's property")
     access = x.get("access", 1)
     if isinstance(access, bool) or not isinstance(access, int):
@@ -144,7 +165,8 @@ def _spot(x: dict[str, Any], kind: str, path: tuple[str, ...], what: str) -> Spo
         return None
     name = sanitise("_".join(path + (prop,)))
     if not name:
-        raise Malformed(f"{what}: property {prop!r} gives no usable field name")
+        problems.append(f"{what}: property {prop!r} skipped: it makes no field name")
+        return None
     desc = x.get("description")
     description = desc[:MAX_TEXT] if isinstance(desc, str) and desc.isprintable() else ""
     unit = text(x.get("unit", ""), f"{what}.{prop}: unit", MAX_UNIT)
@@ -154,7 +176,7 @@ def _spot(x: dict[str, Any], kind: str, path: tuple[str, ...], what: str) -> Spo
         if lo is not None and hi is not None and lo > hi:
             raise Malformed(f"{what}.{prop}: value_min is above value_max")
         spec = FieldSpec(name, "numeric", unit, None, writable, lo, hi, description)
-        return Spot(spec, path + (prop,), readable)
+        return Spot(spec, path + (prop,), readable, actuator=actuator)
     if kind == "binary":
         on, off = x.get("value_on", True), x.get("value_off", False)
         for v in (on, off):
@@ -165,7 +187,7 @@ def _spot(x: dict[str, Any], kind: str, path: tuple[str, ...], what: str) -> Spo
         if on == off:
             raise Malformed(f"{what}.{prop}: value_on and value_off are the same")
         spec = FieldSpec(name, "boolean", unit, None, writable, None, None, description)
-        return Spot(spec, path + (prop,), readable, on, off)
+        return Spot(spec, path + (prop,), readable, on, off, actuator=actuator)
     choices: tuple[str, ...] = ()
     if kind == "enum":
         values = x.get("values")
@@ -173,7 +195,7 @@ def _spot(x: dict[str, Any], kind: str, path: tuple[str, ...], what: str) -> Spo
             raise Malformed(f"{what}.{prop}: values is not a list of 1 to {MAX_CHOICES}")
         choices = tuple(text(v, f"{what}.{prop}: an enum value") for v in values)
     spec = FieldSpec(name, "string", unit, None, writable, None, None, description, choices)
-    return Spot(spec, path + (prop,), readable)
+    return Spot(spec, path + (prop,), readable, actuator=actuator)
 
 
 class Zigbee2MqttDriver(Discovering):
@@ -188,6 +210,7 @@ class Zigbee2MqttDriver(Discovering):
         self.listed = False  # a usable device list has arrived
         self._names: dict[str, str] = {}  # friendly name -> IEEE address
         self._early: OrderedDict[str, bytes] = OrderedDict()  # topic rest -> payload, for names not listed yet
+        self._early_bytes = 0
         self._seq = 0  # device lists received; a list parsed late does not undo a newer one
         self._applied = 0
         self._throttle = Throttle()
@@ -218,12 +241,18 @@ class Zigbee2MqttDriver(Discovering):
                 return
         if rest.endswith(("/set", "/get")) or "/set/" in rest or "/get/" in rest:
             return  # commands (ours among them), not state
-        if payload and len(payload) <= EARLY_BYTES:
-            # A device the list has not named yet (messages do not come in the order published).
-            self._early.pop(rest, None)
-            self._early[rest] = payload
-            while len(self._early) > EARLY_MAX:
-                self._early.popitem(last=False)
+        if not payload:
+            return
+        # A device the list has not named yet (messages do not come in the order published): its
+        # last message is kept, within bounds; the rest is counted, never kept.
+        old = self._early.pop(rest, None)
+        self._early_bytes -= len(old) if old is not None else 0
+        if len(payload) > EARLY_BYTES or (old is None and (len(self._early) >= EARLY_MAX or self._early_bytes + len(payload) > EARLY_TOTAL)):
+            self.drop(f"messages of devices not listed by {self.base}/bridge/devices: more than {EARLY_MAX} "
+                      f"topics or {EARLY_TOTAL // 1024} KB, or over {EARLY_BYTES // 1024} KB each")
+            return
+        self._early[rest] = payload
+        self._early_bytes += len(payload)
 
     def _on_bridge(self, payload: bytes) -> None:
         state = state_word(payload)
@@ -293,6 +322,11 @@ class Zigbee2MqttDriver(Discovering):
                 continue
             if not picked(name, self.device.include, self.device.exclude):  # type: ignore[attr-defined]
                 continue
+            why = bad_name(name)
+            if why:
+                problems.append(f"{self.id}: {name!r} ({ieee}) skipped: its name cannot be a topic of its own: {why}")
+                keep.add(ieee)
+                continue
             why = usable(entry)
             if why:
                 if entry.get("type") != "Coordinator" and why != "disabled":
@@ -301,13 +335,19 @@ class Zigbee2MqttDriver(Discovering):
                 continue
             try:
                 definition = entry["definition"]
-                found[ieee] = Device(ieee, name, name, spots(definition.get("exposes"), f"{self.id}: {name!r}"))
+                found[ieee] = Device(ieee, name, name, spots(definition.get("exposes"), f"{self.id}: {name!r}", problems))
             except Malformed as e:
                 problems.append(f"{e}: device skipped")
                 keep.add(ieee)
-        names = [d.name for d in found.values()]
-        if len(set(names)) != len(names):
-            return f"{self.base}/bridge/devices names a device twice"
+        by_name: dict[str, list[str]] = {}
+        for ieee, dev in found.items():
+            by_name.setdefault(dev.name, []).append(ieee)
+        for name, twice in by_name.items():
+            if len(twice) > 1:
+                problems.append(f"{self.id}: devices {' and '.join(sorted(twice))} are both named {name!r}: both skipped until one is renamed")
+                for ieee in twice:
+                    del found[ieee]
+                    keep.add(ieee)
         return found, keep, problems
 
     def _apply(self, seq: int, result: Any) -> None:
@@ -321,7 +361,7 @@ class Zigbee2MqttDriver(Discovering):
         for p in problems:
             self.once.warn(p)
         self.sync(found, keep)
-        self._names = {d.name: k for k, d in self.devices.items()}
+        self._names = {d.name: k for k, d in self.devices.items() if d.listed}
         if not self.listed:
             self.listed = True
             self.bridge_health()
@@ -331,7 +371,13 @@ class Zigbee2MqttDriver(Discovering):
         for rest in (dev.name + AVAILABILITY, dev.name):
             payload = self._early.pop(rest, None)
             if payload is not None:
+                self._early_bytes -= len(payload)
                 self._on_message("", f"{self.base}/{rest}", payload)
+
+    def _forget(self, dev: Device) -> None:
+        super()._forget(dev)
+        if self._names.get(dev.name) == dev.key:
+            del self._names[dev.name]
 
     # ------------------------------------------------------------ state
 
@@ -380,6 +426,9 @@ class Zigbee2MqttDriver(Discovering):
         for key in reversed(spot.path):
             out = {key: out}
         return f"{self.base}/{dev.name}/set", json.dumps(out)
+
+    def owns(self, dev: Device, topic: str) -> bool:
+        return topic == f"{self.base}/{dev.name}/set" and not bad_name(dev.name)
 
 
 def convert(spot: Spot, raw: Any) -> Value | None:

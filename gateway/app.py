@@ -52,7 +52,7 @@ class Gateway:
         self.config = config
         self.hub = build_hub(config)
         self.state = state if state is not None else StateDir(config.gateway.state_dir)
-        self.ctx = Context(self.hub, config, guest=self.state.readonly is not None)
+        self.ctx = Context(self.hub, config, guest=self.state.readonly is not None, state=self.state)
         self.state.on_problem = lambda message: self.hub.set_problem("state", message)
         self.watches = Watches(self.hub, config, self.state)
         self.reverts = Reverts(self.hub, self.state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sqlite3
 import threading
 import uuid
@@ -21,10 +22,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from devices._discovery import Malformed
 from devices.tasmota import full_topic, relays, sensor_spots
 from gateway.app import Gateway
 from gateway.auth import Actor
-from gateway.config import parse
+from gateway.config import ConfigError, parse
 from gateway.hub import Health
 from gateway.localservers import Mosquitto
 from tests.helpers import until
@@ -119,9 +121,13 @@ def node_id(t: str) -> str:
 
 
 def test_topics_relays_and_sensor_units() -> None:
-    assert full_topic(PLUG_CFG, PLUG_CFG["mac"], 0) == "cmnd/tasmota_5D3A1F/"
+    assert full_topic(PLUG_CFG) == ("cmnd/tasmota_5D3A1F/", "stat/tasmota_5D3A1F/", "tele/tasmota_5D3A1F/")
     custom = dict(PLUG_CFG, ft="%topic%/%prefix%/", tp=["c", "s", "t"])
-    assert full_topic(custom, PLUG_CFG["mac"], 2) == "tasmota_5D3A1F/t/"
+    assert full_topic(custom, "%topic%/%prefix%/", ["c", "s", "t"])[2] == "tasmota_5D3A1F/t/"
+    # Only the configured full topic and prefixes: a device's own `ft`/`tp` never choose where commands go.
+    for forged in (dict(PLUG_CFG, ft="evil/%prefix%/%topic%/"), dict(PLUG_CFG, tp=["evil", "stat", "tele"]), dict(PLUG_CFG, t="x/y")):
+        with pytest.raises(Malformed):
+            full_topic(forged)
     one = relays(PLUG_CFG, "cmnd/x/")
     assert list(one) == ["power"] and one["power"].command == "cmnd/x/POWER1"
     two = relays(dict(PLUG_CFG, rl=[1, 0, 1, 3]), "cmnd/x/")
@@ -217,12 +223,17 @@ async def test_removal_rename_and_hostile_discovery(tmp_path: Path, mosquitto: M
         n = db.execute("SELECT count(*) FROM readings WHERE ref = ?", (f"{node_id(moved['t'])}.bme280_temperature",)).fetchone()[0]
         db.close()
         assert n == 1
-        # Removal: Tasmota withdraws a device with an empty retained config.
+        # Withdrawal: Tasmota withdraws a device with an empty retained config. It stays, offline.
         w = gw.watches.add(gw.watches.parse("alice@example.org", [plug, "offline"]))
         await tas.pub.send(f"{tas.dp}/{tas.plug['mac']}/config", b"", retain=True)
-        await until(lambda: plug not in hub.nodes, "the plug removed")
-        await until(lambda: any(f"#{w.id}" in a and "is gone" in a for a in alerts), "the watch's owner told")
+        await until(lambda: hub.nodes[plug].health.describe() == "offline (no longer listed by Tasmota)", "the plug offline")
+        assert plug in hub.nodes and not gw.watches.missing(w.id)
         assert hub.field("tas.devices").latest.value == 1
+        with pytest.raises(Exception, match="no longer listed"):
+            await hub.write(f"{plug}.power", "on", ADMIN)
+        await tas.announce(tas.plug["t"])  # announced again: ok again, the same node
+        await until(lambda: hub.nodes[plug].health.state is Health.OK, "the plug back")
+        assert hub.field("tas.devices").latest.value == 2
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == len(set(warnings)), "each problem is logged once"
         assert any("not a MAC address" in x for x in warnings) and any("more than 100" in x for x in warnings)
@@ -230,3 +241,125 @@ async def test_removal_rename_and_hostile_discovery(tmp_path: Path, mosquitto: M
         await gw.stop()
         for cfg in (tas.plug, tas.bme):
             await tas.pub.send(f"{tas.dp}/{cfg['mac']}/config", b"", retain=True)
+
+
+# ---------------------------------------------------------------- what discovery may not do (issue 23)
+
+
+class Listener:
+    """A client subscribed to everything (`#`): what the gateway published, wherever it went."""
+
+    def __init__(self, port: int):
+        self.got: list[tuple[str, str]] = []
+        ready = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id="all-" + uuid.uuid4().hex[:6])
+        c.on_connect = lambda *_a: c.subscribe("#", qos=1)
+        c.on_subscribe = lambda *_a: ready.set()
+        c.on_message = lambda _c, _u, msg: self.got.append((msg.topic, msg.payload.decode("utf-8", "replace")))
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        assert ready.wait(5), "listener could not subscribe"
+        self.client = c
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def test_a_topic_clash_skips_only_the_pair(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, caplog: pytest.LogCaptureFixture) -> None:
+    """A forged config claiming the plug's topic: the pair is skipped with one line naming both;
+    the plug stays as it was and works, and devices announced later are still found."""
+    await tas.announce()
+    gw = await started(tmp_path, mosquitto, tas)
+    hub = gw.hub
+    plug, bme = node_id(tas.plug["t"]), node_id(tas.bme["t"])
+    caplog.set_level(logging.WARNING, "iot_gateway")
+    try:
+        await until(lambda: {plug, bme} <= set(hub.nodes), "both devices")
+        forged = dict(tas.plug, mac="0000000000F1")
+        await tas.pub.send(f"{tas.dp}/{forged['mac']}/config", json.dumps(forged), retain=True)
+        def named(m: str) -> bool:
+            return "claim the same topic" in m and tas.plug["mac"] in m and forged["mac"] in m
+
+        late = dict(tas.bme, mac="0000000000F2", t=tas.bme["t"] + "_late")
+        await tas.pub.send(f"{tas.dp}/{late['mac']}/config", json.dumps(late), retain=True)
+        await until(lambda: node_id(late["t"]) in hub.nodes, "a device announced after the clash")
+        await until(lambda: any(named(r.getMessage()) for r in caplog.records), "one line naming both")
+        assert hub.nodes[plug].health.state is Health.OK and node_id(tas.plug["t"]) + "-2" not in hub.nodes
+        old, new = await hub.write(f"{plug}.power", "on", ADMIN)
+        assert new is True and (f"cmnd/{tas.plug['t']}/POWER1", "ON") in tas.commands
+        assert len([r for r in caplog.records if "claim the same topic" in r.getMessage()]) == 1
+    finally:
+        await gw.stop()
+        for mac in ("0000000000F1", "0000000000F2"):
+            await tas.pub.send(f"{tas.dp}/{mac}/config", b"", retain=True)
+
+
+async def test_a_forged_full_topic_never_points_commands_elsewhere(
+    tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ft`/`tp` of a discovery config never choose where the gateway publishes: a device whose
+    own differ from the configured ones is skipped (an existing one stays as it was)."""
+    await tas.announce()
+    gw = await started(tmp_path, mosquitto, tas)
+    hub = gw.hub
+    plug = node_id(tas.plug["t"])
+    everything = Listener(mosquitto.port)
+    caplog.set_level(logging.WARNING, "iot_gateway")
+    try:
+        await until(lambda: plug in hub.nodes, "the plug")
+        evil = dict(tas.plug, mac="0000000000E1", t="x", ft="evil/%prefix%/%topic%/")
+        await tas.pub.send(f"{tas.dp}/{evil['mac']}/config", json.dumps(evil), retain=True)
+        hijack = dict(tas.plug, tp=["evil", "stat", "tele"])  # the plug's own config, its prefixes forged
+        await tas.pub.send(f"{tas.dp}/{tas.plug['mac']}/config", json.dumps(hijack), retain=True)
+        await tas.pub.send(f"{tas.dp}/probe/config", "1")  # handled after the two above (one connection, in order)
+        await until(lambda: any("'probe' is not a MAC" in r.getMessage() for r in caplog.records), "the forged configs handled")
+        for ref in ("x.power", f"{plug}.power"):
+            try:
+                await hub.write(ref, "on", ADMIN)
+            except Exception:
+                pass
+        await tas.pub.send("probe/done", "1")
+        await until(lambda: ("probe/done", "1") in everything.got, "everything published so far seen")
+        wrong = [t for t, _ in everything.got if t.startswith("evil") or "/x/" in t]
+        assert wrong == [] and "x" not in hub.nodes
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("is not the configured '%prefix%/%topic%/'" in m for m in messages), messages
+        assert any("are not the configured ['cmnd', 'stat', 'tele']" in m for m in messages), messages
+        assert (f"cmnd/{tas.plug['t']}/POWER1", "ON") in tas.commands  # the plug as it was
+    finally:
+        everything.stop()
+        await gw.stop()
+        await tas.pub.send(f"{tas.dp}/0000000000E1/config", b"", retain=True)
+
+
+async def test_a_sensor_key_that_makes_no_name_is_skipped(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "iot_gateway")
+    await tas.pub.send(f"{tas.dp}/{tas.bme['mac']}/config", json.dumps(tas.bme), retain=True)
+    await tas.pub.send(f"{tas.dp}/{tas.bme['mac']}/sensors", json.dumps({"sn": dict(BME_SNS["sn"], **{"!!!": 5, "???": {"!!": 1}})}), retain=True)
+    gw = await started(tmp_path, mosquitto, tas)
+    bme = node_id(tas.bme["t"])
+    try:
+        await until(lambda: bme in gw.hub.nodes and "bme280_temperature" in gw.hub.nodes[bme].fields, "the sensor node")
+        assert "" not in gw.hub.nodes[bme].fields
+        await until(lambda: any("'!!!' skipped: its name makes no field name" in r.getMessage() for r in caplog.records), "the key said")
+    finally:
+        await gw.stop()
+        await tas.pub.send(f"{tas.dp}/{tas.bme['mac']}/config", b"", retain=True)
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ({"full_topic": "evil/#/%topic%/"}, "devices.0.full_topic"),
+        ({"full_topic": "%topic%/"}, "%prefix% and %topic% once each"),
+        ({"full_topic": "%prefix%/%topic%/%hostname%/"}, "plain words"),
+        ({"prefixes": ["cmnd", "cmnd", "tele"]}, "three different words"),
+        ({"prefixes": ["cmnd", "st/at", "tele"]}, "single topic levels"),
+        ({"writable": ["", "x.*"]}, "not a usable pattern"),
+        ({"writable": "yes please"}, "writable"),
+    ],
+)
+def test_topics_and_writable_config_checked(extra: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse({"mqtt": {"url": "mqtt://127.0.0.1:1883"}, "devices": [{"id": "tas", "driver": "tasmota", **extra}]})

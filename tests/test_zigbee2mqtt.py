@@ -20,7 +20,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from slixmpp.exceptions import IqError
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.zigbee2mqtt import convert, spots, state_word, usable
@@ -193,7 +192,7 @@ async def test_devices_readings_and_bridge_node(tmp_path: Path, mosquitto: Mosqu
 async def test_enum_and_bounds_refused_before_any_publish(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
     await z2m.devices(DEVICES)
     z2m.answer_sets(mosquitto.port)
-    gw = await started(tmp_path, mosquitto, z2m)
+    gw = await started(tmp_path, mosquitto, z2m, writable=True)  # the settings too, not only the light
     try:
         await until(lambda: "hall_motion" in gw.hub.nodes, "the motion sensor")
         with pytest.raises(BadValue, match="must be one of: low, medium, high"):
@@ -297,15 +296,12 @@ async def test_pairing_removal_rename_watches_and_history(tmp_path: Path, mosqui
         await until(lambda: "hall_motion" in hub.nodes, "the paired motion sensor")
         await until(lambda: hub.field("zb.devices").latest.value == 4, "the count of 4")
         w = gw.watches.add(gw.watches.parse("alice@example.org", ["hall_motion.occupancy", "change"]))
-        await z2m.devices([d for d in DEVICES if d["friendly_name"] != "hall/motion"])  # removed
-        await until(lambda: "hall_motion" not in hub.nodes, "the motion sensor gone")
-        await until(lambda: any(f"#{w.id}" in a and "is gone" in a for a in alerts), "the watch's owner told")
-        assert "unwatch" in alerts[-1] and gw.watches.missing(w.id)
-        listed = await gw.commands.run("watches", Actor("alice@example.org", "admin", "chat"))
-        assert f"#{w.id}" in listed and "waiting: the device or field is gone" in listed, listed
+        await z2m.devices([d for d in DEVICES if d["friendly_name"] != "hall/motion"])  # unpaired
+        await until(lambda: hub.nodes["hall_motion"].health.state is Health.OFFLINE, "the motion sensor offline, not removed")
+        assert hub.nodes["hall_motion"].health.reason == "(no longer listed by Zigbee2MQTT)"
+        assert not gw.watches.missing(w.id) and hub.field("zb.devices").latest.value == 3
         await z2m.devices(DEVICES)  # back
-        await until(lambda: "hall_motion" in hub.nodes, "the motion sensor back")
-        await until(lambda: any(f"#{w.id} hall_motion.occupancy is back" in a for a in alerts), "told it is back")
+        await until(lambda: hub.nodes["hall_motion"].health.state is Health.OK, "the motion sensor back")
         await z2m.report("hall/motion", {"occupancy": True})
         await z2m.report("hall/motion", {"occupancy": False})
         await until(lambda: any("changed: on → off" in a for a in alerts), "the watch working again")
@@ -363,7 +359,8 @@ async def test_chat_readout_and_set_round_trip(xmpp_server: XmppServer, tmp_path
     cfg = gateway_config(
         xmpp_server,
         tmp_path,
-        devices=[{"id": "zb", "driver": "zigbee2mqtt", "base_topic": z2m.base}],
+        # The light's settings and effects too, not only what the light is for (state, brightness …).
+        devices=[{"id": "zb", "driver": "zigbee2mqtt", "base_topic": z2m.base, "writable": ["hall/ceiling.*"]}],
         mqtt={"url": mosquitto.url, "client_id": "gw-" + uuid.uuid4().hex[:8]},
     )
     running = await start_gateway(cfg, xmpp_server.passwords["gateway"])
@@ -391,20 +388,19 @@ async def test_chat_readout_and_set_round_trip(xmpp_server: XmppServer, tmp_path
         assert got["state"].type == "boolean" and got["state"].value == "true"
 
         # A client discovering the gateway sees the discovered devices as nodes (XEP-0323/0325),
-        # and a device removed from Zigbee2MQTT goes from that list too.
+        # and a device no longer listed by Zigbee2MQTT stays there, offline.
         gw_full = running.session.client.boundjid.full
         items = await alice.client.plugin["xep_0030"].get_items(jid=gw_full, timeout=10)
         assert SHOWN <= {node for _, node, _ in items["disco_items"]["items"]}
         info = await alice.client.plugin["xep_0030"].get_info(jid=gw_full, node="hall_ceiling", timeout=10)
         assert {SD, "urn:xmpp:iot:control"} <= set(info["disco_info"]["features"])
         await z2m.devices([d for d in DEVICES if d.get("friendly_name") != "hall/ceiling"])
-        await until(lambda: "hall_ceiling" not in running.gateway.hub.nodes, "the light removed")
+        await until(lambda: running.gateway.hub.nodes["hall_ceiling"].health.state is Health.OFFLINE, "the light offline")
         items = await alice.client.plugin["xep_0030"].get_items(jid=gw_full, timeout=10)
         nodes = {node for _, node, _ in items["disco_items"]["items"]}
-        assert "hall_ceiling" not in nodes and "hall_motion" in nodes
-        with pytest.raises(IqError) as gone:
-            await alice.client.plugin["xep_0030"].get_info(jid=gw_full, node="hall_ceiling", timeout=10)
-        assert gone.value.condition == "item-not-found"
+        assert "hall_ceiling" in nodes and "hall_motion" in nodes
+        status = await alice.ask(running.jid, "status")
+        assert "no longer listed by Zigbee2MQTT" in status, status
     finally:
         await running.stop()
 
@@ -437,5 +433,165 @@ async def test_a_timed_set_falling_due_before_its_device_reappears_waits_for_it(
         await until(lambda: (f"{z2m.base}/hall/ceiling/set", {"state": "OFF"}) in z2m.sets, "the light switched back off")
         await until(lambda: "hall_ceiling.state" not in gw.reverts.pending, "the revert done")
         assert gw.hub.field("hall_ceiling.state").latest.value is False
+    finally:
+        await gw.stop()
+
+
+# ---------------------------------------------------------------- what discovery may not do (issue 23)
+
+
+def entry(devices: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(d for d in devices if d.get("friendly_name") == name)
+
+
+def test_a_property_without_a_name_is_skipped_not_the_device() -> None:
+    problems: list[str] = []
+    got = spots([{"type": "numeric", "property": "!!!", "access": 1}, {"type": "numeric", "property": "t", "access": 1}], "zb: 'x'", problems)
+    assert list(got) == ["t"] and "'!!!' skipped: it makes no field name" in problems[0]
+
+
+async def test_an_empty_list_marks_devices_offline_and_keeps_everything(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
+    """A forged `[]` on bridge/devices: every device stays listed, offline with the reason; watches
+    and history are kept; the real list back makes them ok again."""
+    await z2m.devices(DEVICES)
+    await z2m.bridge('{"state":"online"}')
+    gw = await started(tmp_path, mosquitto, z2m)
+    hub = gw.hub
+    alice = Actor("alice@example.org", "admin", "chat")
+    try:
+        await until(lambda: SHOWN <= set(hub.nodes), "the four devices")
+        for power in (10, 20):
+            await z2m.report("kitchen/kettle_plug", {"power": power})
+        await until(lambda: len(hub.field("kitchen_kettle_plug.power").history) == 2, "two readings")
+        w = gw.watches.add(gw.watches.parse(alice.jid, ["kitchen_kettle_plug.power", "change"]))
+        w2 = gw.watches.add(gw.watches.parse(alice.jid, ["hall_motion", "offline"]))
+        await gw.history.flush()
+        await z2m.devices("[]")
+        await until(lambda: all(hub.nodes[n].health.state is Health.OFFLINE for n in SHOWN), "every device offline")
+        assert SHOWN <= set(hub.nodes)
+        assert {hub.nodes[n].health.reason for n in SHOWN} == {"(no longer listed by Zigbee2MQTT)"}
+        assert {w.id, w2.id} <= set(gw.watches.watches) and not gw.watches.missing(w.id) and not gw.watches.missing(w2.id)
+        assert [r.value for r in hub.field("kitchen_kettle_plug.power").history] == [10, 20]
+        status = await gw.commands.run("status", alice)
+        assert "no longer listed by Zigbee2MQTT" in status, status
+        with pytest.raises(Exception, match="no longer listed"):
+            await hub.write("kitchen_kettle_plug.state", "on", ADMIN)
+        await gw.history.flush()
+        db = sqlite3.connect(tmp_path / "state" / "history.db")
+        kept = db.execute("SELECT count(*) FROM readings WHERE ref = 'kitchen_kettle_plug.power'").fetchone()[0]
+        db.close()
+        assert kept == 2
+        await z2m.devices(DEVICES)  # the real list back
+        await until(lambda: all(hub.nodes[n].health.state is Health.OK for n in SHOWN), "every device ok again")
+        await z2m.report("kitchen/kettle_plug", {"power": 30})
+        await until(lambda: len(hub.field("kitchen_kettle_plug.power").history) == 3, "readings again")
+    finally:
+        await gw.stop()
+
+
+async def test_a_forged_list_never_makes_a_field_writable_nor_leaves_the_device_topic(
+    tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m, caplog: pytest.LogCaptureFixture
+) -> None:
+    """By default only what a light or switch is for is writable; a later list never makes a
+    read-only field writable; a name that would put /set outside the device's topic is refused."""
+    await z2m.devices(DEVICES)
+    z2m.answer_sets(mosquitto.port)
+    gw = await started(tmp_path, mosquitto, z2m)
+    hub = gw.hub
+    try:
+        await until(lambda: SHOWN <= set(hub.nodes), "the four devices")
+        assert hub.field("hall_ceiling.state").spec.writable and hub.field("kitchen_kettle_plug.state").spec.writable
+        assert not hub.field("hall_motion.motion_sensitivity").spec.writable  # a setting, not what it is for
+        assert "effect" not in hub.nodes["hall_ceiling"].fields  # write-only and not to be written: nothing left
+        caplog.set_level(logging.WARNING, "iot_gateway")
+        forged = copy.deepcopy(DEVICES)
+        climate = entry(forged, "living_room/climate")
+        climate["definition"]["exposes"] = [{"type": "light", "features": [dict(x, access=7) for x in climate["definition"]["exposes"]]}]
+        entry(forged, "hall/motion")["friendly_name"] = "bridge/request/device/remove"
+        evil = dict(entry(forged, "kitchen/kettle_plug"), friendly_name="x/+/#", ieee_address="0x00000000000000e1")
+        twin = dict(entry(forged, "hall/ceiling"), ieee_address="0x00000000000000e2")  # a second hall/ceiling
+        await z2m.devices(forged + [evil, twin])
+        await until(lambda: any("both named 'hall/ceiling'" in r.getMessage() for r in caplog.records), "the twin refused")
+        await until(lambda: any("it stays read-only" in r.getMessage() for r in caplog.records), "the widening refused")
+        assert not hub.field("living_room_climate.temperature").spec.writable
+        with pytest.raises(Exception, match="read-only"):
+            await hub.write("living_room_climate.temperature", "5", ADMIN)
+        assert any("its name cannot be a topic of its own" in r.getMessage() for r in caplog.records)
+        assert hub.nodes["hall_motion"].health.state is not Health.OFFLINE  # refused entries stay as they were
+        assert hub.nodes["hall_ceiling"].health.state is not Health.OFFLINE  # the pair skipped, not dropped
+        await hub.write("hall_ceiling.brightness", "100", ADMIN)
+        await hub.write("kitchen_kettle_plug.state", "on", ADMIN)
+        topics = {t for t, _ in z2m.sets}
+        assert topics == {f"{z2m.base}/hall/ceiling/set", f"{z2m.base}/kitchen/kettle_plug/set"}, topics
+    finally:
+        await gw.stop()
+
+
+async def test_a_new_device_with_an_old_name_inherits_neither_watches_nor_history(
+    tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m
+) -> None:
+    """Another IEEE address under hall/motion's friendly name: it gets an id of its own, now and
+    after a restart; hall_motion's watches and history stay hall_motion's; admins are told."""
+    await z2m.devices(DEVICES)
+    gw = await started(tmp_path, mosquitto, z2m)
+    hub = gw.hub
+    alice = Actor("alice@example.org", "admin", "chat")
+    told: list[str] = []
+    hub.subscribe(problem=lambda component, new, old: told.append(new.describe() if new else f"{component} cleared"))
+    newcomer = [d for d in DEVICES if d.get("friendly_name") != "hall/motion"]
+    newcomer.append(dict(entry(DEVICES, "hall/motion"), ieee_address="0x00000000000000b2"))
+    try:
+        await until(lambda: "hall_motion" in hub.nodes, "the motion sensor")
+        await z2m.report("hall/motion", {"temperature": 21.5})
+        await until(lambda: hub.field("hall_motion.temperature").latest is not None, "a reading")
+        w = gw.watches.add(gw.watches.parse(alice.jid, ["hall_motion.temperature", ">", "30"]))
+        await gw.history.flush()
+        await z2m.devices(newcomer)
+        await until(lambda: "hall_motion-2" in hub.nodes, "the newcomer under an id of its own")
+        assert hub.nodes["hall_motion"].health.state is Health.OFFLINE
+        assert gw.watches.watches[w.id].target == "hall_motion.temperature"
+        assert len(hub.field("hall_motion-2.temperature").history) == 0
+        await z2m.report("hall/motion", {"temperature": 35})
+        await until(lambda: hub.field("hall_motion-2.temperature").latest is not None, "the newcomer's reading")
+        assert not gw.watches.watches[w.id].firing  # the newcomer's 35 is not hall_motion's
+        await until(lambda: any("0x00000000000000b2" in t and "hall_motion-2" in t for t in told), "admins told")
+        assert len([t for t in told if "0x00000000000000b2" in t]) == 1, told
+        await gw.history.flush()
+    finally:
+        await gw.stop()
+    # After a restart only the newcomer is listed: the id hall_motion is still the old device's.
+    await z2m.devices(newcomer)
+    gw = await started(tmp_path, mosquitto, z2m)
+    try:
+        await until(lambda: "hall_motion-2" in gw.hub.nodes, "the newcomer after a restart")
+        assert "hall_motion" not in gw.hub.nodes and gw.watches.missing(w.id)
+        await until(lambda: len(gw.hub.field("hall_motion-2.temperature").history) == 1, "its own history back")
+        assert gw.hub.field("hall_motion-2.temperature").history[0].value == 35
+        assert "0x00000000000000b2" in gw.hub.problems["zb"].message
+        status = await gw.commands.run("status", alice)
+        assert "has the name of 0x0017880106f2c3d4" in status, status
+    finally:
+        await gw.stop()
+
+
+async def test_messages_of_unknown_devices_take_bounded_memory(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m, caplog: pytest.LogCaptureFixture) -> None:
+    """Messages on topics of devices nobody listed are kept (the list may come later), within
+    1,000 topics and 1 MB; the rest are dropped and counted, said once in the log."""
+    gw = await started(tmp_path, mosquitto, z2m)
+    hub = gw.hub
+    drv = gw.drivers["zb"]
+    caplog.set_level(logging.WARNING, "iot_gateway")
+    try:
+        await until(lambda: hub.field("zb.dropped").latest is not None, "the count at 0")
+        await z2m.pub.send(f"{z2m.base}/hall/motion", '{"temperature": 19}', retain=True)  # before the list: kept
+        body = json.dumps({"v": "x" * 8000})
+        for i in range(150):
+            await z2m.pub.send(f"{z2m.base}/stranger_{i}", body)
+        await until(lambda: hub.field("zb.dropped").latest.value >= 1, "messages dropped and counted")
+        assert drv._early_bytes <= 1024 * 1024 and len(drv._early) < 150
+        assert len([r for r in caplog.records if "the others dropped" in r.getMessage()]) == 1
+        await z2m.devices(DEVICES)
+        await until(lambda: "hall_motion" in hub.nodes, "the list")
+        await until(lambda: hub.field("hall_motion.temperature").latest is not None, "the early message kept")
     finally:
         await gw.stop()
