@@ -415,8 +415,10 @@ class Control:
         req = parse_set(el)
         p = plan(self.hub, req)
         actor = Actor(sender.bare.lower(), role, "xep-0325")
-        if not p.writes and not allowed(role, Permission.SET):
-            raise Refused("forbidden", "set needs the operator role, you are " + role)
+        try:
+            self.hub.authorize(actor, p.writes)  # audits each refused parameter, once
+        except Forbidden as e:
+            raise Refused("forbidden", str(e)) from None
         done: list[str] = []
         for ref, value in p.writes:
             name = ref.partition(".")[2]

@@ -95,6 +95,9 @@ class FieldSpec:
     description: str = ""
     # The only values a string field takes (an enum of a discovered device); checked on every write.
     choices: tuple[str, ...] = ()
+    # The value the device's config calls safe (gpio `safe_value`): where a timed set with no
+    # earlier reading goes back to.
+    safe: Value | None = None
 
 
 class History:
@@ -567,22 +570,26 @@ class Hub:
 
     # ------------------------------------------------------------ writes
 
-    async def write(self, ref: str, raw: Any, actor: Actor) -> Written:
-        """Set a writable field on behalf of `actor`, after authorization and validation.
-
-        Returns (old, new): the latest value before the write and the value applied (`sent`
-        when only sent: see Written). Raises Forbidden, UnknownField, NotWritable,
-        BadValue or DeviceError; every attempt is audited.
-        """
+    def authorize(self, actor: Actor, attempts: Iterable[tuple[str, Any]]) -> None:
+        """Raise Forbidden unless `actor` may set fields; when not, each attempted (ref, value) is
+        audited as refused, once. Every entry point asks here (through `write`, or before it
+        when it refuses a whole request, such as a submitted ad-hoc form) and nowhere else."""
         try:
             require(actor, Permission.SET)
         except Forbidden as e:
-            self.audit.record(actor, ref, None, _printable(raw), "refused", str(e))
+            for ref, raw in attempts:
+                self.audit.record(actor, ref, None, _printable(raw), "refused", str(e))
             raise
+
+    def value(self, ref: str, raw: Any, actor: Actor | None = None) -> Value:
+        """`raw` as a value `ref` may be set to (type, bounds, choices), without writing:
+        UnknownField, NotWritable or BadValue (its message names the field) otherwise. With
+        `actor`, a refusal is audited as theirs (an attempted write)."""
         f = self.field(ref)
         old = f.latest.value if f.latest else None
         if not f.spec.writable:
-            self.audit.record(actor, ref, old, _printable(raw), "refused", "not writable")
+            if actor is not None:
+                self.audit.record(actor, ref, old, _printable(raw), "refused", "not writable")
             raise NotWritable(f"{ref} is read-only")
         try:
             value = coerce(f.spec.type, raw)
@@ -590,8 +597,22 @@ class Hub:
             if f.spec.choices and value not in f.spec.choices:
                 raise BadValue(f"must be one of: {', '.join(f.spec.choices)}; got {_printable(raw)!r}")
         except BadValue as e:
-            self.audit.record(actor, ref, old, _printable(raw), "refused", str(e))
+            if actor is not None:
+                self.audit.record(actor, ref, old, _printable(raw), "refused", str(e))
             raise BadValue(f"{ref} {e}") from None
+        return value
+
+    async def write(self, ref: str, raw: Any, actor: Actor) -> Written:
+        """Set a writable field on behalf of `actor`, after authorization and validation.
+
+        Returns (old, new): the latest value before the write and the value applied (`sent`
+        when only sent: see Written). Raises Forbidden, UnknownField, NotWritable,
+        BadValue or DeviceError; every attempt is audited.
+        """
+        self.authorize(actor, [(ref, raw)])
+        value = self.value(ref, raw, actor)
+        f = self.field(ref)
+        old = f.latest.value if f.latest else None
         writer = self._writers.get(f.node.id)
         if writer is None:
             self.audit.record(actor, ref, old, value, "failed", "device not running")

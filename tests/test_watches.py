@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,28 @@ async def test_pending_revert_survives_restart(tmp_path: Path) -> None:
         g2.hub.push("sim", "speed", 40)
         await asyncio.sleep(2.3)
         assert g2.hub.field("sim.speed").latest.value == 0
+        assert g2.reverts.pending == {}
+    finally:
+        await g2.stop()
+
+
+async def test_a_timed_set_with_no_earlier_value_persists_where_it_goes_back(tmp_path: Path) -> None:
+    g = Gateway(config(tmp_path))
+    await g.start()
+    g.hub.field("sim.speed").latest = None  # nothing reported yet
+    g.hub.field("sim.relay").latest = None
+    assert await run(g, "set sim.speed 40 for 2s then 7") == "sim.speed: — → 40, back to 7 in 2 s"
+    assert await run(g, "set sim.relay on for 2s") == "sim.relay: — → on, back to off in 2 s"
+    await g.stop()
+    stored = json.loads((tmp_path / "state" / "reverts.json").read_text())
+    assert {r["ref"]: r["value"] for r in stored} == {"sim.speed": 7, "sim.relay": False}
+    g2 = Gateway(config(tmp_path))
+    await g2.start()
+    try:
+        g2.hub.push("sim", "speed", 40)  # the device reports the state it was left in
+        g2.hub.push("sim", "relay", True)
+        await asyncio.sleep(2.3)
+        assert (g2.hub.field("sim.speed").latest.value, g2.hub.field("sim.relay").latest.value) == (7, False)
         assert g2.reverts.pending == {}
     finally:
         await g2.stop()
