@@ -194,6 +194,9 @@ class Node:
     # syncing its time) must not make a silent device look fresh.
     seen_at: float | None = None
     health_at: float = field(default_factory=time.monotonic)
+    # True while `stale` is the hub's own verdict (no data for stale_after), which the next
+    # reading ends; a driver's `stale` (a sensor failing among good ones) only the driver ends.
+    silent: bool = False
 
     def silent_for(self, now: float | None = None) -> float | None:
         """Seconds since the last reading (monotonic), or None when none has come yet."""
@@ -507,7 +510,7 @@ class Hub:
         f.history.append(reading)
         node.last_seen = now
         node.seen_at = time.monotonic()
-        if node.health.state in (Health.STALE, Health.STARTING):
+        if node.health.state is Health.STARTING or (node.health.state is Health.STALE and node.silent):
             self._set_health(node_id, Health.OK, "")
         for listener in self._reading_listeners:
             try:
@@ -515,11 +518,12 @@ class Hub:
             except Exception:
                 log.exception("reading listener failed for %s", f.ref)
 
-    def _set_health(self, node_id: str, state: Health, reason: str) -> None:
+    def _set_health(self, node_id: str, state: Health, reason: str, silent: bool = False) -> None:
         node = self.nodes.get(node_id)
         if node is None:
             return
         old = node.health
+        node.silent = silent
         if old.state is state and old.reason == reason:
             return
         node.health = HealthState(state, reason, time.time())
@@ -542,7 +546,7 @@ class Hub:
                 continue
             since = node.seen_at if node.seen_at is not None else node.health_at
             if now - since > node.stale_after:
-                self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s")
+                self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s", silent=True)
 
     def stale_due(self, now: float | None = None, longest: float = 60.0) -> float:
         """Seconds until `check_stale` could next find a device stale: the earliest deadline,
