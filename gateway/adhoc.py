@@ -247,10 +247,10 @@ class AdHoc:
             log.warning("ad-hoc %s session %s of %s: %s step from %s refused",
                         sess["node"], sess["id"], starter, iq["command"]["action"], frm)
             contact = self.session.config.contact(frm.bare)
-            if contact is not None and perm is not Permission.READ:  # an attempt to change actuators
+            if contact is not None and perm is not Permission.READ:  # a submitted form is an attempted set
                 who = "another client of this account" if frm.bare == starter.bare else "someone else"
-                self.hub.audit.record(Actor(contact.jid, contact.role, "adhoc"), "(set form)", None, None,
-                                      "refused", f"ad-hoc session started by {who}")
+                self.hub.refuse(Actor(contact.jid, contact.role, "adhoc"), self._submitted(iq),
+                                f"ad-hoc session started by {who}")
             raise XMPPError("forbidden", text="This session is not yours; run the command yourself.")
         self._actor(iq, perm)
 

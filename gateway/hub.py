@@ -581,9 +581,14 @@ class Hub:
         try:
             require(actor, Permission.SET)
         except Forbidden as e:
-            for ref, raw in attempts:
-                self.audit.record(actor, ref, None, _printable(raw), "refused", str(e))
+            self.refuse(actor, attempts, str(e))
             raise
+
+    def refuse(self, actor: Actor, attempts: Iterable[tuple[str, Any]], reason: str) -> None:
+        """Audit attempted (ref, value) sets as refused, once each, for a reason the entry point
+        found before asking (an ad-hoc step from someone who did not start the session)."""
+        for ref, raw in attempts:
+            self.audit.record(actor, ref, None, _printable(raw), "refused", reason)
 
     def value(self, ref: str, raw: Any, actor: Actor | None = None) -> Value:
         """`raw` as a value `ref` may be set to (type, bounds, choices), without writing:
