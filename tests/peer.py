@@ -110,16 +110,18 @@ class Peer:
                 if msg["from"].bare == frm and match(msg["body"]):
                     return msg
 
-    async def ask_for(self, to: str, body: str, expect: str, timeout: float = TIMEOUT) -> str:
-        """Send a chat message and return the first body from `to` that starts with `expect`:
-        alerts and one-time notices that arrive meanwhile are skipped, not taken for the answer."""
+    async def ask_for(self, to: str, body: str, expect: str | Callable[[str], bool], timeout: float = TIMEOUT) -> str:
+        """Send a chat message and return the first body from `to` that is the answer: one that
+        starts with `expect`, or passes it. Alerts and one-time notices that arrive meanwhile
+        are skipped, not taken for the answer."""
         self.drain()
         self.client.send_message(mto=to, mbody=body, mtype="chat")
         return await self.reply_matching(to, expect, timeout)
 
-    async def reply_matching(self, frm: str, expect: str, timeout: float = TIMEOUT) -> str:
-        """The body of the next chat message from `frm` that starts with `expect`."""
-        return (await self.message_from(frm, timeout, lambda b: b.startswith(expect)))["body"]
+    async def reply_matching(self, frm: str, expect: str | Callable[[str], bool], timeout: float = TIMEOUT) -> str:
+        """The body of the next chat message from `frm` that starts with `expect` (or passes it)."""
+        match = expect if callable(expect) else lambda b: b.startswith(expect)
+        return (await self.message_from(frm, timeout, match))["body"]
 
     async def join(self, room: str, nick: str) -> None:
         """Join a MUC room."""

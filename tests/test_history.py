@@ -374,13 +374,13 @@ async def test_disk_full_shows_in_status_and_presence_and_tells_admins_once(
         assert "history: not saved: database or disk is full" in status.splitlines()
         assert (await victor.ask(gw.jid, "read sim.temp")).startswith("sim.temp = ")
         await asyncio.sleep(0.3)  # several more flushes fail meanwhile
-        assert (await alice.ask(gw.jid, "status")).startswith("Test GW")  # a round trip: earlier messages are in
+        assert (await alice.ask_for(gw.jid, "status", "Test GW")).startswith("Test GW")  # a round trip: earlier messages are in
         assert told == {"alice": ["history: not saved: database or disk is full"], "victor": []}
         alice.presences.clear()
         await disk_full(store, full=False)
         pres = await alice.presence_from(gw.jid, lambda p: p["status"] == "Test GW: 1/1 devices OK")
         assert pres["show"] == ""
-        assert (await alice.ask(gw.jid, "status")).startswith("Test GW")
+        assert (await alice.ask_for(gw.jid, "status", "Test GW")).startswith("Test GW")
         assert told["alice"] == ["history: not saved: database or disk is full", "history: back to ok"]
     finally:
         await alice.stop()

@@ -314,10 +314,10 @@ async def test_thermometer_in_chat_and_its_removal_in_presence(xmpp_server: Xmpp
     alice = await xmpp_server.peer("alice").start()
     try:
         await until(lambda: value(gw.gateway, "pi.water") is not None, "the first read")
-        assert "water" in await alice.ask(gw.jid, "read pi.water") and "21.50 °C" in await alice.ask(gw.jid, "read pi.water")
+        assert "21.50 °C" in await alice.ask_for(gw.jid, "read pi.water", "pi.water")
         temp.write_text("24750\n")
         await until(lambda: value(gw.gateway, "pi.water") == pytest.approx(24.75), "the new value")
-        assert "24.75 °C" in await alice.ask(gw.jid, "read pi.water")
+        assert "24.75 °C" in await alice.ask_for(gw.jid, "read pi.water", "pi.water")
 
         alice.client.send_presence_subscription(pto=gw.jid)
         await alice.presence_from(gw.jid, lambda p: p["type"] == "available" and p["show"] == "")
