@@ -190,13 +190,16 @@ class Watches:
 
     def add(self, watch: Watch) -> Watch:
         """Register a parsed watch, give it an id, persist, and evaluate it against the current state."""
+        for w in self.watches.values():
+            if w.owner == watch.owner and _definition(w) == _definition(watch):
+                raise WatchError(f"You already have this watch as #{w.id}")
         quota = self.quota(watch.owner)
         mine = [w.id for w in self.watches.values() if w.owner == watch.owner]
         if len(mine) >= quota:
             contact = self.config.contact(watch.owner)
             role = contact.role if contact is not None else "viewer"
             raise WatchError(
-                f"You have {len(mine)} watches, your quota as {role} ({quota}); "
+                f"You have {len(mine)} watch{'' if len(mine) == 1 else 'es'}, your quota as {role} ({quota}); "
                 + (f"free one with `unwatch ID` (e.g. unwatch {mine[0]})" if mine else "ask an admin")
             )
         if len(self.watches) >= MAX_WATCHES:
@@ -204,9 +207,6 @@ class Watches:
                 f"The gateway holds its most watches ({MAX_WATCHES}) in all; "
                 "free one of yours with `unwatch ID`, or ask an admin"
             )
-        for w in self.watches.values():
-            if w.owner == watch.owner and _definition(w) == _definition(watch):
-                raise WatchError(f"You already have this watch as #{w.id}")
         watch.id = self.next_id
         self.next_id += 1
         self.watches[watch.id] = watch
