@@ -208,6 +208,7 @@ class Commands:
             value = self.hub.value(ref, raw, actor)
             back = self.hub.value(ref, then, actor) if then is not None else self.reverts.origin(ref, value)
             if back is None:
+                self.hub.refuse(actor, [(ref, raw)], "timed set with no earlier value to go back to")
                 raise BadValue(
                     f"no earlier value of {ref} to go back to: give one, e.g. "
                     f"`set {ref} {_clip(raw)} for {typed} then {_example(self.hub.field(ref))}`"

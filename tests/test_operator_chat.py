@@ -216,6 +216,8 @@ async def test_timed_set_knows_where_it_goes_back_before_it_switches(
     reply = await alice.ask_for(gw.jid, "set sim.speed 30 for 8s", "Error")
     assert reply == "Error: no earlier value of sim.speed to go back to: give one, e.g. `set sim.speed 30 for 8s then 0`."
     assert hub.field("sim.speed").latest is None and not gw.gateway.reverts.pending
+    last = hub.audit.entries[-1]  # a refused set, audited as one
+    assert (last.ref, last.outcome, last.reason) == ("sim.speed", "refused", "timed set with no earlier value to go back to")
     # `then` is checked like any set value, before anything is written.
     reply = await alice.ask_for(gw.jid, "set sim.speed 30 for 8s then 500", "Error")
     assert reply == "Error: sim.speed 500 is above the maximum 100."
