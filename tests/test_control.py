@@ -177,6 +177,11 @@ async def test_roles_viewer_and_stranger_are_forbidden(xgw: XepGateway, peers: d
         ("victor@localhost", "xep-0325", "sim.relay", "refused"), ("victor@localhost", "xep-0325", "sim.speed", "refused")]
     log = await victor.ask_for(xgw.session.client.boundjid.bare, "log sim.speed", "Last ")
     assert "victor@localhost  via xep-0325  sim.speed  refused (9): set needs the operator role" in log, log
+    # The role comes before the values: an invalid set from a viewer is forbidden too, and audited.
+    before = len(xgw.hub.audit.entries)
+    answer = await iq(victor, xgw.jid, "<set xmlns='urn:xmpp:iot:control'><node nodeId='sim'/><int name='speed' value='900'/></set>", "set")
+    assert error_of(answer)[1] == "forbidden"
+    assert [(e.ref, e.outcome) for e in list(xgw.hub.audit.entries)[before:]] == [("sim.speed", "refused")]
     # "Getting a control form, Failure".
     answer = await iq(victor, xgw.jid, "<getForm xmlns='urn:xmpp:iot:control' xml:lang='en'/>")
     assert error_of(answer) == ("cancel", "forbidden", "Access denied.")
