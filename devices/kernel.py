@@ -384,9 +384,8 @@ class KernelDriver(Driver[KernelDevice]):
         assert error is not None
         label = f.sensor or str(f.path)
         if error.retry:
-            error = SensorError(
-                error.health, f"{f.name} ({label}): {error} ({self.device.retries} {'try' if self.device.retries == 1 else 'tries'})", retry=True
-            )
+            tries = f"{self.device.retries} {'try' if self.device.retries == 1 else 'tries'}"
+            error = SensorError(error.health, f"{f.name} ({label}): {error} ({tries})", retry=True)
         else:
             error = SensorError(error.health, f"{f.name}: {error}", retry=False)
         return error

@@ -196,7 +196,7 @@ class Node:
     health_at: float = field(default_factory=time.monotonic)
     # True while `stale` is the hub's own verdict (no data for stale_after), which the next
     # reading ends; a driver's `stale` (a sensor failing among good ones) only the driver ends.
-    silent: bool = False
+    hub_stale: bool = False
 
     def silent_for(self, now: float | None = None) -> float | None:
         """Seconds since the last reading (monotonic), or None when none has come yet."""
@@ -510,7 +510,7 @@ class Hub:
         f.history.append(reading)
         node.last_seen = now
         node.seen_at = time.monotonic()
-        if node.health.state is Health.STARTING or (node.health.state is Health.STALE and node.silent):
+        if node.health.state is Health.STARTING or (node.health.state is Health.STALE and node.hub_stale):
             self._set_health(node_id, Health.OK, "")
         for listener in self._reading_listeners:
             try:
@@ -518,12 +518,12 @@ class Hub:
             except Exception:
                 log.exception("reading listener failed for %s", f.ref)
 
-    def _set_health(self, node_id: str, state: Health, reason: str, silent: bool = False) -> None:
+    def _set_health(self, node_id: str, state: Health, reason: str, hub_stale: bool = False) -> None:
         node = self.nodes.get(node_id)
         if node is None:
             return
         old = node.health
-        node.silent = silent
+        node.hub_stale = hub_stale
         if old.state is state and old.reason == reason:
             return
         node.health = HealthState(state, reason, time.time())
@@ -546,7 +546,7 @@ class Hub:
                 continue
             since = node.seen_at if node.seen_at is not None else node.health_at
             if now - since > node.stale_after:
-                self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s", silent=True)
+                self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s", hub_stale=True)
 
     def stale_due(self, now: float | None = None, longest: float = 60.0) -> float:
         """Seconds until `check_stale` could next find a device stale: the earliest deadline,
