@@ -134,6 +134,8 @@ class KernelDevice(DeviceBase):
     sensors: Literal["auto"] | None = None
     names: dict[str, str] = {}
     retries: int = Field(3, ge=1, le=10)
+    # Reads in a row a sensor that failed now and then must read well before the device is ok again.
+    health_window: int = Field(3, ge=1, le=100)
     w1_root: Path = W1_ROOT
     iio_root: Path = IIO_ROOT
     hwmon_root: Path = HWMON_ROOT
@@ -309,6 +311,8 @@ class KernelDriver(Driver[KernelDevice]):
             max_workers=min(8, len(device.fields)), thread_name_prefix=f"kernel-{device.id}"
         )
         self._pending: dict[str, tuple[asyncio.Future[float], float]] = {}
+        # Sensors counted as failing: field name -> (the error, good reads in a row since).
+        self._bad: dict[str, tuple[SensorError, int]] = {}
 
     async def start(self) -> None:
         self.spawn(self._run(), "poll")
@@ -325,9 +329,26 @@ class KernelDriver(Driver[KernelDevice]):
             await asyncio.sleep(max(0.0, self.device.interval - (loop.time() - started)))
 
     async def poll(self) -> None:
-        """Read every field once (with retries) and report the device's health."""
+        """Read every field once (with retries) and report the device's health: the worst of its
+        sensors, where one that failed a transient read counts as failing until it has read well
+        `health_window` times in a row (a DS18B20 failing its CRC every other read keeps the
+        device stale, named in the reason, instead of flipping it ok/stale at each read)."""
         results = await asyncio.gather(*(self._read(f) for f in self.device.fields))
-        failures = [e for e in results if e is not None]
+        for f, error in zip(self.device.fields, results):
+            bad = self._bad.get(f.name)
+            if error is not None:
+                # The episode keeps its first reason unless it gets worse: the same trouble is not news.
+                if bad is None or _RANK[error.health] > _RANK[bad[0].health]:
+                    bad = (error, 0)
+                self._bad[f.name] = (bad[0], 0)
+            elif bad is not None:
+                good = bad[1] + 1
+                if not bad[0].retry or good >= self.device.health_window:
+                    del self._bad[f.name]  # a definite state (gone, forbidden) ends at once
+                    log.info("%s.%s: reading well again", self.id, f.name)
+                else:
+                    self._bad[f.name] = (bad[0], good)
+        failures = [e for e, _good in self._bad.values()]
         if not failures:
             self.health(Health.OK)
             return
@@ -363,9 +384,8 @@ class KernelDriver(Driver[KernelDevice]):
         assert error is not None
         label = f.sensor or str(f.path)
         if error.retry:
-            error = SensorError(
-                error.health, f"{f.name} ({label}): {error} ({self.device.retries} tries)", retry=True
-            )
+            tries = f"{self.device.retries} {'try' if self.device.retries == 1 else 'tries'}"
+            error = SensorError(error.health, f"{f.name} ({label}): {error} ({tries})", retry=True)
         else:
             error = SensorError(error.health, f"{f.name}: {error}", retry=False)
         return error

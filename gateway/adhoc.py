@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from slixmpp import JID
 from slixmpp.exceptions import XMPPError
+from slixmpp.plugins.xep_0004 import Form
 from slixmpp.plugins.xep_0030.stanza import DiscoItems
 from slixmpp.plugins.xep_0050 import XEP_0050, Command
 from slixmpp.stanza import Iq
@@ -246,10 +247,10 @@ class AdHoc:
             log.warning("ad-hoc %s session %s of %s: %s step from %s refused",
                         sess["node"], sess["id"], starter, iq["command"]["action"], frm)
             contact = self.session.config.contact(frm.bare)
-            if contact is not None and perm is not Permission.READ:  # an attempt to change actuators
+            if contact is not None and perm is not Permission.READ:  # a submitted form is an attempted set
                 who = "another client of this account" if frm.bare == starter.bare else "someone else"
-                self.hub.audit.record(Actor(contact.jid, contact.role, "adhoc"), "(set form)", None, None,
-                                      "refused", f"ad-hoc session started by {who}")
+                self.hub.refuse(Actor(contact.jid, contact.role, "adhoc"), self._submitted(iq),
+                                f"ad-hoc session started by {who}")
             raise XMPPError("forbidden", text="This session is not yours; run the command yourself.")
         self._actor(iq, perm)
 
@@ -262,12 +263,25 @@ class AdHoc:
         actor = Actor(contact.jid, contact.role, "adhoc")
         if not allowed(contact.role, perm):
             try:
+                if perm is Permission.SET:
+                    # Asking for the form is not a write; submitting one is: the hub decides and
+                    # audits each field it names.
+                    self.hub.authorize(actor, self._submitted(iq_or_session))
                 require(actor, perm)
             except Forbidden as e:
-                if perm is Permission.SET:  # an attempt to change actuators: audited
-                    self.hub.audit.record(actor, "(set form)", None, None, "refused", str(e))
+                log.info("ad-hoc %s refused for %s: %s", perm.value, contact.jid, e)
                 raise XMPPError("forbidden", text=f"{e}.") from None
         return actor
+
+    def _submitted(self, iq_or_session: Any) -> list[tuple[str, Any]]:
+        """The (field, value) pairs a step's submitted form would set: the writable fields it
+        names, or one `(set form)` entry for a form that names none (not one per bogus name)."""
+        if not isinstance(iq_or_session, Iq) or iq_or_session["command"].xml.find(f"{{{Form.namespace}}}x") is None:
+            return []
+        values = iq_or_session["command"]["form"].get_values()
+        writable = {f.ref for f in self._writable()}
+        attempts = [(ref, v) for ref, v in values.items() if ref in writable and v not in (None, "")]
+        return attempts or ([("(set form)", "")] if values else [])
 
     def _form(self, ftype: str, title: str) -> Any:
         return self.session.client.plugin["xep_0004"].make_form(ftype=ftype, title=title)

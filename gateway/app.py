@@ -37,6 +37,7 @@ def build_hub(config: Config) -> Hub:
                 min=f.min,
                 max=f.max,
                 description=f.description,
+                safe=getattr(f, "safe_value", None),  # only gpio outputs have one
             )
             for f in d.fields
         ]

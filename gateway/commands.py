@@ -23,7 +23,7 @@ from .auth import Actor, Forbidden, Permission, allowed, require
 from .hub import Field, Hub, HubError, Node, Written
 from .plot import MAX_FIELDS, Picture, PlotError, Plots, check_fields, history_spark
 from .reverts import Reverts
-from .values import BadValue, age, coerce, fmt, parse_duration
+from .values import BadValue, Value, age, coerce, fmt, parse_duration
 from .watches import Watches, WatchError
 
 MAX_COMMAND = 1024
@@ -182,16 +182,38 @@ class Commands:
 
     async def set(self, args: list[str], actor: Actor) -> str:
         seconds = None
+        typed = ""  # the duration as given
+        then: str | None = None
+        lower = [a.lower() for a in args]
+        if "then" in lower[4:]:  # `set REF VALUE for D then VALUE`: a value may hold spaces, so the last `then`
+            i = len(lower) - 1 - lower[::-1].index("then")
+            if lower[i - 2] == "for":
+                then, args = " ".join(args[i + 1:]), args[:i]
+                if not then:
+                    raise UsageError("Say which value to go back to after `then`")
         if len(args) >= 4 and args[-2].lower() == "for":
             if self.reverts is None:
                 raise UsageError("Timed sets need the gateway's state folder")
-            seconds = parse_duration(args[-1])
+            typed = args[-1]
+            seconds = parse_duration(typed)
             if seconds > MAX_TIMED:
                 raise BadValue(f"{args[-1]} is longer than the 7 days a timed set may last")
             args = args[:-2]
         if len(args) < 2:
             raise UsageError("Say which field and which value")
         ref, raw = args[0], " ".join(args[1:])
+        back: Value | None = None
+        if seconds is not None and self.reverts is not None:
+            # Where it goes back to is known before anything switches, or nothing does.
+            self.hub.authorize(actor, [(ref, raw)])
+            value = self.hub.value(ref, raw, actor)
+            back = self.hub.value(ref, then, actor) if then is not None else self.reverts.origin(ref, value)
+            if back is None:
+                self.hub.refuse(actor, [(ref, raw)], "timed set with no earlier value to go back to")
+                raise BadValue(
+                    f"no earlier value of {ref} to go back to: give one, e.g. "
+                    f"`set {ref} {_clip(raw)} for {typed} then {_example(self.hub.field(ref))}`"
+                )
         written = await self._write(ref, raw, actor)
         old, value = written
         f = self.hub.field(ref)
@@ -203,7 +225,6 @@ class Commands:
         # The hub's write already cancelled a pending revert of the field (as for every entry point).
         replaced = self.reverts.taken(f.ref, actor) if self.reverts is not None else None
         if seconds is not None and self.reverts is not None:
-            back = replaced.value if replaced is not None else old
             self.reverts.add(ref, back, seconds, actor)
             text += f", back to {fmt(back, f.spec.decimals)} in {age(seconds)}"
             if self.reverts.unsaved:
@@ -447,6 +468,17 @@ def _clip(text: str, n: int = 30) -> str:
 
 
 TYPE_WORDS = {"numeric": "number", "integer": "integer", "boolean": "on/off", "string": "text"}
+
+
+def _example(f: Field) -> str:
+    """A value `f` may take, to show in a hint."""
+    if f.spec.choices:
+        return f.spec.choices[0]
+    if f.spec.type == "string":
+        return "VALUE"
+    if f.spec.type == "boolean":
+        return "off"
+    return fmt(f.spec.min if f.spec.min is not None else 0)
 
 
 def _describe(f: Field) -> str:

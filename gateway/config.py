@@ -136,6 +136,9 @@ class GatewaySection(Strict):
     history_per_second: int = Field(2, ge=0, le=1000)
     # Seconds a device's new health must last before contacts are told (0: at once, no flap summaries).
     health_debounce: float = Field(10.0, ge=0, le=3600)
+    # Watches one contact may have (admins: watches_per_admin); the gateway holds MAX_WATCHES in all.
+    watches_per_contact: int = Field(20, ge=0, le=200)
+    watches_per_admin: int = Field(100, ge=0, le=200)
 
     @field_validator("retention")
     @classmethod

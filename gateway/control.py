@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slixmpp import JID, Iq, Message
 from slixmpp.plugins.xep_0004.stanza import Form
@@ -413,10 +413,15 @@ class Control:
     async def apply(self, el: ET.Element, sender: JID, role: str) -> Plan:
         """Check a whole `<set/>`, then write each parameter through Hub.write; Refused on failure."""
         req = parse_set(el)
-        p = plan(self.hub, req)
         actor = Actor(sender.bare.lower(), role, "xep-0325")
-        if not p.writes and not allowed(role, Permission.SET):
-            raise Refused("forbidden", "set needs the operator role, you are " + role)
+        try:
+            p = plan(self.hub, req)
+        except Refused:
+            # The role comes first: a viewer's set is forbidden (and audited) even when it is also invalid.
+            attempts = [(f"{n}.{q.name}" if n else q.name, q.raw) for n in req.node_ids or [""] for q in req.params]
+            self._authorize(actor, attempts[:MAX_ERRORS])
+            raise
+        self._authorize(actor, p.writes)
         done: list[str] = []
         for ref, value in p.writes:
             name = ref.partition(".")[2]
@@ -433,6 +438,13 @@ class Control:
                 raise Refused("item-not-found", str(e)) from None
             done.append(ref)
         return p
+
+    def _authorize(self, actor: Actor, attempts: list[tuple[str, Any]]) -> None:
+        """The hub's role check (it audits each refused parameter, once), as an XEP-0325 refusal."""
+        try:
+            self.hub.authorize(actor, attempts)
+        except Forbidden as e:
+            raise Refused("forbidden", str(e)) from None
 
     async def _on_set(self, iq: Iq) -> None:
         if iq["type"] not in ("get", "set"):

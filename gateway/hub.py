@@ -96,6 +96,9 @@ class FieldSpec:
     description: str = ""
     # The only values a string field takes (an enum of a discovered device); checked on every write.
     choices: tuple[str, ...] = ()
+    # The value the device's config calls safe (gpio `safe_value`): where a timed set with no
+    # earlier reading goes back to.
+    safe: Value | None = None
 
 
 class History:
@@ -192,6 +195,9 @@ class Node:
     # syncing its time) must not make a silent device look fresh.
     seen_at: float | None = None
     health_at: float = field(default_factory=time.monotonic)
+    # True while `stale` is the hub's own verdict (no data for stale_after), which the next
+    # reading ends; a driver's `stale` (a sensor failing among good ones) only the driver ends.
+    hub_stale: bool = False
 
     def silent_for(self, now: float | None = None) -> float | None:
         """Seconds since the last reading (monotonic), or None when none has come yet."""
@@ -506,7 +512,7 @@ class Hub:
         f.history.append(reading)
         node.last_seen = now
         node.seen_at = time.monotonic()
-        if node.health.state in (Health.STALE, Health.STARTING):
+        if node.health.state is Health.STARTING or (node.health.state is Health.STALE and node.hub_stale):
             self._set_health(node_id, Health.OK, "")
         for listener in self._reading_listeners:
             try:
@@ -514,11 +520,12 @@ class Hub:
             except Exception:
                 log.exception("reading listener failed for %s", f.ref)
 
-    def _set_health(self, node_id: str, state: Health, reason: str) -> None:
+    def _set_health(self, node_id: str, state: Health, reason: str, hub_stale: bool = False) -> None:
         node = self.nodes.get(node_id)
         if node is None:
             return
         old = node.health
+        node.hub_stale = hub_stale
         if old.state is state and old.reason == reason:
             return
         node.health = HealthState(state, reason, time.time())
@@ -541,7 +548,7 @@ class Hub:
                 continue
             since = node.seen_at if node.seen_at is not None else node.health_at
             if now - since > node.stale_after:
-                self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s")
+                self._set_health(node.id, Health.STALE, f"no data for {node.stale_after:g} s", hub_stale=True)
 
     def stale_due(self, now: float | None = None, longest: float = 60.0) -> float:
         """Seconds until `check_stale` could next find a device stale: the earliest deadline,
@@ -569,22 +576,31 @@ class Hub:
 
     # ------------------------------------------------------------ writes
 
-    async def write(self, ref: str, raw: Any, actor: Actor) -> Written:
-        """Set a writable field on behalf of `actor`, after authorization and validation.
-
-        Returns (old, new): the latest value before the write and the value applied (`sent`
-        when only sent: see Written). Raises Forbidden, UnknownField, NotWritable,
-        BadValue or DeviceError; every attempt is audited.
-        """
+    def authorize(self, actor: Actor, attempts: Iterable[tuple[str, Any]]) -> None:
+        """Raise Forbidden unless `actor` may set fields; when not, each attempted (ref, value) is
+        audited as refused, once. Every entry point asks here (through `write`, or before it
+        when it refuses a whole request, such as a submitted ad-hoc form) and nowhere else."""
         try:
             require(actor, Permission.SET)
         except Forbidden as e:
-            self.audit.record(actor, ref, None, _printable(raw), "refused", str(e))
+            self.refuse(actor, attempts, str(e))
             raise
+
+    def refuse(self, actor: Actor, attempts: Iterable[tuple[str, Any]], reason: str) -> None:
+        """Audit attempted (ref, value) sets as refused, once each, for a reason the entry point
+        found before asking (an ad-hoc step from someone who did not start the session)."""
+        for ref, raw in attempts:
+            self.audit.record(actor, ref, None, _printable(raw), "refused", reason)
+
+    def value(self, ref: str, raw: Any, actor: Actor | None = None) -> Value:
+        """`raw` as a value `ref` may be set to (type, bounds, choices), without writing:
+        UnknownField, NotWritable or BadValue (its message names the field) otherwise. With
+        `actor`, a refusal is audited as theirs (an attempted write)."""
         f = self.field(ref)
         old = f.latest.value if f.latest else None
         if not f.spec.writable:
-            self.audit.record(actor, ref, old, _printable(raw), "refused", "not writable")
+            if actor is not None:
+                self.audit.record(actor, ref, old, _printable(raw), "refused", "not writable")
             raise NotWritable(f"{ref} is read-only")
         try:
             value = coerce(f.spec.type, raw)
@@ -592,8 +608,22 @@ class Hub:
             if f.spec.choices and value not in f.spec.choices:
                 raise BadValue(f"must be one of: {', '.join(f.spec.choices)}; got {_printable(raw)!r}")
         except BadValue as e:
-            self.audit.record(actor, ref, old, _printable(raw), "refused", str(e))
+            if actor is not None:
+                self.audit.record(actor, ref, old, _printable(raw), "refused", str(e))
             raise BadValue(f"{ref} {e}") from None
+        return value
+
+    async def write(self, ref: str, raw: Any, actor: Actor) -> Written:
+        """Set a writable field on behalf of `actor`, after authorization and validation.
+
+        Returns (old, new): the latest value before the write and the value applied (`sent`
+        when only sent: see Written). Raises Forbidden, UnknownField, NotWritable,
+        BadValue or DeviceError; every attempt is audited.
+        """
+        self.authorize(actor, [(ref, raw)])
+        value = self.value(ref, raw, actor)
+        f = self.field(ref)
+        old = f.latest.value if f.latest else None
         writer = self._writers.get(f.node.id)
         if writer is None:
             self.audit.record(actor, ref, old, value, "failed", "device not running")

@@ -153,6 +153,22 @@ class Reverts:
         self._arm(r)
         return r
 
+    def origin(self, ref: str, new: Value) -> Value | None:
+        """Where a timed set of `ref` to `new` goes back to: the value a pending timed set of it
+        would go back to, else its last reading, else its configured safe value, else for a
+        boolean the opposite of `new`; None when there is nothing to go back to."""
+        pending = self.pending.get(ref)
+        if pending is not None and pending.value is not None:
+            return pending.value
+        f = self.hub.field(ref)
+        if f.latest is not None:
+            return f.latest.value
+        if f.spec.safe is not None:
+            return f.spec.safe
+        if f.spec.type == "boolean" and isinstance(new, bool):
+            return not new
+        return None
+
     def cancel(self, ref: str) -> Revert | None:
         """Drop the pending (or retrying) revert of `ref`, if any."""
         r = self._drop(ref)
@@ -228,9 +244,12 @@ class Reverts:
     async def _run(self, r: Revert) -> None:
         if self.pending.get(r.ref) is not r:
             return
-        if r.value is None:
-            self._finish(r, f"{r.ref}: time is up, but there was no earlier value to go back to")
-            return
+        if r.value is None:  # stored by an older version, which switched without knowing where back was
+            f = None if self._absent(r.ref) else self.hub.nodes[r.ref.split(".", 1)[0]].fields.get(r.ref.split(".", 1)[1])
+            if f is None or f.spec.safe is None:
+                self._finish(r, f"{r.ref}: time is up, but there was no earlier value to go back to")
+                return
+            r.value = f.spec.safe
         try:
             if self._absent(r.ref):
                 if r.failing_since and time.time() - r.failing_since > WAIT_FOR_DEVICE:

@@ -36,7 +36,7 @@ OPS: dict[str, Callable[[Value, Value], bool]] = {
     "!=": operator.ne,
 }
 DEFAULT_INTERVAL = 60.0  # seconds between repeated alerts of one watch
-MAX_WATCHES = 200
+MAX_WATCHES = 200  # in all; each contact has a quota too ([gateway] watches_per_contact / _admin)
 STATE_FILE = "watches.json"
 # A device that went from ok to a problem FLAP_COUNT times within FLAP_WINDOW seconds is
 # flapping: one summary, then quiet until it has kept one state for FLAP_QUIET debounce periods.
@@ -190,11 +190,23 @@ class Watches:
 
     def add(self, watch: Watch) -> Watch:
         """Register a parsed watch, give it an id, persist, and evaluate it against the current state."""
-        if len(self.watches) >= MAX_WATCHES:
-            raise WatchError(f"Too many watches (at most {MAX_WATCHES}); remove some with unwatch")
         for w in self.watches.values():
             if w.owner == watch.owner and _definition(w) == _definition(watch):
                 raise WatchError(f"You already have this watch as #{w.id}")
+        quota = self.quota(watch.owner)
+        mine = [w.id for w in self.watches.values() if w.owner == watch.owner]
+        if len(mine) >= quota:
+            contact = self.config.contact(watch.owner)
+            role = contact.role if contact is not None else "viewer"
+            raise WatchError(
+                f"You have {len(mine)} watch{'' if len(mine) == 1 else 'es'}, your quota as {role} ({quota}); "
+                + (f"free one with `unwatch ID` (e.g. unwatch {mine[0]})" if mine else "ask an admin")
+            )
+        if len(self.watches) >= MAX_WATCHES:
+            raise WatchError(
+                f"The gateway holds its most watches ({MAX_WATCHES}) in all; "
+                "free one of yours with `unwatch ID`, or ask an admin"
+            )
         watch.id = self.next_id
         self.next_id += 1
         self.watches[watch.id] = watch
@@ -212,6 +224,12 @@ class Watches:
             except RuntimeError:  # no event loop (a script): nothing to wait for
                 self._emit_all(held)
         return watch
+
+    def quota(self, jid: str) -> int:
+        """How many watches `jid` may have: `watches_per_admin` for admins, `watches_per_contact` for others."""
+        contact = self.config.contact(jid)
+        g = self.config.gateway
+        return g.watches_per_admin if contact is not None and contact.role == "admin" else g.watches_per_contact
 
     def remove(self, watch_id: int, jid: str, admin: bool) -> Watch:
         """Delete a watch; only its owner or an admin may."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import slixmpp
@@ -99,13 +100,28 @@ class Peer:
         """The body of the next chat message from the bare JID `frm`."""
         return (await self.message_from(frm, timeout))["body"]
 
-    async def message_from(self, frm: str, timeout: float = TIMEOUT) -> slixmpp.Message:
-        """The next chat message from the bare JID `frm`."""
+    async def message_from(
+        self, frm: str, timeout: float = TIMEOUT, match: Callable[[str], bool] = lambda body: True
+    ) -> slixmpp.Message:
+        """The next chat message from the bare JID `frm` whose body passes `match` (others are skipped)."""
         async with asyncio.timeout(timeout):
             while True:
                 msg = await self.messages.get()
-                if msg["from"].bare == frm:
+                if msg["from"].bare == frm and match(msg["body"]):
                     return msg
+
+    async def ask_for(self, to: str, body: str, expect: str | Callable[[str], bool], timeout: float = TIMEOUT) -> str:
+        """Send a chat message and return the first body from `to` that is the answer: one that
+        starts with `expect`, or passes it. Alerts and one-time notices that arrive meanwhile
+        are skipped, not taken for the answer."""
+        self.drain()
+        self.client.send_message(mto=to, mbody=body, mtype="chat")
+        return await self.reply_matching(to, expect, timeout)
+
+    async def reply_matching(self, frm: str, expect: str | Callable[[str], bool], timeout: float = TIMEOUT) -> str:
+        """The body of the next chat message from `frm` that starts with `expect` (or passes it)."""
+        match = expect if callable(expect) else lambda b: b.startswith(expect)
+        return (await self.message_from(frm, timeout, match))["body"]
 
     async def join(self, room: str, nick: str) -> None:
         """Join a MUC room."""

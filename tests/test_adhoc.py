@@ -138,6 +138,31 @@ async def test_a_demoted_starter_is_refused_at_the_next_step(
     assert (last.actor, last.outcome) == (Actor("olive@localhost", "viewer", "adhoc"), "refused")
 
 
+async def test_a_viewers_refused_set_is_audited_once_and_shown_by_log(
+    running_gateway: RunningGateway, peers: dict[str, Peer]
+) -> None:
+    gw, hub, victor = running_gateway, running_gateway.gateway.hub, peers["victor"]
+    before = len(hub.audit.entries)
+    # Asking for the Set form is not a write: refused, not audited.
+    err = await refusal(execute(victor, gw, "set"))
+    assert err.iq["error"]["condition"] == "forbidden"
+    assert len(hub.audit.entries) == before
+    # Submitting one is: the execute step carries the form a client had (from an earlier role).
+    iq = victor.client.make_iq_set(ito=full(gw))
+    iq["command"]["node"] = "set"
+    iq["command"]["action"] = "execute"
+    form = victor.client.plugin["xep_0004"].make_form(ftype="submit")
+    form.add_field(var="sim.relay", value="1")
+    iq["command"].append(form)
+    err = await refusal(iq.send(timeout=10))
+    assert err.iq["error"]["condition"] == "forbidden"
+    assert hub.field("sim.relay").latest.value is False
+    new = list(hub.audit.entries)[before:]
+    assert [(e.actor, e.ref, e.outcome) for e in new] == [(Actor("victor@localhost", "viewer", "adhoc"), "sim.relay", "refused")]
+    log = await victor.ask_for(gw.jid, "log sim.relay", "Last ")
+    assert "victor@localhost  via adhoc  sim.relay  refused (1): set needs the operator role, you are viewer" in log, log
+
+
 async def test_unknown_session_id_is_a_bad_request_not_a_new_session(
     running_gateway: RunningGateway, peers: dict[str, Peer]
 ) -> None:

@@ -165,13 +165,23 @@ async def test_nodes_named_or_found_by_parameter(xgw: XepGateway, peers: dict[st
 
 async def test_roles_viewer_and_stranger_are_forbidden(xgw: XepGateway, peers: dict[str, Peer]) -> None:
     victor, mallory = peers["victor"], peers["mallory"]
+    before = len(xgw.hub.audit.entries)
     answer = await iq(victor, xgw.jid, "<set xmlns='urn:xmpp:iot:control'>"
                       "<node nodeId='sim'/><boolean name='relay' value='true'/><int name='speed' value='9'/></set>", "set")
     typ, cond, text = error_of(answer)
     assert (typ, cond) == ("cancel", "forbidden") and text == "set needs the operator role, you are viewer"
     assert (value(xgw, "sim.relay"), value(xgw, "sim.speed")) == (False, 0)
-    entry = xgw.hub.audit.entries[-1]
-    assert (entry.actor.jid, entry.actor.via, entry.ref, entry.outcome) == ("victor@localhost", "xep-0325", "sim.relay", "refused")
+    # Each parameter the viewer tried is audited as refused, exactly once, and `log` shows it.
+    new = list(xgw.hub.audit.entries)[before:]
+    assert [(e.actor.jid, e.actor.via, e.ref, e.outcome) for e in new] == [
+        ("victor@localhost", "xep-0325", "sim.relay", "refused"), ("victor@localhost", "xep-0325", "sim.speed", "refused")]
+    log = await victor.ask_for(xgw.session.client.boundjid.bare, "log sim.speed", "Last ")
+    assert "victor@localhost  via xep-0325  sim.speed  refused (9): set needs the operator role" in log, log
+    # The role comes before the values: an invalid set from a viewer is forbidden too, and audited.
+    before = len(xgw.hub.audit.entries)
+    answer = await iq(victor, xgw.jid, "<set xmlns='urn:xmpp:iot:control'><node nodeId='sim'/><int name='speed' value='900'/></set>", "set")
+    assert error_of(answer)[1] == "forbidden"
+    assert [(e.ref, e.outcome) for e in list(xgw.hub.audit.entries)[before:]] == [("sim.speed", "refused")]
     # "Getting a control form, Failure".
     answer = await iq(victor, xgw.jid, "<getForm xmlns='urn:xmpp:iot:control' xml:lang='en'/>")
     assert error_of(answer) == ("cancel", "forbidden", "Access denied.")

@@ -221,25 +221,25 @@ async def test_plug_and_thermometer_answer_in_chat(
             return None if r is None else r.value
 
         await until(lambda: None not in (latest("plug.relay"), latest("plug.power"), latest("pi.soil")), "first readings", 10)
-        reply = await alice.ask(gw.jid, "read plug")
+        reply = await alice.ask_for(gw.jid, "read plug", lambda b: b.startswith("plug: ") and "\n" in b)
         assert reply.startswith("plug: ok"), reply
         assert "\nrelay " in reply and "off" in reply and "\npower " in reply  # rows under the device's heading
 
         first = thermometer.celsius
-        reply = await alice.ask(gw.jid, "read pi")
+        reply = await alice.ask_for(gw.jid, "read pi", lambda b: b.startswith("pi: ") and "\n" in b)
         assert reply.startswith("pi: ok") and f"{first:.2f} °C" in reply, reply
 
         thermometer.write(first + 1.5)
         await until(lambda: latest("pi.soil") == pytest.approx(first + 1.5), "the new temperature", 10)
-        assert f"{first + 1.5:.2f} °C" in await alice.ask(gw.jid, "read pi.soil")
+        assert f"{first + 1.5:.2f} °C" in await alice.ask_for(gw.jid, "read pi.soil", "pi.soil")
 
-        reply = await alice.ask(gw.jid, "set plug.relay on")
+        reply = await alice.ask_for(gw.jid, "set plug.relay on", "plug.relay")
         assert reply == "plug.relay: off → on", reply
         await until(lambda: plug.on, "the plug to switch on")
         await until(lambda: latest("plug.relay") is True and (latest("plug.power") or 0) > 0, "the plug's report")
-        reply = await alice.ask(gw.jid, "read plug")
+        reply = await alice.ask_for(gw.jid, "read plug", lambda b: b.startswith("plug: ") and "\n" in b)
         assert " on" in reply and " 0.0 W" not in reply, reply
-        assert "alice@" in await alice.ask(gw.jid, "log plug.relay")
+        assert "alice@" in await alice.ask_for(gw.jid, "log plug.relay", "Last ")
     finally:
         await alice.stop()
         await gw.stop()

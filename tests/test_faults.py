@@ -31,7 +31,7 @@ async def test_short_network_drop_resumes_without_losing_stanzas(xmpp_server: Xm
         # While the gateway's link is down, alice's command waits in the server's
         # hibernated session (XEP-0198) instead of being lost.
         alice.client.send_message(mto=gw.jid, mbody="set sim.relay on", mtype="chat")
-        reply = await alice.reply_from(gw.jid, timeout=20)
+        reply = await alice.reply_matching(gw.jid, "sim.relay", timeout=20)
         assert reply == "sim.relay: off → on"
         assert resumed.is_set()
         assert proxy.connections == 2
@@ -101,7 +101,7 @@ async def test_a_crashing_driver_marks_its_device_and_the_rest_carries_on(xmpp_s
             assert len(gw.gateway.hub.field("good.temp").history) > before
             alice = await xmpp_server.peer("alice").start()
             try:
-                assert (await alice.ask(gw.jid, "status")).startswith("Test GW: 1/2 devices OK")
+                assert (await alice.ask_for(gw.jid, "status", "Test GW")).startswith("Test GW: 1/2 devices OK")
             finally:
                 await alice.stop()
         finally:

@@ -249,6 +249,17 @@ async def test_pwm_and_servo_values_and_bounds(pins: MockFactory, tmp_path: Path
     assert value(hub, "pins.fan") == 0.25
 
 
+async def test_a_timed_set_with_no_reading_yet_goes_back_to_the_safe_value(pins: MockFactory, tmp_path: Path) -> None:
+    device = gpio("pins", {"name": "fan", "kind": "pwm_output", "pin": 18, "safe_value": 0.25})
+    async with running(tmp_path, device) as gw:
+        assert gw.hub.field("pins.fan").spec.safe == 0.25  # the config's safe value, on the hub's field
+        gw.hub.field("pins.fan").latest = None  # as if the output had not reported yet
+        assert await gw.commands.run("set pins.fan 0.8 for 1s", OLIVE) == "pins.fan: — → 0.8, back to 0.25 in 1 s"
+        assert pins.pin(18).state == pytest.approx(0.8)
+        await until(lambda: value(gw.hub, "pins.fan") == 0.25, timeout=5)
+        assert pins.pin(18).state == pytest.approx(0.25)
+
+
 async def test_a_device_can_have_its_own_mock_pin_factory(pins: MockFactory, tmp_path: Path) -> None:
     device = gpio(
         "bench",

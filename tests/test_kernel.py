@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from gateway.app import Gateway
+from gateway.auth import Actor
 from gateway.config import ConfigError, parse
 from gateway.hub import Health
 from tests.conftest import XmppServer, gateway_config, start_gateway
@@ -166,8 +167,38 @@ async def test_crc_failure_is_stale_with_the_reason_then_recovers(sysfs: FakeSys
         assert "CRC check failed" in node.health.reason and "(2 tries)" in node.health.reason
         assert value(gw, f"pi.{W1_ID}") is None  # a bad CRC is never a reading
         slave.write_text(w1_slave(23000))
-        await until(lambda: node.health.state is Health.OK, "back to ok")
+        await until(lambda: node.health.state is Health.OK, "back to ok after health_window good reads", 15)
         assert value(gw, f"pi.{W1_ID}") == pytest.approx(23.0)
+
+
+async def test_one_sensor_failing_now_and_then_keeps_the_device_degraded_not_flapping(
+    sysfs: FakeSys, tmp_path: Path
+) -> None:
+    bad = "28-00000000000b"
+    sysfs.ds18b20("28-00000000000a", slave=w1_slave(20000))
+    slave = sysfs.ds18b20(bad, slave=w1_slave(21000))
+    sysfs.ds18b20("28-00000000000c", slave=w1_slave(22000))
+    # One read per poll, and polls driven by the test (a long interval keeps the driver's own loop asleep).
+    device = kernel_device(sysfs, sensors="auto", retries=1, interval=3600, health_window=3)
+    async with running(tmp_path, device) as gw:
+        node, driver = gw.hub.nodes["pi"], gw.drivers["pi"]
+        await until(lambda: node.health.state is Health.OK, "the first read")
+        seen: list[str] = []
+        gw.hub.subscribe(health=lambda n, old: seen.append(n.health.state.value))
+        for i in range(9):  # its CRC fails every other read, the last one too
+            slave.write_text(w1_slave(21000, crc_ok=i % 2 == 1))
+            await driver.poll()
+            assert node.health.state is Health.STALE, (i, seen)
+        assert seen == ["stale"], seen  # one change, not one per read
+        status = await gw.commands.run("status", Actor("a@x", "admin", "test"), styled=False)
+        flat = " ".join(status.split())  # the reason is wrapped under the device's row
+        assert f"{bad} (w1:{bad}): CRC check failed (noisy 1-Wire bus?) (1 try)" in flat and "0/1 devices OK" in flat, status
+        assert value(gw, "pi.28-00000000000a") == pytest.approx(20.0)  # the good ones read on
+        slave.write_text(w1_slave(21000))
+        for i in range(3):  # it recovers: ok once it has read well for the window
+            await driver.poll()
+            assert node.health.state is (Health.OK if i == 2 else Health.STALE), (i, seen)
+        assert seen == ["stale", "ok"], seen
 
 
 async def test_power_on_85_is_not_a_reading(sysfs: FakeSys, tmp_path: Path) -> None:
@@ -195,7 +226,7 @@ async def test_eio_is_retried_then_stale_and_other_sensors_carry_on(sysfs: FakeS
         assert value(gw, f"pi.{W1_ID}") == pytest.approx(19.0)
         (chip / "in_temp_input").unlink()
         (chip / "in_temp_input").write_text("21000\n")
-        await until(lambda: node.health.state is Health.OK, "ok once the DHT answers")
+        await until(lambda: node.health.state is Health.OK, "ok once the DHT has answered for health_window reads", 15)
         assert value(gw, "pi.dht11_temp") == pytest.approx(21.0)
 
 
@@ -283,10 +314,10 @@ async def test_thermometer_in_chat_and_its_removal_in_presence(xmpp_server: Xmpp
     alice = await xmpp_server.peer("alice").start()
     try:
         await until(lambda: value(gw.gateway, "pi.water") is not None, "the first read")
-        assert "water" in await alice.ask(gw.jid, "read pi.water") and "21.50 °C" in await alice.ask(gw.jid, "read pi.water")
+        assert "21.50 °C" in await alice.ask_for(gw.jid, "read pi.water", "pi.water")
         temp.write_text("24750\n")
         await until(lambda: value(gw.gateway, "pi.water") == pytest.approx(24.75), "the new value")
-        assert "24.75 °C" in await alice.ask(gw.jid, "read pi.water")
+        assert "24.75 °C" in await alice.ask_for(gw.jid, "read pi.water", "pi.water")
 
         alice.client.send_presence_subscription(pto=gw.jid)
         await alice.presence_from(gw.jid, lambda p: p["type"] == "available" and p["show"] == "")

@@ -711,13 +711,13 @@ async def test_contact_reads_and_sets_an_mqtt_device_over_xmpp(
         await publisher.send(f"tele/{p}/SENSOR", '{"ENERGY": {"Power": 12.5}}')
         await publisher.send(f"stat/{p}/POWER", "OFF")
         await until(lambda: bool(values(gw, "plug.relay")), "readings")
-        reply = await alice.ask(gw_jid, "read plug.power")
+        reply = await alice.ask_for(gw_jid, "read plug.power", "plug.power")
         assert re.fullmatch(r"plug\.power = 12\.5 W \(\d+ s ago\)", reply), reply
 
         watcher = await Watcher.start(mosquitto.port, f"cmnd/{p}/POWER", 1, publisher)
         echo = Echo(mosquitto.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", str)})
         try:
-            assert await alice.ask(gw_jid, "set plug.relay on") == "plug.relay: off → on"
+            assert await alice.ask_for(gw_jid, "set plug.relay on", "plug.relay") == "plug.relay: off → on"
         finally:
             echo.stop()
         assert await watcher.lines() == [f"cmnd/{p}/POWER ON"]

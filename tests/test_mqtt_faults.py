@@ -64,8 +64,8 @@ async def test_a_set_the_broker_denies_is_not_confirmed_and_audited_so(
     try:
         await until(lambda: health(gw, "plug") == (Health.OK, ""), "broker connection")
         # Still waiting after a second: the contact hears so, then the outcome.
-        assert await alice.ask(running.jid, "set plug.relay on") == "plug.relay: on sent, waiting for the device…"
-        assert await alice.reply_from(running.jid) == (
+        assert await alice.ask_for(running.jid, "set plug.relay on", "plug.relay") == "plug.relay: on sent, waiting for the device…"
+        assert await alice.reply_matching(running.jid, "Error: plug.relay") == (
             "Error: plug.relay: on sent, not confirmed: the device did not report the new state within 2 s."
         )
         entry = gw.hub.audit.entries[-1]
@@ -73,10 +73,10 @@ async def test_a_set_the_broker_denies_is_not_confirmed_and_audited_so(
         assert entry.reason == "not confirmed: the device did not report the new state within 2 s"
         assert echo.heard == [] and values(gw, "plug.relay") == []
         # Without a state topic nothing can confirm it: "sent", claiming no change, audited so.
-        assert await alice.ask(running.jid, "set plug.led on") == "plug.led: on sent"
+        assert await alice.ask_for(running.jid, "set plug.led on", "plug.led") == "plug.led: on sent"
         entry = gw.hub.audit.entries[-1]
         assert (entry.ref, entry.new, entry.outcome) == ("plug.led", True, "sent")
-        assert (await alice.ask(running.jid, "log plug.led")).endswith("via chat  plug.led  on sent")
+        assert (await alice.ask_for(running.jid, "log plug.led", "Last ")).endswith("via chat  plug.led  on sent")
     finally:
         echo.stop()
         await alice.stop()
@@ -127,13 +127,13 @@ async def test_a_set_the_device_confirms_late_says_sent_then_applied(
     echo = Echo(mosquitto.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", slowly)})
     try:
         await until(lambda: health(gw, "plug") == (Health.OK, ""), "broker connection")
-        assert await alice.ask(running.jid, "set plug.relay on") == "plug.relay: on sent, waiting for the device…"
-        assert await alice.reply_from(running.jid) == "plug.relay: — → on"
+        assert await alice.ask_for(running.jid, "set plug.relay on", "plug.relay") == "plug.relay: on sent, waiting for the device…"
+        assert await alice.reply_matching(running.jid, "plug.relay") == "plug.relay: — → on"
         assert gw.hub.audit.entries[-1].outcome == "applied"
         echo.states[f"cmnd/{p}/POWER"] = (f"stat/{p}/POWER", str)  # now a quick one: no interim message
-        assert await alice.ask(running.jid, "set plug.relay off") == "plug.relay: on → off"
+        assert await alice.ask_for(running.jid, "set plug.relay off", "plug.relay") == "plug.relay: on → off"
         with pytest.raises(TimeoutError):
-            await alice.reply_from(running.jid, timeout=1.5)
+            await alice.reply_matching(running.jid, "plug.relay", timeout=1.5)
     finally:
         echo.stop()
         await alice.stop()

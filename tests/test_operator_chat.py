@@ -202,3 +202,50 @@ async def test_alerts_raised_while_disconnected_arrive_later_with_their_time(tmp
     finally:
         await gw.stop()
         prosody.stop()
+
+
+async def test_timed_set_knows_where_it_goes_back_before_it_switches(
+    running_gateway: RunningGateway, peers: dict[str, Peer]
+) -> None:
+    alice, gw = peers["alice"], running_gateway
+    hub = gw.gateway.hub
+    # Fields no reading has come for yet (an MQTT device whose state topic has said nothing).
+    hub.field("sim.relay").latest = None
+    hub.field("sim.speed").latest = None
+    # No earlier value, no safe value, not a boolean: refused up front, nothing switches.
+    reply = await alice.ask_for(gw.jid, "set sim.speed 30 for 8s", "Error")
+    assert reply == "Error: no earlier value of sim.speed to go back to: give one, e.g. `set sim.speed 30 for 8s then 0`."
+    assert hub.field("sim.speed").latest is None and not gw.gateway.reverts.pending
+    last = hub.audit.entries[-1]  # a refused set, audited as one
+    assert (last.ref, last.outcome, last.reason) == ("sim.speed", "refused", "timed set with no earlier value to go back to")
+    # `then` is checked like any set value, before anything is written.
+    reply = await alice.ask_for(gw.jid, "set sim.speed 30 for 8s then 500", "Error")
+    assert reply == "Error: sim.speed 500 is above the maximum 100."
+    assert hub.field("sim.speed").latest is None and not gw.gateway.reverts.pending
+    reply = await alice.ask_for(gw.jid, "set sim.speed 30 for 1s then 5", "sim.speed")
+    assert reply == "sim.speed: — → 30, back to 5 in 1 s"
+    assert await alice.reply_matching(gw.jid, "sim.speed: time") == "sim.speed: time is up, back to 5 (was 30)"
+    # A boolean with no earlier value goes back to the opposite of what was set.
+    reply = await alice.ask_for(gw.jid, "set sim.relay on for 1s", "sim.relay")
+    assert reply == "sim.relay: — → on, back to off in 1 s"
+    assert await alice.reply_matching(gw.jid, "sim.relay: time") == "sim.relay: time is up, back to off (was on)"
+    assert hub.field("sim.relay").latest.value is False
+
+
+async def test_one_viewer_cannot_take_every_watch(xmpp_server: XmppServer, tmp_path: Path, peers: dict[str, Peer]) -> None:
+    gateway = {"name": "Test GW", "state_dir": str(tmp_path / "state"), "health_debounce": 0, "watches_per_contact": 2}
+    gw = await start_gateway(gateway_config(xmpp_server, tmp_path, gateway=gateway), xmpp_server.passwords["gateway"])
+    try:
+        victor, olive = peers["victor"], peers["olive"]
+        assert (await victor.ask_for(gw.jid, "watch sim.temp > 1000", "Watch")).startswith("Watch #1 set")
+        assert (await victor.ask_for(gw.jid, "watch sim.speed > 90", "Watch")).startswith("Watch #2 set")
+        reply = await victor.ask_for(gw.jid, "watch sim.speed < -1", "Error")
+        assert reply == "Error: You have 2 watches, your quota as viewer (2); free one with `unwatch ID` (e.g. unwatch 1)."
+        assert len(gw.gateway.watches.watches) == 2
+        # Another contact is not held back by the viewer's watches.
+        assert (await olive.ask_for(gw.jid, "watch sim.speed > 90", "Watch")).startswith("Watch #3 set")
+        # Freeing one makes room again.
+        assert (await victor.ask_for(gw.jid, "unwatch 1", "Watch")).startswith("Watch #1 removed")
+        assert (await victor.ask_for(gw.jid, "watch sim.speed < -1", "Watch")).startswith("Watch #4 set")
+    finally:
+        await gw.stop()

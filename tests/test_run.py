@@ -48,7 +48,7 @@ driver = "simulated"
     try:
         gw = xmpp_server.jid("gateway")
         await answering(alice, gw, "Process GW: 1/1")
-        reply = await alice.ask(gw, "set sim.lamp on", timeout=3) if proc.poll() is None else proc.stderr.read()
+        reply = await alice.ask_for(gw, "set sim.lamp on", "sim.lamp", timeout=3) if proc.poll() is None else proc.stderr.read()
         assert reply == "sim.lamp: off → on"
     finally:
         await alice.stop()

@@ -558,10 +558,10 @@ async def test_contact_reads_and_sets_over_xmpp(xmpp_server: XmppServer, tmp_pat
         await wire.send(b"temp=21.54\n")
         await until(lambda: gw.hub.field("bench.temp").latest is not None, what="the reading")
 
-        reply = await alice.ask(gw_jid, "read bench.temp")
+        reply = await alice.ask_for(gw_jid, "read bench.temp", "bench.temp")
         assert re.fullmatch(r"bench\.temp = 21\.5 °C \(\d s ago\)", reply), reply
 
-        asked = asyncio.create_task(alice.ask(gw_jid, "set bench.relay on"))
+        asked = asyncio.create_task(alice.ask_for(gw_jid, "set bench.relay on", "bench.relay"))
         assert await wire.line(timeout=10) == b"RELAY ON\n"
         await wire.send(b"OK\n")
         assert await asyncio.wait_for(asked, 10) == "bench.relay: — → on"

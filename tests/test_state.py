@@ -265,7 +265,7 @@ async def test_revert_due_while_broker_is_down_is_retried_and_the_owner_told(
         broker.stop()
         await until(lambda: not gw.hub.nodes["plug"].health.healthy, "the plug offline")
 
-        told = await olive.reply_from(jid, timeout=10)
+        told = await olive.reply_matching(jid, "plug.relay: ", timeout=10)
         assert told.startswith("plug.relay: time is up, but going back to off failed: plug refused the write: "
                                "not connected to the MQTT broker")
         assert told.endswith("Retrying until it works; status shows it")
@@ -275,7 +275,7 @@ async def test_revert_due_while_broker_is_down_is_retried_and_the_owner_told(
         assert stored(tmp_path / "state", "reverts.json")[0]["tries"] >= 1
 
         broker.start()
-        told = await olive.reply_from(jid, timeout=20)
+        told = await olive.reply_matching(jid, "plug.relay: ", timeout=20)
         assert re.fullmatch(r"plug\.relay: back to off \(was on\), applied after \d+ failed tr(y|ies)", told), told
         assert await retained(broker.port, f"cmnd/{p}/POWER") == "1 OFF"
         entry = gw.hub.audit.entries[-1]
@@ -396,7 +396,7 @@ async def test_second_process_on_a_state_folder_refuses_or_is_read_only(xmpp_ser
     try:
         gw = xmpp_server.jid("gateway")
         await answering(alice, gw, "Locked GW: ")
-        assert (await alice.ask(gw, "watch sim.temp > 99")).startswith("Watch #1 set")
+        assert (await alice.ask_for(gw, "watch sim.temp > 99", "Watch")).startswith("Watch #1 set")
 
         second = await asyncio.to_thread(
             subprocess.run, [*cmd, "run", "--config", str(cfg)], cwd=ROOT, env=env,
@@ -426,7 +426,7 @@ async def test_second_process_on_a_state_folder_refuses_or_is_read_only(xmpp_ser
         assert (state / "watches.json").read_bytes() == before
         assert not (state / "reverts.json").exists()
         # The gateway numbers on from its own state: no second #2.
-        assert (await alice.ask(gw, "watch sim.temp < 0")).startswith("Watch #2 set")
+        assert (await alice.ask_for(gw, "watch sim.temp < 0", "Watch")).startswith("Watch #2 set")
         assert [w["id"] for w in stored(state, "watches.json")["watches"]] == [1, 2]
     finally:
         await alice.stop()

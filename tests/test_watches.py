@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,32 @@ async def test_watches_survive_restart_and_are_listed(tmp_path: Path) -> None:
         await g2.stop()
 
 
+async def test_watch_quotas_per_contact_then_the_global_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.watches.MAX_WATCHES", 4)
+    g = Gateway(config(tmp_path, watches_per_contact=1, watches_per_admin=2))
+    await g.start()
+    try:
+        olive = Actor("olive@x", "operator", "test")
+        assert (await run(g, "watch sim.temp > 50")).startswith("Watch #1 set")
+        assert (await run(g, "watch sim.temp > 60")).startswith("Watch #2 set")
+        assert await run(g, "watch sim.temp > 70") == (
+            "Error: You have 2 watches, your quota as admin (2); free one with `unwatch ID` (e.g. unwatch 1).")
+        assert (await run(g, "watch sim.temp > 70", VICTOR)).startswith("Watch #3 set")
+        assert (await run(g, "watch sim.temp > 70", olive)).startswith("Watch #4 set")
+        assert await run(g, "watch sim.temp > 80", olive) == (
+            "Error: You have 1 watch, your quota as operator (1); free one with `unwatch ID` (e.g. unwatch 4).")
+        await run(g, "unwatch 4", olive)
+        await run(g, "unwatch 1")
+        assert (await run(g, "watch sim.temp > 80", olive)).startswith("Watch #5 set")  # room again
+        assert (await run(g, "watch sim.temp > 90")).startswith("Watch #6 set")  # 4 in all now
+        await run(g, "unwatch 3", VICTOR)
+        monkeypatch.setattr("gateway.watches.MAX_WATCHES", 3)
+        assert await run(g, "watch sim.temp > 10", VICTOR) == (
+            "Error: The gateway holds its most watches (3) in all; free one of yours with `unwatch ID`, or ask an admin.")
+    finally:
+        await g.stop()
+
+
 async def test_timed_set_reverts_and_is_listed(gw: Gateway) -> None:
     alerts = collect(gw)
     reply = await run(gw, "set sim.relay on for 1s")
@@ -179,6 +206,28 @@ async def test_pending_revert_survives_restart(tmp_path: Path) -> None:
         g2.hub.push("sim", "speed", 40)
         await asyncio.sleep(2.3)
         assert g2.hub.field("sim.speed").latest.value == 0
+        assert g2.reverts.pending == {}
+    finally:
+        await g2.stop()
+
+
+async def test_a_timed_set_with_no_earlier_value_persists_where_it_goes_back(tmp_path: Path) -> None:
+    g = Gateway(config(tmp_path))
+    await g.start()
+    g.hub.field("sim.speed").latest = None  # nothing reported yet
+    g.hub.field("sim.relay").latest = None
+    assert await run(g, "set sim.speed 40 for 2s then 7") == "sim.speed: — → 40, back to 7 in 2 s"
+    assert await run(g, "set sim.relay on for 2s") == "sim.relay: — → on, back to off in 2 s"
+    await g.stop()
+    stored = json.loads((tmp_path / "state" / "reverts.json").read_text())
+    assert {r["ref"]: r["value"] for r in stored} == {"sim.speed": 7, "sim.relay": False}
+    g2 = Gateway(config(tmp_path))
+    await g2.start()
+    try:
+        g2.hub.push("sim", "speed", 40)  # the device reports the state it was left in
+        g2.hub.push("sim", "relay", True)
+        await asyncio.sleep(2.3)
+        assert (g2.hub.field("sim.speed").latest.value, g2.hub.field("sim.relay").latest.value) == (7, False)
         assert g2.reverts.pending == {}
     finally:
         await g2.stop()

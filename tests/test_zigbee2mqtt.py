@@ -369,15 +369,15 @@ async def test_chat_readout_and_set_round_trip(xmpp_server: XmppServer, tmp_path
         await until(lambda: SHOWN <= set(running.gateway.hub.nodes), "the devices")
         await z2m.report("hall/ceiling", STATES["devices"]["hall/ceiling"]["messages"][0])
         await until(lambda: running.gateway.hub.field("hall_ceiling.brightness").latest is not None, "the light's state")
-        listing = await alice.ask(running.jid, "list")
+        listing = await alice.ask_for(running.jid, "list", lambda b: "devices:" in b.split("\n")[0])
         assert "hall_ceiling (zigbee2mqtt, hall/ceiling)" in listing
         assert "brightness" in listing and "writable 0..254" in listing
         # An enum says which values a set takes, wrapped to a phone's width.
         assert "one of: blink · breathe · okay" in " ".join(listing.split()), listing
         assert max(len(line) for line in listing.split("\n")) <= 40, listing
-        read = await alice.ask(running.jid, "read hall_ceiling.brightness")
+        read = await alice.ask_for(running.jid, "read hall_ceiling.brightness", "hall_ceiling.brightness")
         assert "215" in read
-        answer = await alice.ask(running.jid, "set hall_ceiling.brightness 128")
+        answer = await alice.ask_for(running.jid, "set hall_ceiling.brightness 128", "hall_ceiling.brightness")
         assert answer.startswith("hall_ceiling.brightness: 215 → 128"), answer
         assert (f"{z2m.base}/hall/ceiling/set", {"brightness": 128}) in z2m.sets
         inbox = Inbox(alice)
