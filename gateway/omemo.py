@@ -373,6 +373,10 @@ class Omemo:
 
     # ------------------------------------------------------------ incoming
 
+    def encrypted(self, msg: Message) -> bool:
+        """Whether a message carries an OMEMO payload (of any version), before anything is decrypted."""
+        return bool(self.plugin.is_encrypted(msg))
+
     async def incoming(self, msg: Message) -> tuple[Message, bool] | None:
         """Decrypt a contact's OMEMO message: (message with the plaintext body, True); a plain one
         passes as (msg, False). None when it was answered here (refusal, cannot decrypt) or holds

@@ -385,6 +385,13 @@ class Session:
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal"):
             return
+        sender = msg["from"].bare.lower()
+        contact = self.config.contact(sender)
+        # Counted before any decryption: a flood of garbage OMEMO costs a contact's budget, not our CPU.
+        # (Chat states and receipts, without body or payload, are not worked on and not counted.)
+        if contact is not None and (msg["body"] or (self.omemo is not None and self.omemo.encrypted(msg))):
+            if not await self._within_rate(msg, sender):
+                return
         secure = False  # came OMEMO-encrypted: every answer goes back encrypted
         if self.omemo is not None:
             # Before the body check: OMEMO key exchanges have no body. A contact's encrypted message
@@ -396,8 +403,6 @@ class Session:
         body = msg["body"]
         if not body:
             return  # chat states, receipts and the like
-        sender = msg["from"].bare.lower()
-        contact = self.config.contact(sender)
         if contact is None:
             self._refuse_stranger(msg, sender)
             return
@@ -424,18 +429,6 @@ class Session:
         if len(body.encode()) > MAX_BODY:
             await self._answer(msg, f"Message too long (over {MAX_BODY} bytes).", secure)
             return
-        if not self.allow_rate(sender):
-            if sender not in self._throttled:
-                self._throttled.add(sender)
-                g = self.config.gateway
-                await self._answer(
-                    msg,
-                    f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. "
-                    "Ignoring your messages until then.",
-                    secure,
-                )
-            return
-        self._throttled.discard(sender)
         self.phone.accepted(msg)  # XEP-0184 receipt, XEP-0333 displayed
         async with self._turn(sender):  # a `read` after a `set` sees the set's result
             # An edit of a set, a retraction: answered, never run (in turn: the original is known by then).
@@ -451,6 +444,19 @@ class Session:
                 await self._answer(msg, reply, secure)  # the picture's URL inside, no OOB in clear
             else:
                 attach_oob(msg.reply(reply), reply).send()
+
+    async def _within_rate(self, msg: Message, sender: str) -> bool:
+        """Count a contact's message; over the limit, one notice (in clear: nothing was decrypted), then silence."""
+        if self.allow_rate(sender):
+            self._throttled.discard(sender)
+            return True
+        if sender not in self._throttled:
+            self._throttled.add(sender)
+            g = self.config.gateway
+            msg.reply(
+                f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. Ignoring your messages until then."
+            ).send()
+        return False
 
     async def _answer(self, msg: Message, text: str, secure: bool) -> None:
         """Reply to a contact's message: OMEMO-encrypted when it came encrypted, else plain."""

@@ -494,3 +494,49 @@ def test_omemo_policy_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         parse({"xmpp": {**base, "omemo": "require"}})
     assert "not installed" in str(e.value) and 'omemo = "off"' in str(e.value)
     assert parse({"xmpp": {**base, "omemo": "off"}}).xmpp.omemo == "off"
+
+
+# ---------------------------------------------------------------- floods
+
+
+async def test_a_flood_of_garbage_omemo_counts_toward_the_rate_limit_before_decryption(
+    server: XmppServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every message of a contact counts before anything is decrypted: of 40 undecryptable OMEMO
+    messages only `rate_limit` reach the decryption; one notice, then silence; after the window a
+    command is answered again."""
+    limit, window = 5, 6.0
+    olive = await server.peer("olive").start()
+    config = gateway_config(server, tmp_path, xmpp={"omemo": "accept"}, gateway={
+        "name": "Test GW", "state_dir": str(tmp_path / "state"), "rate_limit": limit, "rate_window": window,
+    })
+    gw = await start_gateway(config, server.passwords["gateway"])
+    caplog.set_level(logging.WARNING, "iot_gateway.omemo")
+    try:
+        await asyncio.wait_for(gw.session.omemo.manager(), TIMEOUT)
+        rid = await own_device(gw)
+        garbage = (
+            f'<encrypted xmlns="{LEGACY}"><header sid="4242"><key rid="{rid}">AAAA</key><iv>AAAAAAAAAAAAAAAA</iv>'
+            '</header><payload>AAAA</payload></encrypted>'
+        )
+        for _ in range(40):
+            msg = olive.client.make_message(mto=gw.jid, mtype="chat", mbody="This message is OMEMO encrypted.")
+            msg.xml.append(ET.fromstring(garbage))
+            msg.send()
+        bodies = []
+        while sum(b.startswith("I could not decrypt") for b in bodies) < limit:  # the admitted ones
+            bodies.append(await olive.reply_from(gw.jid, TIMEOUT))
+        # A ping is answered after every stanza sent before it has been handled by the gateway's stream.
+        await olive.client.plugin["xep_0199"].ping(gw.session.client.boundjid.full, timeout=TIMEOUT)
+        await asyncio.sleep(1.0)  # any decryption still under way would answer meanwhile
+        while not olive.messages.empty():
+            bodies.append(olive.messages.get_nowait()["body"])
+        tried = [r for r in caplog.records if r.getMessage().startswith(f"cannot decrypt an OMEMO message from {olive.jid}")]
+        assert len(tried) == limit, len(tried)
+        assert sum(b.startswith("I could not decrypt") for b in bodies) == limit, bodies
+        assert sum(b.startswith("Slow down") for b in bodies) == 1, bodies
+        await asyncio.sleep(window + 0.5)  # the window passes
+        assert (await olive.ask(gw.jid, "status", TIMEOUT)).startswith("Test GW: 1/1 devices OK")
+    finally:
+        await gw.stop()
+        await olive.stop()
