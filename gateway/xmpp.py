@@ -21,7 +21,7 @@ from slixmpp.stanza import Message, Presence
 from slixmpp.xmlstream import StanzaBase
 
 from .auth import Actor
-from .commands import Commands, Progress
+from .commands import Aside, Commands, Progress
 from .config import Config, ConfigError
 from . import redact
 from .control import Control, forms_in_order
@@ -430,14 +430,17 @@ class Session:
             await self._answer(msg, f"Message too long (over {MAX_BODY} bytes).", secure)
             return
         self.phone.accepted(msg)  # XEP-0184 receipt, XEP-0333 displayed
-        async with self._turn(sender):  # a `read` after a `set` sees the set's result
+        # A `read` after a `set` sees the set's result. A plot gives up its turn once it has its readings:
+        # its upload runs beside the next commands, and its picture comes when the upload is done.
+        async with self._turn(sender) as aside:
             # An edit of a set, a retraction: answered, never run (in turn: the original is known by then).
             answer = self.phone.instead(msg, sender)
             if answer is not None:
                 await self._answer(msg, answer, secure)
                 return
             reply = await self.run_command(
-                body, Actor(sender, contact.role, "chat"), progress=lambda text: self._answer(msg, text, secure)
+                body, Actor(sender, contact.role, "chat"), progress=lambda text: self._answer(msg, text, secure),
+                aside=aside,
             )
             self.phone.remember(msg, sender, body, reply)
             if secure:
@@ -466,25 +469,39 @@ class Session:
             msg.reply(text).send()
 
     @contextlib.asynccontextmanager
-    async def _turn(self, jid: str) -> AsyncIterator[None]:
-        """One command of `jid` at a time, in order of arrival (asyncio.Lock wakes waiters first come, first served)."""
+    async def _turn(self, jid: str) -> AsyncIterator[Aside]:
+        """One command of `jid` at a time, in order of arrival (asyncio.Lock wakes waiters first come, first served).
+        Yields a function that ends the turn early, for a command that goes on beside the next ones."""
         lock, users = self._turns.get(jid) or (asyncio.Lock(), 0)
         self._turns[jid] = (lock, users + 1)
+        held = False
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                lock.release()
+
         try:
-            async with lock:
-                yield
+            await lock.acquire()
+            held = True
+            yield release
         finally:
+            release()
             lock, users = self._turns[jid]
             if users == 1:
                 del self._turns[jid]
             else:
                 self._turns[jid] = (lock, users - 1)
 
-    async def run_command(self, text: str, actor: Actor, progress: Progress | None = None) -> str:
+    async def run_command(
+        self, text: str, actor: Actor, progress: Progress | None = None, aside: Aside | None = None
+    ) -> str:
         """Run a chat command; an unexpected failure is logged and answered, never raised.
-        `progress` sends an interim message ("sent, waiting for the device") before the reply."""
+        `progress` sends an interim message ("sent, waiting for the device") before the reply;
+        `aside` is called when the command goes on beside the next ones (Commands.run)."""
         try:
-            return await self.commands.run(text.strip(), actor, progress=progress)
+            return await self.commands.run(text.strip(), actor, progress=progress, aside=aside)
         except Exception:
             log.exception("command %r from %s failed", text[:100], actor.jid)
             return "Internal error while running that command; it has been logged."
