@@ -96,6 +96,7 @@ class Rooms:
         self.exposed: dict[str, str] = {}  # joined rooms that do not, with why
         self._warned: set[str] = set()  # rooms the admins were told about; survives reconnects
         self._notices: list[Alert] = []  # our messages to the admins, not for the rooms
+        self._nick_told: set[tuple[str, str]] = set()  # (room, notice) about our nick, told once
         if not self.rooms:
             return
         self.client.register_plugin("xep_0045")
@@ -136,10 +137,11 @@ class Rooms:
             if retry:
                 self._retry(room)
             return
+        me = result[0]["muc"]
         if nick != self.nick:
             log.warning("room %s: the nick %s is taken by another occupant; joined as %s", room, self.nick, nick)
+            nick = await self._reclaim(room, nick, me["affiliation"])
         self.nicks[room.bare] = nick
-        me = result[0]["muc"]
         if 201 in me["status_codes"]:
             # We created the room; it stays locked (nobody else can join) until configured.
             try:
@@ -152,7 +154,50 @@ class Rooms:
         await self._check(room)
         self.joined.add(room.bare)
         self._announce(room.bare)
+        if nick != self.nick and room.bare in self.private:
+            # Contacts address `gw:`; whoever holds that nick here is not us, and they should know.
+            self.client.send_message(mto=room, mtype="groupchat", mbody=(
+                f"This gateway is {nick} in this room: the nick {self.nick} here belongs to another occupant "
+                f"({self._holder(room) or 'unknown'}), not to this gateway. Address me as `{nick}:`."
+            ))
         log.info("joined room %s as %s", room, nick)
+
+    async def _reclaim(self, room: JID, nick: str, affiliation: str) -> str:
+        """Another occupant holds our nick, so we joined as `nick`. Where we may (owner or admin
+        of the room) the holder is kicked and we take our nick back; a fellow gateway of the fleet
+        keeps it. Otherwise the admins are told once which name we answer to there. Our nick now."""
+        holder = self._holder(room)
+        if affiliation in ("owner", "admin") and holder not in self.peers:
+            muc = self.client.plugin["xep_0045"]
+            try:
+                await muc.set_role(room, self.nick, "none", reason=f"{self.nick} is this room's gateway",
+                                   timeout=JOIN_TIMEOUT)
+                taken = await muc.set_self_nick(room, self.nick, timeout=JOIN_TIMEOUT)
+            except (IqError, IqTimeout, TimeoutError) as e:
+                log.error("room %s: could not take back the nick %s from %s: %s", room, self.nick, holder, e)
+            else:
+                if taken == self.nick:
+                    self._tell_admins_once(room.bare, f"Room {room.bare}: {holder or 'another occupant'} held the "
+                                           f"gateway's nick {self.nick}; the gateway (owner) removed them and took it back.")
+                    return taken
+                nick = taken
+        if holder in self.peers:
+            why = f"{holder}, a fellow gateway of the fleet, is {self.nick} there"
+        else:
+            why = (f"the nick {self.nick} is held by {holder or 'another occupant'}, and the gateway cannot take it "
+                   "back (it is not the room's owner or admin; an owner can remove that occupant)")
+        self._tell_admins_once(room.bare, f"Room {room.bare}: {why}. This gateway is {nick} there, and says so in the room.")
+        return nick
+
+    def _holder(self, room: JID) -> str:
+        """The bare real JID of whoever is `self.nick` in `room` ("" when the room hides it)."""
+        real = self.client.plugin["xep_0045"].get_jid_property(room, self.nick, "jid")
+        return JID(real).bare.lower() if real else ""
+
+    def _tell_admins_once(self, room: str, text: str) -> None:
+        if (room, text) not in self._nick_told:
+            self._nick_told.add((room, text))
+            self._tell_admins(text)
 
     async def _join_as(self, room: JID, nick: str) -> tuple[Presence, Message, list[Presence], list[Message]]:
         """Join `room` as `nick`; PresenceError when the room refuses (a taken nick: conflict).
