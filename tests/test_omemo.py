@@ -28,6 +28,7 @@ from slixmpp_omemo import XEP_0384
 
 from gateway.auth import Actor
 from gateway.config import ConfigError, parse
+from gateway.hub import Health
 from gateway.localservers import Prosody
 from gateway.omemo import OMEMO2_ONLY, REQUIRED, STORE
 from gateway.watches import Alert
@@ -540,3 +541,64 @@ async def test_a_flood_of_garbage_omemo_counts_toward_the_rate_limit_before_decr
     finally:
         await gw.stop()
         await olive.stop()
+
+
+# ---------------------------------------------------------------- rooms
+
+
+async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
+    server: XmppServer, tmp_path: Path, alice: Omemo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With omemo = "require", a health change reaches the room only as OMEMO for the devices of
+    the contacts in it: alice's client decrypts it, victor's plain client sees only the fallback;
+    no health in the gateway's room presence; a plain command in the room is not run; the admins
+    are told once why."""
+    room = f"sealed-{secrets.token_hex(4)}@{server.prosody.muc}"
+    caplog.set_level(logging.INFO, "iot_gateway")
+    victor = await server.peer("victor").start()
+    config = gateway_config(server, tmp_path, xmpp={"omemo": "require", "rooms": [room]})
+    gw = await start_gateway(config, server.passwords["gateway"])
+    got: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+    try:
+        await asyncio.wait_for(gw.session.omemo.manager(), TIMEOUT)
+        await until(lambda: room in gw.session.rooms.joined, "the gateway in its room", TIMEOUT)
+        await befriend(gw, alice)
+        alice.client.register_plugin("xep_0045")
+        alice.client.add_event_handler("groupchat_message", got.put_nowait)
+        await alice.client.plugin["xep_0045"].join_muc_wait(room, "alice", maxstanzas=0, timeout=TIMEOUT)
+        await victor.join(room, "victor")
+        muc = gw.session.client.plugin["xep_0045"]
+        await until(lambda: {"alice", "victor"} <= set(muc.get_roster(JID(room))), "both in the room", TIMEOUT)
+
+        victor.client.send_message(mto=room, mbody="gw: set sim.relay on", mtype="groupchat")
+        gw.gateway.hub.set_health("sim", Health.ERROR, "driver crashed")
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                msg = await got.get()
+                if msg["from"].resource == "gw" and alice.plugin.is_encrypted(msg):
+                    break
+        opened, _device = await alice.plugin.decrypt_message(msg)
+        assert opened["body"] == "sim: error: driver crashed"
+        plain = await room_bodies(victor, room, "gw")
+        assert plain and all(b == "This message is OMEMO encrypted: your client cannot read it. "
+                             "Use one with OMEMO (Conversations, Dino, Gajim, Monal)." for b in plain), plain
+        assert relay(gw) in (None, False)
+        status = muc.get_jid_property(JID(room), "gw", "status")
+        assert not status, status
+        # Told when it joined (alice's devices were not known yet: that notice went to her encrypted or not at all).
+        told = [m for m in caplog.messages if m.startswith(f"Room {room}:")]
+        assert len(told) == 1 and 'omemo = "require"' in told[0] and "no commands" in told[0], told
+    finally:
+        await gw.stop()
+        await victor.stop()
+
+
+async def room_bodies(peer: Any, room: str, nick: str, quiet: float = 1.0) -> list[str]:
+    """Every body `nick` says in `room` until nothing comes for `quiet` seconds (at most 50)."""
+    bodies = []
+    try:
+        for _ in range(50):
+            bodies.append(await peer.room_said(room, nick, timeout=quiet))
+    except TimeoutError:
+        pass
+    return bodies
