@@ -35,6 +35,7 @@ from gateway.watches import Alert
 from gateway.xmpp import STRANGER_REPLY
 from tests.conftest import USERS, RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until
+from tests.test_rooms import room_lines
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -579,7 +580,7 @@ async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
                     break
         opened, _device = await alice.plugin.decrypt_message(msg)
         assert opened["body"] == "sim: error: driver crashed"
-        plain = await room_bodies(victor, room, "gw")
+        plain = await room_lines(victor, room, "gw")
         assert plain and all(b == "This message is OMEMO encrypted: your client cannot read it. "
                              "Use one with OMEMO (Conversations, Dino, Gajim, Monal)." for b in plain), plain
         assert relay(gw) in (None, False)
@@ -591,14 +592,3 @@ async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
     finally:
         await gw.stop()
         await victor.stop()
-
-
-async def room_bodies(peer: Any, room: str, nick: str, quiet: float = 1.0) -> list[str]:
-    """Every body `nick` says in `room` until nothing comes for `quiet` seconds (at most 50)."""
-    bodies = []
-    try:
-        for _ in range(50):
-            bodies.append(await peer.room_said(room, nick, timeout=quiet))
-    except TimeoutError:
-        pass
-    return bodies
