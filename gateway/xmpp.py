@@ -390,7 +390,7 @@ class Session:
         # Counted before any decryption: a flood of garbage OMEMO costs a contact's budget, not our CPU.
         # (Chat states and receipts, without body or payload, are not worked on and not counted.)
         if contact is not None and (msg["body"] or (self.omemo is not None and self.omemo.encrypted(msg))):
-            if not await self._within_rate(msg, sender):
+            if not self._within_rate(msg, sender):
                 return
         secure = False  # came OMEMO-encrypted: every answer goes back encrypted
         if self.omemo is not None:
@@ -448,7 +448,7 @@ class Session:
             else:
                 attach_oob(msg.reply(reply), reply).send()
 
-    async def _within_rate(self, msg: Message, sender: str) -> bool:
+    def _within_rate(self, msg: Message, sender: str) -> bool:
         """Count a contact's message; over the limit, one notice (in clear: nothing was decrypted), then silence."""
         if self.allow_rate(sender):
             self._throttled.discard(sender)
