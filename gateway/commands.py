@@ -43,6 +43,9 @@ log = logging.getLogger("iot_gateway.commands")
 # An interim message to whoever ran the command (chat, a room, the console), before its reply.
 Progress = Callable[[str], Awaitable[None]]
 _progress: ContextVar[Progress | None] = ContextVar("progress", default=None)
+# Called by a command whose rest (a plot's upload) may run beside the contact's next commands.
+Aside = Callable[[], None]
+_aside: ContextVar[Aside | None] = ContextVar("aside", default=None)
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,16 @@ class Commands:
         self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/fleet.py)
         self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/omemo.py), when on
 
-    async def run(self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None) -> str:
+    async def run(
+        self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None, aside: Aside | None = None
+    ) -> str:
         """Answer one command line on behalf of `actor`.
 
         With `styled`, the rows of a multi-row reply go in a preformatted block. `progress`
         sends an interim message: a `set` still waiting for its device after PROGRESS_AFTER
-        seconds says so through it before the final reply.
+        seconds says so through it before the final reply. `aside` is called by a command
+        that has read all it needs and goes on with slow work of its own (a plot's upload):
+        from then on the caller may run the contact's next command beside it.
         """
         if len(text) > MAX_COMMAND:
             return f"Command too long (over {MAX_COMMAND} characters)."
@@ -102,11 +109,12 @@ class Commands:
         try:
             if cmd.precheck:
                 require(actor, cmd.perm)
-            token = _progress.set(progress)
+            token, beside = _progress.set(progress), _aside.set(aside)
             try:
                 reply = await cmd.handler(self, words[1:], actor)
             finally:
                 _progress.reset(token)
+                _aside.reset(beside)
         except Forbidden as e:
             return f"Refused: {e}."
         except (HubError, BadValue, WatchError, PlotError) as e:
@@ -310,7 +318,7 @@ class Commands:
             raise UsageError(f"At most {MAX_FIELDS} fields in one plot")
         fields = [self.hub.field(ref) for ref in refs]
         check_fields(fields)
-        return await self.plots.answer(fields, window, label, actor, self.watches)
+        return await self.plots.answer(fields, window, label, actor, self.watches, _aside.get())
 
     async def watch(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None

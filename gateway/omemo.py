@@ -373,6 +373,10 @@ class Omemo:
 
     # ------------------------------------------------------------ incoming
 
+    def encrypted(self, msg: Message) -> bool:
+        """Whether a message carries an OMEMO payload (of any version), before anything is decrypted."""
+        return bool(self.plugin.is_encrypted(msg))
+
     async def incoming(self, msg: Message) -> tuple[Message, bool] | None:
         """Decrypt a contact's OMEMO message: (message with the plaintext body, True); a plain one
         passes as (msg, False). None when it was answered here (refusal, cannot decrypt) or holds
@@ -510,18 +514,42 @@ class Omemo:
             return
         out.send()
 
-    async def _send(self, out: Message, bare: str) -> str | None:
-        """Encrypt `out` (its body) for the trusted devices of `bare` and send it; None when sent,
+    async def to_room(self, room: str, text: str, occupants: set[str], out: Message | None = None) -> str | None:
+        """Send `text` to `room` as a groupchat message encrypted for the devices of those `occupants`
+        (bare JIDs) who have any; None when sent, else why not (then nothing was sent). `out`: the
+        message to send (with its XEP-0203 delay), made here when None."""
+        if out is None:
+            out = self.client.make_message(mto=room, mtype="groupchat", mbody=text)
+        try:
+            await self.manager()
+            sm = await self.manager()
+            reachable: list[str] = []
+            for force in (False, True):  # the cached lists may be behind (a PEP update on its way): fetch once
+                await asyncio.wait_for(self.plugin.refresh_device_lists({JID(j) for j in occupants}, force), SEND_TIMEOUT)
+                reachable = [j for j in sorted(occupants) if await sm.get_device_information(j)]
+                if reachable:
+                    break
+        except asyncio.TimeoutError:
+            return "timed out fetching the occupants' keys"
+        except Exception as e:
+            return _reason(e)
+        if not reachable:
+            return "no occupant of the room has an OMEMO device the gateway knows"
+        return await self._send(out, *reachable)
+
+    async def _send(self, out: Message, *bares: str) -> str | None:
+        """Encrypt `out` (its body) for the trusted devices of `bares` and send it; None when sent,
         else why not. Elements besides the body (the XEP-0203 delay) are kept, in clear."""
+        jids = {JID(b) for b in bares}
         async with self._lock:
             try:
                 await self.manager()
                 try:
-                    enc, errors = await asyncio.wait_for(self.plugin.encrypt_message(out, JID(bare)), SEND_TIMEOUT)
+                    enc, errors = await asyncio.wait_for(self.plugin.encrypt_message(out, jids), SEND_TIMEOUT)
                 except NoEligibleDevices:
                     # The cached device list may be behind (a PEP update still on its way): fetch it once.
-                    await asyncio.wait_for(self.plugin.refresh_device_lists({JID(bare)}, force_download=True), SEND_TIMEOUT)
-                    enc, errors = await asyncio.wait_for(self.plugin.encrypt_message(out, JID(bare)), SEND_TIMEOUT)
+                    await asyncio.wait_for(self.plugin.refresh_device_lists(jids, force_download=True), SEND_TIMEOUT)
+                    enc, errors = await asyncio.wait_for(self.plugin.encrypt_message(out, jids), SEND_TIMEOUT)
             except asyncio.TimeoutError:
                 return "timed out fetching their keys"
             except Exception as e:

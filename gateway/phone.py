@@ -3,10 +3,11 @@
 - XEP-0184 receipts and XEP-0333 `displayed` markers: sent once a contact's
   command is accepted for execution, so the phone shows it arrived and was read.
   Strangers get neither (the session turns them away before this module).
-- XEP-0308 corrections: an edit of a read-only command is answered like a new
-  command. An edit is never carried out when the edited message changed
-  something (`set`, `watch`, `unwatch`, `ack`) or when the edited text would:
-  the answer says what the original did and to send the text as a new message.
+- XEP-0308 corrections: an edit is run only when both the edited message and the
+  edited text are commands that are safe to repeat (an allow-list: `read`,
+  `status`, `history`, `plot`, `list`, `help`); any other edit (`set`,
+  `distrust`, an unknown word) is answered "corrections don't re-run commands:
+  send it again", with what the original did.
 - XEP-0424 retractions undo nothing; the answer says so, and what the original did.
 
 The XMPP session calls `accepted`, then `instead` (an answer that replaces
@@ -36,7 +37,9 @@ SID = "urn:xmpp:sid:0"
 
 MEMORY = 20  # command messages remembered per contact, for edits and retractions
 CLIP = 100  # characters of a command or its outcome quoted back
-CHANGING = frozenset({"set", "watch", "unwatch", "ack"})  # commands that change state
+# Commands an edit may run again: they only read. An allow-list, so a new command is not re-run by default.
+REPEATABLE = frozenset({"read", "status", "history", "plot", "list", "help"})
+NOT_RERUN = "corrections don't re-run commands: send it again"
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,15 @@ class Done:
     outcome: str
 
     @property
-    def changing(self) -> bool:
-        """Whether the command was one that changes something (even if it was refused)."""
-        return changes(self.text)
+    def repeatable(self) -> bool:
+        """Whether the command only read, so an edit of it may run (even if it was refused)."""
+        return repeatable(self.text)
 
 
-def changes(text: str) -> bool:
-    """Whether a command line is one of those that change state (`set`, `watch`, `unwatch`, `ack`)."""
+def repeatable(text: str) -> bool:
+    """Whether a command line is one an edit may run again (`read`, `status`, …: see REPEATABLE)."""
     words = text.split()
-    return bool(words) and words[0].lower() in CHANGING
+    return bool(words) and words[0].lower() in REPEATABLE
 
 
 class Phone:
@@ -96,19 +99,15 @@ class Phone:
             return None
         original = self._find(sender, target)
         edited = _clip(msg["body"].strip())
-        if original is not None and original.changing:
+        if original is not None and not original.repeatable:
             return (
-                f"Not run: your edit `{edited}`. The message you edited, `{original.text}`, "
-                f"already ran ({original.outcome}); an edit neither undoes nor repeats it. "
-                "To run the edited text, send it as a new message."
+                f"Not run: your edit `{edited}`; {NOT_RERUN} as a new message. The message you edited, `{original.text}`, "
+                f"already ran ({original.outcome}); an edit neither undoes nor repeats it."
             )
-        if changes(edited):
+        if not repeatable(edited):
             was = f" of `{original.text}`" if original is not None else ""
-            return (
-                f"Not run: `{edited}` came as an edit{was}, and an edit never changes anything here. "
-                "To run it, send it as a new message."
-            )
-        return None  # an edit of a read: answered like a new command
+            return f"Not run: `{edited}` came as an edit{was}, and {NOT_RERUN} as a new message."
+        return None  # an edit of a read into a read: answered like a new command
 
     def remember(self, msg: Message, sender: str, text: str, reply: str) -> None:
         """Note what a command message did, under every id an edit or retraction may use."""
@@ -132,7 +131,7 @@ class Phone:
                 "Retracting a message undoes nothing here: what it asked for was already done. "
                 "To change something back, send a new command."
             )
-        if original.changing:
+        if not original.repeatable:
             return (
                 f"Retracting `{original.text}` undoes nothing: it already ran ({original.outcome}). "
                 "To change it back, send a new command."

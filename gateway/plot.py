@@ -21,7 +21,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,13 +137,16 @@ class Plots:
         self._waiting = 0
 
     async def answer(self, fields: list[Field], window: float, label: str, actor: Actor,
-                     watches: "Watches | None") -> str:
-        """The reply to `plot` for these fields over the last `window` seconds."""
+                     watches: "Watches | None", aside: Callable[[], None] | None = None) -> str:
+        """The reply to `plot` for these fields over the last `window` seconds. Once the readings
+        are taken, `aside` is called: drawing and uploading may run beside the contact's next commands."""
         end = time.time()
         chart = Chart([_series(f, end - window) for f in fields], end - window, end, label,
                       _thresholds(watches, actor, fields))
         if not any(s.values for s in chart.series):
             return f"{', '.join(f.ref for f in fields)}: no readings in the last {label}."
+        if aside is not None:
+            aside()
         try:
             if self.uploads is None:
                 raise NoPicture(self.no_uploads)

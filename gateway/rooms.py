@@ -96,6 +96,9 @@ class Rooms:
         self.exposed: dict[str, str] = {}  # joined rooms that do not, with why
         self._warned: set[str] = set()  # rooms the admins were told about; survives reconnects
         self._notices: list[Alert] = []  # our messages to the admins, not for the rooms
+        self._nick_told: set[tuple[str, str]] = set()  # (room, notice) told the admins once
+        # `[xmpp] omemo = "require"`: nothing in clear in rooms either (see `_say`).
+        self.sealed = xcfg.omemo == "require"
         if not self.rooms:
             return
         self.client.register_plugin("xep_0045")
@@ -136,10 +139,11 @@ class Rooms:
             if retry:
                 self._retry(room)
             return
+        me = result[0]["muc"]
         if nick != self.nick:
             log.warning("room %s: the nick %s is taken by another occupant; joined as %s", room, self.nick, nick)
+            nick = await self._reclaim(room, nick, me["affiliation"])
         self.nicks[room.bare] = nick
-        me = result[0]["muc"]
         if 201 in me["status_codes"]:
             # We created the room; it stays locked (nobody else can join) until configured.
             try:
@@ -152,7 +156,91 @@ class Rooms:
         await self._check(room)
         self.joined.add(room.bare)
         self._announce(room.bare)
+        if nick != self.nick and room.bare in self.private:
+            # Contacts address `gw:`; whoever holds that nick here is not us, and they should know.
+            self._say(room.bare, (
+                f"This gateway is {nick} in this room: the nick {self.nick} here belongs to another occupant "
+                f"({self._holder(room) or 'unknown'}), not to this gateway. Address me as `{nick}:`."
+            ))
+        if self.sealed:
+            self._tell_admins_once(room.bare, (
+                f"Room {room.bare}: with [xmpp] omemo = \"require\" the gateway posts there only OMEMO-encrypted "
+                "messages, for the devices of the contacts in the room (nothing when it cannot encrypt), shows no "
+                "device health in its room presence, and runs no commands from the room: ask in a direct chat."
+            ))
         log.info("joined room %s as %s", room, nick)
+
+    async def _reclaim(self, room: JID, nick: str, affiliation: str) -> str:
+        """Another occupant holds our nick, so we joined as `nick`. Where we may (owner or admin
+        of the room) the holder is kicked and we take our nick back; a fellow gateway of the fleet
+        keeps it. Otherwise the admins are told once which name we answer to there. Our nick now."""
+        holder = self._holder(room)
+        if affiliation in ("owner", "admin") and holder not in self.peers:
+            muc = self.client.plugin["xep_0045"]
+            try:
+                await muc.set_role(room, self.nick, "none", reason=f"{self.nick} is this room's gateway",
+                                   timeout=JOIN_TIMEOUT)
+                taken = await muc.set_self_nick(room, self.nick, timeout=JOIN_TIMEOUT)
+            except (IqError, IqTimeout, TimeoutError) as e:
+                log.error("room %s: could not take back the nick %s from %s: %s", room, self.nick, holder, e)
+            else:
+                if taken == self.nick:
+                    self._tell_admins_once(room.bare, f"Room {room.bare}: {holder or 'another occupant'} held the "
+                                           f"gateway's nick {self.nick}; the gateway (owner) removed them and took it back.")
+                    return taken
+                nick = taken
+        if holder in self.peers:
+            why = f"{holder}, a fellow gateway of the fleet, is {self.nick} there"
+        else:
+            why = (f"the nick {self.nick} is held by {holder or 'another occupant'}, and the gateway cannot take it "
+                   "back (it is not the room's owner or admin; an owner can remove that occupant)")
+        self._tell_admins_once(room.bare, f"Room {room.bare}: {why}. This gateway is {nick} there, and says so in the room.")
+        return nick
+
+    def _holder(self, room: JID) -> str:
+        """The bare real JID of whoever is `self.nick` in `room` ("" when the room hides it)."""
+        real = self.client.plugin["xep_0045"].get_jid_property(room, self.nick, "jid")
+        return JID(real).bare.lower() if real else ""
+
+    def _say(self, room: str, text: str, stamp: float | None = None) -> None:
+        """Post `text` in `room`, every message the gateway posts there: plain (a Picture with its
+        XEP-0066 link), or with omemo = "require" encrypted for the contacts in the room, or not at all."""
+        msg = self.client.make_message(mto=room, mbody=text, mtype="groupchat")
+        if stamp is not None:
+            msg["delay"]["stamp"] = dt.datetime.fromtimestamp(stamp, dt.timezone.utc)
+        if not self.sealed:
+            attach_oob(msg, text).send()
+            return
+        asyncio.ensure_future(self._say_sealed(room, msg))
+
+    async def _say_sealed(self, room: str, msg: Message) -> None:
+        omemo, readers = self.session.omemo, self._contacts_in(room)
+        if omemo is None or not readers:
+            why = "no contact is in the room"
+        else:
+            why = await omemo.to_room(room, msg["body"], readers, msg)
+        if why:
+            log.info("room %s: not posted, cannot encrypt it (%s)", room, why)
+            self._tell_admins_once(room, (
+                f"Room {room}: a message for the room was not posted: it cannot be encrypted ({why}), "
+                "and with [xmpp] omemo = \"require\" nothing goes to a room in clear."
+            ))
+
+    def _contacts_in(self, room: str) -> set[str]:
+        """The bare real JIDs of the occupants of `room` who are contacts."""
+        muc = self.client.plugin["xep_0045"]
+        found = set()
+        for nick in muc.get_roster(JID(room)):
+            real = muc.get_jid_property(JID(room), nick, "jid")
+            bare = JID(real).bare.lower() if real else ""
+            if bare and self.session.config.contact(bare) is not None:
+                found.add(bare)
+        return found
+
+    def _tell_admins_once(self, room: str, text: str) -> None:
+        if (room, text) not in self._nick_told:
+            self._nick_told.add((room, text))
+            self._tell_admins(text)
 
     async def _join_as(self, room: JID, nick: str) -> tuple[Presence, Message, list[Presence], list[Message]]:
         """Join `room` as `nick`; PresenceError when the room refuses (a taken nick: conflict).
@@ -285,12 +373,14 @@ class Rooms:
         from .xmpp import health_summary  # the session module imports this one
 
         show, status = None, ""
-        if room in self.private:
+        if room in self.private and not self.sealed:
             show, status = health_summary(self.session.config.gateway.name, self.session.hub)
         self.client.send_presence(pto=f"{room}/{self.nicks[room]}", pshow=show, pstatus=status)
 
     def _mirror_presence(self, stanza: object) -> object:
         """An out filter: a copy of each broadcast availability to every private room we are in."""
+        if self.sealed:
+            return stanza  # the status names devices: never in clear in a room
         if isinstance(stanza, Presence) and stanza.xml.get("to") is None and stanza.xml.get("type") is None:
             for room in self.private & self.joined:
                 copy = stanza.__copy__()
@@ -307,10 +397,7 @@ class Rooms:
         # In a fleet, several gateways post in one room: the site says whose greenhouse is too hot.
         text = f"[{self.session.config.gateway.name}] {alert.text}" if self.peers else alert.text
         for room in self.private:
-            msg = self.client.make_message(mto=room, mbody=text, mtype="groupchat")
-            if delayed:
-                msg["delay"]["stamp"] = dt.datetime.fromtimestamp(alert.time, dt.timezone.utc)
-            msg.send()
+            self._say(room, text, alert.time if delayed else None)
 
     async def _on_message(self, msg: Message) -> None:
         room = msg["from"].bare
@@ -333,18 +420,18 @@ class Rooms:
             return
         if len(body.encode()) > 4096 or not self.session.allow_rate(contact.jid):
             return
+        if self.sealed:
+            log.info("ignored a command in %s from %s: omemo = \"require\" takes no commands in rooms", room, bare)
+            return
         if room not in self.private:
             reason = self.exposed.get(room, "not checked")
-            self.client.send_message(
-                mto=room, mtype="groupchat",
-                mbody=f"{nick}: This room is not private ({reason}); ask me in a direct chat.",
-            )
+            self._say(room, f"{nick}: This room is not private ({reason}); ask me in a direct chat.")
             return
         if cmd.everyone and not concerns(self.session.hub, cmd.text):
             return  # `all: read boiler.temp` is for the gateway that has it
 
         async def progress(text: str) -> None:  # "sent, waiting for the device", before the reply
-            self.client.send_message(mto=room, mbody=f"{nick}: {text}", mtype="groupchat")
+            self._say(room, f"{nick}: {text}")
 
         reply = await self._answer(
             cmd.text, cmd.everyone, Actor(contact.jid, contact.role, "room"), None if cmd.everyone else progress
@@ -356,10 +443,8 @@ class Rooms:
                 await asyncio.sleep(wait)
             if room not in self.joined:
                 return
-        if isinstance(reply, Picture):  # the body must be the bare URL for clients to show it inline
-            attach_oob(self.client.make_message(mto=room, mbody=reply, mtype="groupchat"), reply).send()
-            return
-        self.client.send_message(mto=room, mbody=f"{nick}: {reply}", mtype="groupchat")
+        # A picture's body must be the bare URL for clients to show it inline.
+        self._say(room, reply if isinstance(reply, Picture) else f"{nick}: {reply}")
 
     async def _answer(self, text: str, everyone: bool, actor: Actor, progress: Progress | None = None) -> str:
         """The reply to a room command; to `all: status`, one line (the presence's summary)."""

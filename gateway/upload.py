@@ -7,13 +7,17 @@ certificate is verified against the system's CAs plus `[xmpp] ca_file`, never
 with verification off. Anything in the way raises NoPicture with the reason in
 words, and the plot falls back to a sparkline.
 
+The slot request and the PUT (connect, TLS, body, the answer's status line) have
+one deadline together, DEADLINE: an upload service that takes the body a byte at
+a time costs a plot at most that long, and the PUT runs on the event loop, so
+nothing is left blocking in a thread after it.
+
 Whoever has a GET URL can fetch the file: the URL is the only secret.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import logging
 import ssl
 import time
@@ -37,7 +41,8 @@ XDATA = "jabber:x:data"
 # XEP-0363 §5: the only slot headers a client may pass on to the HTTP server.
 PUT_HEADERS = {"authorization", "cookie", "expires"}
 IQ_TIMEOUT = 15.0
-PUT_TIMEOUT = 30.0
+DEADLINE = 20.0  # seconds for a whole upload: slot request, connect, TLS, body and the server's answer
+TIMED_OUT = "upload failed: timed out"
 RECHECK_ABSENT = 300.0  # seconds before asking again a server that had no upload service
 
 
@@ -102,9 +107,13 @@ class Uploader:
             raise NoPicture(
                 f"the picture ({_kb(len(data))}) is larger than the server accepts ({_kb(service.max_size)})"
             )
-        slot = await self._slot(service, filename, len(data), content_type)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._put, slot, data, content_type)
+        try:
+            async with asyncio.timeout(DEADLINE):
+                slot = await self._slot(service, filename, len(data), content_type)
+                await self._put(slot, data, content_type)
+        except TimeoutError:
+            log.warning("upload through %s timed out after %g s", service.jid, DEADLINE)
+            raise NoPicture(TIMED_OUT) from None
         return Picture(slot.get)
 
     # ------------------------------------------------------------ XMPP side
@@ -152,7 +161,7 @@ class Uploader:
                 headers[name] = " ".join((h.text or "").split())  # no line breaks into the request
         return Slot(put.get("url"), get.get("url"), headers)
 
-    # ------------------------------------------------------------ HTTP side (executor)
+    # ------------------------------------------------------------ HTTP side
 
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -162,22 +171,44 @@ class Uploader:
             self._ssl = ctx
         return self._ssl
 
-    def _put(self, slot: Slot, data: bytes, content_type: str) -> None:
+    async def _put(self, slot: Slot, data: bytes, content_type: str) -> None:
+        """One HTTP/1.1 PUT over TLS; only the status line of the answer is read."""
         url = urlsplit(slot.put)
-        target = url.path + (f"?{url.query}" if url.query else "")
-        conn = http.client.HTTPSConnection(url.hostname or "", url.port, context=self._context(), timeout=PUT_TIMEOUT)
+        host = url.hostname or ""
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         try:
-            conn.request("PUT", target, body=data, headers={"Content-Type": content_type, **slot.headers})
-            resp = conn.getresponse()
-            resp.read(4096)
+            port = url.port
+        except ValueError:
+            port, host = None, ""
+        if not host or any(ch <= " " or ch == "\x7f" for ch in target):
+            raise NoPicture(f"the upload service gave a malformed PUT URL ({_clip(slot.put)})")
+        authority = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
+        lines = [f"PUT {target} HTTP/1.1", f"Host: {authority}", f"Content-Type: {content_type}",
+                 f"Content-Length: {len(data)}", "Connection: close", *(f"{k}: {v}" for k, v in slot.headers.items())]
+        try:
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        except UnicodeEncodeError:
+            raise NoPicture("the upload service gave slot headers that HTTP cannot carry") from None
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection(host, port or 443, ssl=self._context(),
+                                                           server_hostname=host)
+            writer.write(head + data)
+            await writer.drain()
+            status = await reader.readline()
         except ssl.SSLCertVerificationError as e:
             raise NoPicture(f"the upload server's certificate could not be verified ({e.verify_message})") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise NoPicture(f"could not reach the upload server {url.hostname}: {e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a status line beyond the reader's limit
+            raise NoPicture(f"could not reach the upload server {host}: {e}") from None
         finally:
-            conn.close()
-        if resp.status not in (200, 201):
-            raise NoPicture(f"the upload server answered HTTP {resp.status} {resp.reason}")
+            if writer is not None:
+                writer.close()
+        parts = status.decode("latin-1").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise NoPicture(f"the upload server {host} gave no HTTP answer")
+        if parts[1] not in ("200", "201"):
+            reason = _clip(parts[2].strip()) if len(parts) > 2 else ""
+            raise NoPicture(f"the upload server answered HTTP {parts[1]} {reason}".rstrip())
 
 
 def attach_oob(msg: Message, reply: str) -> Message:

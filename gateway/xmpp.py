@@ -21,7 +21,7 @@ from slixmpp.stanza import Message, Presence
 from slixmpp.xmlstream import StanzaBase
 
 from .auth import Actor
-from .commands import Commands, Progress
+from .commands import Aside, Commands, Progress
 from .config import Config, ConfigError
 from . import redact
 from .control import Control, forms_in_order
@@ -385,6 +385,13 @@ class Session:
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal"):
             return
+        sender = msg["from"].bare.lower()
+        contact = self.config.contact(sender)
+        # Counted before any decryption: a flood of garbage OMEMO costs a contact's budget, not our CPU.
+        # (Chat states and receipts, without body or payload, are not worked on and not counted.)
+        if contact is not None and (msg["body"] or (self.omemo is not None and self.omemo.encrypted(msg))):
+            if not self._within_rate(msg, sender):
+                return
         secure = False  # came OMEMO-encrypted: every answer goes back encrypted
         if self.omemo is not None:
             # Before the body check: OMEMO key exchanges have no body. A contact's encrypted message
@@ -396,8 +403,6 @@ class Session:
         body = msg["body"]
         if not body:
             return  # chat states, receipts and the like
-        sender = msg["from"].bare.lower()
-        contact = self.config.contact(sender)
         if contact is None:
             self._refuse_stranger(msg, sender)
             return
@@ -424,33 +429,37 @@ class Session:
         if len(body.encode()) > MAX_BODY:
             await self._answer(msg, f"Message too long (over {MAX_BODY} bytes).", secure)
             return
-        if not self.allow_rate(sender):
-            if sender not in self._throttled:
-                self._throttled.add(sender)
-                g = self.config.gateway
-                await self._answer(
-                    msg,
-                    f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. "
-                    "Ignoring your messages until then.",
-                    secure,
-                )
-            return
-        self._throttled.discard(sender)
         self.phone.accepted(msg)  # XEP-0184 receipt, XEP-0333 displayed
-        async with self._turn(sender):  # a `read` after a `set` sees the set's result
+        # A `read` after a `set` sees the set's result. A plot gives up its turn once it has its readings:
+        # its upload runs beside the next commands, and its picture comes when the upload is done.
+        async with self._turn(sender) as aside:
             # An edit of a set, a retraction: answered, never run (in turn: the original is known by then).
             answer = self.phone.instead(msg, sender)
             if answer is not None:
                 await self._answer(msg, answer, secure)
                 return
             reply = await self.run_command(
-                body, Actor(sender, contact.role, "chat"), progress=lambda text: self._answer(msg, text, secure)
+                body, Actor(sender, contact.role, "chat"), progress=lambda text: self._answer(msg, text, secure),
+                aside=aside,
             )
             self.phone.remember(msg, sender, body, reply)
             if secure:
                 await self._answer(msg, reply, secure)  # the picture's URL inside, no OOB in clear
             else:
                 attach_oob(msg.reply(reply), reply).send()
+
+    def _within_rate(self, msg: Message, sender: str) -> bool:
+        """Count a contact's message; over the limit, one notice (in clear: nothing was decrypted), then silence."""
+        if self.allow_rate(sender):
+            self._throttled.discard(sender)
+            return True
+        if sender not in self._throttled:
+            self._throttled.add(sender)
+            g = self.config.gateway
+            msg.reply(
+                f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. Ignoring your messages until then."
+            ).send()
+        return False
 
     async def _answer(self, msg: Message, text: str, secure: bool) -> None:
         """Reply to a contact's message: OMEMO-encrypted when it came encrypted, else plain."""
@@ -460,25 +469,39 @@ class Session:
             msg.reply(text).send()
 
     @contextlib.asynccontextmanager
-    async def _turn(self, jid: str) -> AsyncIterator[None]:
-        """One command of `jid` at a time, in order of arrival (asyncio.Lock wakes waiters first come, first served)."""
+    async def _turn(self, jid: str) -> AsyncIterator[Aside]:
+        """One command of `jid` at a time, in order of arrival (asyncio.Lock wakes waiters first come, first served).
+        Yields a function that ends the turn early, for a command that goes on beside the next ones."""
         lock, users = self._turns.get(jid) or (asyncio.Lock(), 0)
         self._turns[jid] = (lock, users + 1)
+        held = False
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                lock.release()
+
         try:
-            async with lock:
-                yield
+            await lock.acquire()
+            held = True
+            yield release
         finally:
+            release()
             lock, users = self._turns[jid]
             if users == 1:
                 del self._turns[jid]
             else:
                 self._turns[jid] = (lock, users - 1)
 
-    async def run_command(self, text: str, actor: Actor, progress: Progress | None = None) -> str:
+    async def run_command(
+        self, text: str, actor: Actor, progress: Progress | None = None, aside: Aside | None = None
+    ) -> str:
         """Run a chat command; an unexpected failure is logged and answered, never raised.
-        `progress` sends an interim message ("sent, waiting for the device") before the reply."""
+        `progress` sends an interim message ("sent, waiting for the device") before the reply;
+        `aside` is called when the command goes on beside the next ones (Commands.run)."""
         try:
-            return await self.commands.run(text.strip(), actor, progress=progress)
+            return await self.commands.run(text.strip(), actor, progress=progress, aside=aside)
         except Exception:
             log.exception("command %r from %s failed", text[:100], actor.jid)
             return "Internal error while running that command; it has been logged."

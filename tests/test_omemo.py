@@ -28,12 +28,14 @@ from slixmpp_omemo import XEP_0384
 
 from gateway.auth import Actor
 from gateway.config import ConfigError, parse
+from gateway.hub import Health
 from gateway.localservers import Prosody
 from gateway.omemo import OMEMO2_ONLY, REQUIRED, STORE
 from gateway.watches import Alert
 from gateway.xmpp import STRANGER_REPLY
 from tests.conftest import USERS, RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until
+from tests.test_rooms import room_lines
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -494,3 +496,99 @@ def test_omemo_policy_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         parse({"xmpp": {**base, "omemo": "require"}})
     assert "not installed" in str(e.value) and 'omemo = "off"' in str(e.value)
     assert parse({"xmpp": {**base, "omemo": "off"}}).xmpp.omemo == "off"
+
+
+# ---------------------------------------------------------------- floods
+
+
+async def test_a_flood_of_garbage_omemo_counts_toward_the_rate_limit_before_decryption(
+    server: XmppServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every message of a contact counts before anything is decrypted: of 40 undecryptable OMEMO
+    messages only `rate_limit` reach the decryption; one notice, then silence; after the window a
+    command is answered again."""
+    limit, window = 5, 6.0
+    olive = await server.peer("olive").start()
+    config = gateway_config(server, tmp_path, xmpp={"omemo": "accept"}, gateway={
+        "name": "Test GW", "state_dir": str(tmp_path / "state"), "rate_limit": limit, "rate_window": window,
+    })
+    gw = await start_gateway(config, server.passwords["gateway"])
+    caplog.set_level(logging.WARNING, "iot_gateway.omemo")
+    try:
+        await asyncio.wait_for(gw.session.omemo.manager(), TIMEOUT)
+        rid = await own_device(gw)
+        garbage = (
+            f'<encrypted xmlns="{LEGACY}"><header sid="4242"><key rid="{rid}">AAAA</key><iv>AAAAAAAAAAAAAAAA</iv>'
+            '</header><payload>AAAA</payload></encrypted>'
+        )
+        for _ in range(40):
+            msg = olive.client.make_message(mto=gw.jid, mtype="chat", mbody="This message is OMEMO encrypted.")
+            msg.xml.append(ET.fromstring(garbage))
+            msg.send()
+        bodies = []
+        while sum(b.startswith("I could not decrypt") for b in bodies) < limit:  # the admitted ones
+            bodies.append(await olive.reply_from(gw.jid, TIMEOUT))
+        # A ping is answered after every stanza sent before it has been handled by the gateway's stream.
+        await olive.client.plugin["xep_0199"].ping(gw.session.client.boundjid.full, timeout=TIMEOUT)
+        await asyncio.sleep(1.0)  # any decryption still under way would answer meanwhile
+        while not olive.messages.empty():
+            bodies.append(olive.messages.get_nowait()["body"])
+        tried = [r for r in caplog.records if r.getMessage().startswith(f"cannot decrypt an OMEMO message from {olive.jid}")]
+        assert len(tried) == limit, len(tried)
+        assert sum(b.startswith("I could not decrypt") for b in bodies) == limit, bodies
+        assert sum(b.startswith("Slow down") for b in bodies) == 1, bodies
+        await asyncio.sleep(window + 0.5)  # the window passes
+        assert (await olive.ask(gw.jid, "status", TIMEOUT)).startswith("Test GW: 1/1 devices OK")
+    finally:
+        await gw.stop()
+        await olive.stop()
+
+
+# ---------------------------------------------------------------- rooms
+
+
+async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
+    server: XmppServer, tmp_path: Path, alice: Omemo, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With omemo = "require", a health change reaches the room only as OMEMO for the devices of
+    the contacts in it: alice's client decrypts it, victor's plain client sees only the fallback;
+    no health in the gateway's room presence; a plain command in the room is not run; the admins
+    are told once why."""
+    room = f"sealed-{secrets.token_hex(4)}@{server.prosody.muc}"
+    caplog.set_level(logging.INFO, "iot_gateway")
+    victor = await server.peer("victor").start()
+    config = gateway_config(server, tmp_path, xmpp={"omemo": "require", "rooms": [room]})
+    gw = await start_gateway(config, server.passwords["gateway"])
+    got: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
+    try:
+        await asyncio.wait_for(gw.session.omemo.manager(), TIMEOUT)
+        await until(lambda: room in gw.session.rooms.joined, "the gateway in its room", TIMEOUT)
+        await befriend(gw, alice)
+        alice.client.register_plugin("xep_0045")
+        alice.client.add_event_handler("groupchat_message", got.put_nowait)
+        await alice.client.plugin["xep_0045"].join_muc_wait(room, "alice", maxstanzas=0, timeout=TIMEOUT)
+        await victor.join(room, "victor")
+        muc = gw.session.client.plugin["xep_0045"]
+        await until(lambda: {"alice", "victor"} <= set(muc.get_roster(JID(room))), "both in the room", TIMEOUT)
+
+        victor.client.send_message(mto=room, mbody="gw: set sim.relay on", mtype="groupchat")
+        gw.gateway.hub.set_health("sim", Health.ERROR, "driver crashed")
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                msg = await got.get()
+                if msg["from"].resource == "gw" and alice.plugin.is_encrypted(msg):
+                    break
+        opened, _device = await alice.plugin.decrypt_message(msg)
+        assert opened["body"] == "sim: error: driver crashed"
+        plain = await room_lines(victor, room, "gw")
+        assert plain and all(b == "This message is OMEMO encrypted: your client cannot read it. "
+                             "Use one with OMEMO (Conversations, Dino, Gajim, Monal)." for b in plain), plain
+        assert relay(gw) in (None, False)
+        status = muc.get_jid_property(JID(room), "gw", "status")
+        assert not status, status
+        # Told when it joined (alice's devices were not known yet: that notice went to her encrypted or not at all).
+        told = [m for m in caplog.messages if m.startswith(f"Room {room}:")]
+        assert len(told) == 1 and 'omemo = "require"' in told[0] and "no commands" in told[0], told
+    finally:
+        await gw.stop()
+        await victor.stop()

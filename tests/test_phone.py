@@ -116,7 +116,7 @@ async def test_corrected_set_is_not_run_and_the_answer_says_why(running_gateway:
     fix, answer = await ask(olive, gw.jid, "set sim.relay off", replace(mid), REQUEST)
     assert answer.startswith("Not run: "), answer
     assert f"`set sim.relay on`, already ran ({reply})" in answer, answer
-    assert "send it as a new message" in answer, answer
+    assert "corrections don't re-run commands: send it again" in answer, answer
     assert hub.field("sim.relay").latest.value is True
     assert len(hub.audit.entries) == entries  # nothing attempted, nothing refused
     assert inbox.ids(RECEIPTS, "received") == [fix]  # it did arrive
@@ -152,6 +152,32 @@ async def test_edit_that_would_change_something_is_never_run(running_gateway: Ru
     assert hub.field("sim.relay").latest.value == before
     assert len(hub.audit.entries) == entries
     assert gw.gateway.watches.visible(olive.jid, False) == []
+
+
+async def test_only_commands_that_just_read_are_rerun_by_an_edit(
+    running_gateway: RunningGateway, peers: dict[str, Peer]
+) -> None:
+    """An allow-list: `distrust`, `trust`, `set`, an unknown word, … as an edit are not run;
+    a `read` is. Whatever the gateway does not know to be a read is never repeated."""
+    gw, alice = running_gateway, peers["alice"]
+    hub = gw.gateway.hub
+    entries = len(hub.audit.entries)
+    mid, _ = await ask(alice, gw.jid, "read sim.temp")
+    fp = "ab" * 32
+    for edit in (f"distrust {alice.jid} {fp}", f"trust {alice.jid} {fp}", "set sim.relay on", "frobnicate sim.relay"):
+        _, answer = await ask(alice, gw.jid, edit, replace(mid))
+        assert answer.startswith(f"Not run: `{edit}` came as an edit of `read sim.temp`, and "
+                                 "corrections don't re-run commands: send it again"), answer
+    assert len(hub.audit.entries) == entries
+    # What ran under an edit is not repeated by an edit of it either, even into a read.
+    mid, first = await ask(alice, gw.jid, "frobnicate")
+    _, answer = await ask(alice, gw.jid, "read sim.temp", replace(mid))
+    assert answer.startswith("Not run: your edit `read sim.temp`; corrections don't re-run commands: send it again"), answer
+    assert f"`frobnicate`, already ran ({first})" in answer, answer
+    # A read edited into another read is answered.
+    mid, _ = await ask(alice, gw.jid, "read sim.tmp")
+    _, fixed = await ask(alice, gw.jid, "read sim.temp", replace(mid))
+    assert fixed.startswith("sim.temp = "), fixed
 
 
 async def test_retraction_undoes_nothing_and_says_so(running_gateway: RunningGateway, peers: dict[str, Peer]) -> None:

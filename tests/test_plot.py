@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import re
 import secrets
 import ssl
 import subprocess
@@ -20,19 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import slixmpp
 from PIL import Image
+from slixmpp.xmlstream import ET
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
 
-from gateway import plot
+from gateway import plot, upload
 from gateway.auth import Actor
 from gateway.commands import Commands
 from gateway.hub import FieldSpec, History, Hub, Reading
-from gateway.localservers import Prosody
+from gateway.localservers import Prosody, free_port
 from gateway.plot import COLORS, SPARK, THRESHOLD_COLOR, Chart, Picture, Series
 from gateway.xmpp import STRANGER_REPLY
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.peer import Peer
 
 OOB = "jabber:x:oob"
+UPLOAD = "urn:xmpp:http:upload:0"
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES: list[dict[str, Any]] = [
     {
@@ -248,6 +254,127 @@ async def test_without_an_upload_service_or_when_refused_a_sparkline_says_why(
     assert oob_url(msg) is None
     assert msg["body"].startswith(why + ". Over the last 1h:"), msg["body"]
     rising(msg["body"])
+
+
+class SlowPut:
+    """An HTTPS upload target on loopback (the suite's certificate for `localhost`) that takes
+    a PUT's body one byte every 5 s and answers only once it has all of it."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.started = asyncio.Event()  # a PUT's head has arrived
+        self.answered = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ctx)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"PUT /slot/"), head[:40]
+            self.started.set()
+            length = int(re.search(rb"content-length: *(\d+)", head, re.I)[1])  # type: ignore[index]
+            for _ in range(length):  # ended by stop() long before
+                if not await reader.read(1):
+                    return
+                await asyncio.sleep(5)
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+            self.answered += 1
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class UploadComponent:
+    """An XEP-0114 component of the server that offers XEP-0363 and gives slots on `put_port`."""
+
+    def __init__(self, prosody: Prosody, port: int, secret: str, put_port: int) -> None:
+        self.jid = f"files.{prosody.domain}"
+        self.put = f"https://{prosody.domain}:{put_port}/slot"
+        c = slixmpp.ComponentXMPP(self.jid, secret, "127.0.0.1", port)
+        c.register_plugin("xep_0030")
+        c.plugin["xep_0030"].add_feature(UPLOAD)
+        c.register_handler(Callback("slot", MatchXPath(f"{{{c.default_ns}}}iq/{{{UPLOAD}}}request"), self._slot))
+        self.client = c
+        self.online = asyncio.Event()
+        c.add_event_handler("session_start", lambda _e: self.online.set())
+
+    def _slot(self, iq: Any) -> None:
+        name = iq.xml.find(f"{{{UPLOAD}}}request").get("filename")
+        reply = iq.reply(clear=True)
+        slot = ET.SubElement(reply.xml, f"{{{UPLOAD}}}slot")
+        ET.SubElement(slot, f"{{{UPLOAD}}}put", {"url": f"{self.put}/{name}"})
+        ET.SubElement(slot, f"{{{UPLOAD}}}get", {"url": f"{self.put}/{name}"})
+        reply.send()
+
+    async def start(self) -> None:
+        self.client.connect()
+        await asyncio.wait_for(self.online.wait(), 10)
+
+    async def stop(self) -> None:
+        try:
+            await asyncio.wait_for(self.client.disconnect(wait=0.5), 3)
+        except Exception:
+            self.client.abort()
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[XmppServer, int, str]]:
+    """A Prosody without an upload service of its own, that takes an external component
+    `files.localhost` (the test's, with a slow PUT target): (server, component port, secret)."""
+    prosody = Prosody(tmp_path_factory.mktemp("prosody-slow"), uploads=False)
+    port, secret = free_port(), secrets.token_urlsafe(12)
+    prosody.config.write_text(
+        f'component_ports = {{ {port} }}\ncomponent_interfaces = {{ "127.0.0.1" }}\n'
+        + prosody.config.read_text()
+        + f'\nComponent "files.{prosody.domain}"\n  component_secret = "{secret}"\n'
+    )
+    passwords = {u: secrets.token_urlsafe(12) for u in ("gateway", "victor")}
+    for user, password in passwords.items():
+        prosody.register(user, password)
+    prosody.start()
+    yield XmppServer(prosody, passwords), port, secret
+    prosody.stop()
+
+
+@pytest.mark.timeout(150)
+async def test_a_slow_upload_holds_up_neither_the_next_command_nor_the_plot_past_its_deadline(
+    slow_server: tuple[XmppServer, int, str], tmp_path: Path
+) -> None:
+    """The upload target takes a byte every 5 s. A `read` sent once the plot's PUT is under way
+    is answered first, and the plot comes at the upload deadline as a sparkline saying why."""
+    xs, port, secret = slow_server
+    target = SlowPut(xs.prosody.cert, xs.prosody.key)
+    component = UploadComponent(xs.prosody, port, secret, await target.start())
+    await component.start()
+    gw = await gateway_on(xs, tmp_path)
+    victor = await xs.peer("victor").start()
+    try:
+        victor.drain()
+        victor.client.send_message(mto=gw.jid, mbody="plot sim.temp 1h", mtype="chat")
+        await asyncio.wait_for(target.started.wait(), 30)  # the picture is going up, slowly
+        victor.client.send_message(mto=gw.jid, mbody="read sim.temp", mtype="chat")
+        first = await victor.message_from(gw.jid, timeout=15)
+        assert first["body"].startswith("sim.temp = 20.0 °C"), first["body"]
+        plotted = await victor.message_from(gw.jid, timeout=upload.DEADLINE + 30)
+    finally:
+        await victor.stop()
+        await gw.stop()
+        await component.stop()
+        await target.stop()
+    assert target.answered == 0
+    assert oob_url(plotted) is None
+    assert plotted["body"].startswith("No picture: upload failed: timed out. Over the last 1h:"), plotted["body"]
+    rising(plotted["body"])
 
 
 async def victor_asks(victor: Peer, to: str, body: str) -> Any:

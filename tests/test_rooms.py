@@ -225,3 +225,60 @@ async def test_room_jid_is_never_a_roster_contact(
         assert len([m for m in lines if m.startswith(f"Room {open_room} is not private")]) == 1
     finally:
         await gw.stop()
+
+
+# ------------------------------------------------------------ the gateway's nick
+
+
+async def test_owner_gateway_takes_its_nick_back_from_an_impostor(
+    xmpp_server: XmppServer, tmp_path: Path, peers: dict[str, Peer]
+) -> None:
+    """In a room the gateway owns, an occupant who took `gw` first is removed, and the gateway
+    joins as `gw`: contacts never talk to the impostor thinking it is the gateway."""
+    alice, victor = peers["alice"], peers["victor"]
+    room = new_room("nick")
+    gw = await gateway_in(xmpp_server, tmp_path, room)  # creates the room: owner
+    await gw.stop()
+    await victor.join(room, "gw")  # a member, with the gateway's nick while it is away
+    alice.drain()
+    gw = await gateway_in(xmpp_server, tmp_path, room)
+    try:
+        assert gw.session.rooms.nicks[room] == "gw"
+        muc = gw.session.client.plugin["xep_0045"]
+        occupants = {n: JID(muc.get_jid_property(JID(room), n, "jid")).bare for n in muc.get_roster(JID(room))}
+        assert occupants == {"gw": gw.jid}, occupants  # victor was removed
+        told = [m for m in await chat_lines(alice, gw.jid) if room in m]
+        assert told == [f"Room {room}: victor@localhost held the gateway's nick gw; the gateway (owner) removed "
+                        "them and took it back."], told
+        await alice.join(room, "alice")
+        alice.client.send_message(mto=room, mbody="gw: read sim.relay", mtype="groupchat")
+        assert (await alice.room_said(room, "gw")).startswith("alice: sim.relay = ")
+    finally:
+        await gw.stop()
+
+
+async def test_gateway_that_cannot_take_its_nick_back_says_which_name_it_has(
+    xmpp_server: XmppServer, tmp_path: Path, peers: dict[str, Peer]
+) -> None:
+    """In someone else's private room, an occupant holding `gw` stays; the gateway joins as
+    `gw-2` and says so, once to the admins and in the room: never quietly under another name."""
+    alice, olive, mallory = peers["alice"], peers["olive"], peers["mallory"]
+    room = new_room("theirs")
+    await create_room(mallory, room, whois="anyone", membersonly=True)
+    muc = mallory.client.plugin["xep_0045"]
+    for jid in ("gateway@localhost", "alice@localhost", "olive@localhost"):
+        await muc.set_affiliation(room, "member", jid=jid, timeout=10)
+    await olive.join(room, "gw")
+    alice.drain()
+    gw = await gateway_in(xmpp_server, tmp_path, room)
+    try:
+        assert gw.session.rooms.nicks[room] == "gw-2"
+        assert room in gw.session.rooms.private
+        said = await mallory.room_said(room, "gw-2")
+        assert said == ("This gateway is gw-2 in this room: the nick gw here belongs to another occupant "
+                        "(olive@localhost), not to this gateway. Address me as `gw-2:`."), said
+        told = [m for m in await chat_lines(alice, gw.jid) if room in m]
+        assert len(told) == 1 and "held by olive@localhost" in told[0] and "This gateway is gw-2 there" in told[0], told
+        assert "gw" in muc.get_roster(JID(room))  # olive was not removed
+    finally:
+        await gw.stop()
