@@ -148,7 +148,7 @@ class Edge:
         elif isinstance(stanza, Presence) and stanza["status"]:
             stanza["status"] = split(stanza["status"], self.budget, 1)[0]
             size = self.size(stanza)
-        elif isinstance(stanza, Iq) and self._trim_form(stanza, size - limit):
+        elif isinstance(stanza, Iq) and self._trim_form(stanza):
             size = self.size(stanza)
         if size <= limit:
             return stanza
@@ -158,30 +158,34 @@ class Edge:
         log.warning("not sent: a %s of %d bytes to %s, over the server's limit of %d", stanza.name, size, stanza["to"], limit)
         return None
 
-    def _trim_form(self, iq: Iq, over: int) -> bool:
-        """Drop the last fields of the largest data form in `iq` until `over` bytes are gone,
-        and say in the form how many are not shown. False when there is no form to trim."""
+    def _trim_form(self, iq: Iq) -> bool:
+        """Keep the first fields of the largest data form in `iq` that fit under the limit, and
+        say in the form how many are not shown. False when there is no form to trim."""
         forms = list(iq.xml.iter(f"{{{XDATA}}}x"))
         if not forms:
             return False
         form = max(forms, key=len)
         fields = form.findall(f"{{{XDATA}}}field")
-        over += ENVELOPE
-        dropped = 0
-        while fields and over > 0:
-            f = fields.pop()
-            over -= len(tostring(f, xmlns=XDATA).encode())
-            form.remove(f)
-            dropped += 1
-        if dropped == 0:
+        if not fields:
             return False
+        for f in fields:
+            form.remove(f)
+        room = self.limit - self.size(iq) - 2 * ENVELOPE  # for the fields and the note
+        kept = 0
+        for f in fields:
+            room -= len(tostring(f, xmlns=XDATA).encode())
+            if room < 0:
+                break
+            form.append(f)
+            kept += 1
         note = ET.Element(f"{{{XDATA}}}instructions")
         note.text = (
-            f"{dropped} of {len(fields) + dropped} fields not shown: the form is over the server's "
+            f"{len(fields) - kept} of {len(fields)} fields not shown: the form is over the server's "
             f"stanza size limit ({self.limit} bytes). Ask for one device."
         )
-        heads = [i for i, e in enumerate(form) if e.tag in (f"{{{XDATA}}}title", f"{{{XDATA}}}instructions")]
-        form.insert(heads[-1] + 1 if heads else 0, note)
+        # XEP-0004's order: instructions first, then the title, then the fields.
+        notes = [i for i, e in enumerate(form) if e.tag == f"{{{XDATA}}}instructions"]
+        form.insert(notes[-1] + 1 if notes else 0, note)
         return True
 
 
