@@ -15,6 +15,7 @@ from slixmpp.xmlstream.tostring import tostring
 
 from gateway.edge import split, text_cost
 from gateway.hub import FieldSpec
+from gateway.values import NOT_XML
 from gateway.localservers import Mosquitto
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
@@ -194,3 +195,20 @@ async def test_software_version_for_contacts_only(running_gateway: Any, peers: d
     answer = await iq(peers["victor"], gw, version)
     assert answer["type"] == "result"
     assert answer.xml.find("{jabber:iq:version}query/{jabber:iq:version}name").text == "iot-gateway"
+
+
+async def test_home_assistant_gets_names_and_values_cleaned(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    from tests.test_homeassistant import configs, ha_config, started, wait_retained
+
+    tag = uuid.uuid4().hex[:8]
+    ids = {"prefix": f"ha-{tag}", "node": f"gw-{tag}", "client": f"iot-gateway-test-{tag}"}
+    box = {"id": "box", "name": "Box\x01", "driver": "simulated", "interval": 60,
+           "fields": [{"name": "mode", "type": "string", "initial": "m\x01"}]}
+    async with started(ha_config(mosquitto, tmp_path, ids, [box])) as gw:
+        gw.hub.push("box", "mode", BAD)
+        snap = await wait_retained(
+            mosquitto.port, lambda s: SHOWN in s.values() and configs(s, ids["prefix"]), "the cleaned state",
+            f"{ids['prefix']}/#", f"iot-gateway/{ids['node']}/#",
+        )
+        names = {c["device"]["name"] for c in configs(snap, ids["prefix"]).values()}
+        assert "Box\ufffd" in names and not any(NOT_XML.search(p) for p in snap.values())
