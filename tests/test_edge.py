@@ -23,6 +23,7 @@ from tests.peer import Peer
 from tests.test_adhoc import execute
 from tests.test_mqtt import Publisher
 from tests.test_serial import Wire
+from tests.test_tasmota import PLUG_CFG
 from tests.xep_helpers import Inbox, by_name, iq, values
 
 BAD = "a\x01b\ud800c\x00d\ufffe"  # a control character, a lone surrogate, NUL, a non-character
@@ -77,6 +78,7 @@ async def test_control_characters_from_every_door_keep_the_session(
         ]},
         {"id": "zb", "driver": "zigbee2mqtt", "base_topic": f"z2m-{tag}"},
         {"id": "line", "driver": "serial", "port": str(wire.a), "fields": [{"name": "mode", "type": "string"}]},
+        {"id": "tas", "driver": "tasmota", "discovery_prefix": f"tas-{tag}/discovery"},
     ]
     config = gateway_config(xmpp_server, tmp_path, devices=devices, mqtt={"url": mosquitto.url, "client_id": "gw-" + tag})
     gw = await start_gateway(config, xmpp_server.passwords["gateway"])
@@ -96,13 +98,20 @@ async def test_control_characters_from_every_door_keep_the_session(
         await until(lambda: "label" in gw.gateway.hub.nodes, "the Zigbee2MQTT device")
         await pub.send(f"z2m-{tag}/label", json.dumps({"note": BAD}))
         await wire.send(b"mode=s\x01x\x7fy\n")
+        # Tasmota: a device name and a sensor key with such characters, a string where a number goes.
+        plug = dict(PLUG_CFG, t=f"plug_{tag}", dn="Plug" + BAD)
+        sensors = {"sn": {"ENERGY": {"Power": 5, "Note" + BAD: 1}, "Label": BAD}}
+        await pub.send(f"tas-{tag}/discovery/{plug['mac']}/config", json.dumps(plug), retain=True)
+        await pub.send(f"tas-{tag}/discovery/{plug['mac']}/sensors", json.dumps(sensors), retain=True)
+        await until(lambda: f"plug_{tag}" in gw.gateway.hub.nodes, "the Tasmota device")
+        await pub.send(f"tele/plug_{tag}/SENSOR", json.dumps({"ENERGY": {"Power": BAD}, "Label": BAD}))
         hub = gw.gateway.hub
         await until(lambda: all(hub.field(r).latest is not None for r in ("label.note", "line.mode")), "the values")
         hub.set_problem("edge", "trouble\x03 here")
 
         assert SHOWN in await heard.find("plain.note")  # the watch's alert
         reply = await heard.ask("read", "values")
-        assert reply.count(SHOWN) == 2 and "s\ufffdx\x7fy" in reply
+        assert reply.count(SHOWN) == 2 and "s\ufffdx\x7fy" in reply and f"plug_{tag}" in reply
         assert SHOWN in await heard.ask("history plain.note", "readings")
         assert "trouble\ufffd here" in await heard.find("trouble")
         pres = await alice.presence_from(gw.jid, lambda p: "trouble" in (p["status"] or ""))
