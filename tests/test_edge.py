@@ -181,6 +181,14 @@ async def test_replies_fit_the_servers_stanza_limit(
         await iq(alice, client.boundjid.full, "<req xmlns='urn:xmpp:iot:sensordata' seqnr='9'><node nodeId='big'/></req>", timeout=60)
         got = values(await inbox.readout(9, timeout=60))
         assert len(got) == 50_000 and got[0].name == "f00000" and got[0].value == "7"
+        # Fields whose values grow fivefold once escaped: 100 of them (one message's worth) would be 500 kB.
+        wide = [FieldSpec(f"w{i:03d}", type="string") for i in range(120)]
+        hub.add_node("wide", "Wide", "none", wide)
+        for spec in wide:
+            hub.push("wide", spec.name, "&" * 1000)
+        await iq(alice, client.boundjid.full, "<req xmlns='urn:xmpp:iot:sensordata' seqnr='10'><node nodeId='wide'/></req>")
+        got = values(await inbox.readout(10))
+        assert len(got) == 120 and {v.value for v in got} == {"&" * 1000}
         answer = await iq(alice, client.boundjid.full, "<getForm xmlns='urn:xmpp:iot:control'><node nodeId='big'/></getForm>", timeout=60)
         assert answer["type"] == "result"
         form = answer.xml.find(".//{jabber:x:data}x")
