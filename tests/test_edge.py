@@ -22,6 +22,8 @@ from tests.helpers import until
 from tests.peer import Peer
 from tests.test_adhoc import execute
 from tests.test_mqtt import Publisher
+from tests.test_omemo import Omemo, alice, befriend, server  # noqa: F401 (fixtures)
+from tests.test_omemo import start as omemo_start
 from tests.test_serial import Wire
 from tests.test_tasmota import PLUG_CFG
 from tests.xep_helpers import Inbox, by_name, iq, values
@@ -229,3 +231,27 @@ async def test_home_assistant_gets_names_and_values_cleaned(mosquitto: Mosquitto
         )
         names = {c["device"]["name"] for c in configs(snap, ids["prefix"]).values()}
         assert "Box\ufffd" in names and not any(NOT_XML.search(p) for p in snap.values())
+
+
+async def test_an_encrypted_long_reply_is_cleaned_and_split_before_encryption(
+    server: XmppServer, tmp_path: Path, alice: Omemo
+) -> None:
+    gw = await omemo_start(server, tmp_path)
+    drops: list[object] = []
+    gw.session.client.add_event_handler("disconnected", drops.append)
+    try:
+        await befriend(gw, alice)
+        specs = [FieldSpec(f"f{i:05d}", type="string") for i in range(20_000)]
+        gw.gateway.hub.add_node("big", "Big", "none", specs)
+        gw.gateway.hub.push("big", "f00000", BAD)
+        await alice.send(gw.jid, "read big")
+        first = await alice.next()
+        assert first[0] == "encrypted" and first[1].startswith("big:") and SHOWN in first[1]
+        for _ in range(6):
+            assert (await alice.next())[0] == "encrypted"
+        kind, last = await alice.next()
+        assert kind == "encrypted" and "more lines not shown" in last
+        assert (await alice.ask(gw.jid, "read sim.relay"))[1].startswith("sim.relay = ")
+        assert drops == [] and gw.session.online.is_set()
+    finally:
+        await gw.stop()
