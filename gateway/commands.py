@@ -570,8 +570,9 @@ def _fit(
             break
         fits.remove(max(fits, key=lambda i: sum(len(c) for c in rows[i])))
     out = []
+    fitting = set(fits)  # a set: `read` of a device with 50,000 fields took 19 s with the list
     for i, row in enumerate(rows):
-        if i in fits:
+        if i in fitting:
             out.append(line(row, w0, w1))
         else:
             out.append(f"{indent}{row[0]}")

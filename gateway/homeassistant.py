@@ -42,7 +42,7 @@ from .config import Config, HomeAssistantSection
 from .hub import Field, FieldSpec, Health, HealthState, Hub, HubError, Node, Reading
 from .noise import Throttle
 from .state import SaveError, StateDir
-from .values import BadValue, Value
+from .values import BadValue, Value, clean
 
 log = logging.getLogger("iot_gateway.homeassistant")
 
@@ -516,8 +516,9 @@ class HomeAssistant:
             if broker is None or not broker.connected or not pending.messages:
                 continue
             batch, pending.messages = pending.messages, {}
+            # The door's edge: names and values from devices may hold what no UTF-8 text should.
             results = await asyncio.gather(
-                *(broker.publish(t, p, True) for t, p in batch.items()), return_exceptions=True
+                *(broker.publish(t, clean(p), True) for t, p in batch.items()), return_exceptions=True
             )
             for (topic, payload), result in zip(batch.items(), results):
                 if isinstance(result, MqttError):
@@ -574,4 +575,16 @@ class HomeAssistant:
 
 
 def _json(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(_cleaned(doc), ensure_ascii=False, separators=(",", ":"))
+
+
+def _cleaned(doc: Any) -> Any:
+    """`doc` with every string in it cleaned (values.clean): JSON would keep a control character
+    in a name as an escape, which Home Assistant then shows."""
+    if isinstance(doc, str):
+        return clean(doc)
+    if isinstance(doc, dict):
+        return {k: _cleaned(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_cleaned(v) for v in doc]
+    return doc

@@ -33,7 +33,7 @@ from slixmpp.xmlstream.tostring import tostring
 
 from .auth import Permission, allowed
 from .hub import FieldSpec, Health, Hub, Node, NodeEvent, Reading
-from .values import Value
+from .values import Value, clean
 
 if TYPE_CHECKING:
     from .xmpp import Session
@@ -45,6 +45,7 @@ XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 
 MAX_CHILDREN = 256  # <node/> and <field/> elements in one request
 FIELDS_PER_MESSAGE = 100  # a bigger read-out is split over several messages
+MAX_BYTES = 31 * 1024  # bytes of fields per message, unless the session knows the server's limit (edge.py)
 MAX_HISTORY = 10_000  # historical values in one read-out
 MAX_DELAY = 86_400.0  # how far ahead `when` may lie, in seconds
 WHEN_SLACK = 0.5  # a `when` closer than this is read out at once
@@ -324,15 +325,11 @@ def integer_kind(spec: FieldSpec) -> str:
 
 _ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"})
 _SPECIAL = re.compile('[&<>"\t\n\r]')
-# Characters XML 1.0 cannot carry at all (a server closes the stream on them), and lone
-# surrogates, which cannot be encoded; they become U+FFFD instead of breaking the session.
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def xml_attr(text: str) -> str:
-    """`text` as the value of an XML attribute written in double quotes."""
-    if _NOT_XML.search(text):
-        text = _NOT_XML.sub("\ufffd", text)
+    """`text` as the value of an XML attribute written in double quotes (made XML-safe by `clean`)."""
+    text = clean(text)
     if _SPECIAL.search(text):
         text = text.translate(_ESCAPES)
     return text
@@ -621,11 +618,24 @@ def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], n
                 out.items.append((node.id, ts, el))
 
 
-def messages(seqnr: int, seq_attr: str, readout: Readout, per_message: int = FIELDS_PER_MESSAGE) -> list[str]:
-    """The `<fields/>` (and `<failure/>`) payloads of a read-out as XML text; the last is marked done."""
+def messages(
+    seqnr: int, seq_attr: str, readout: Readout, per_message: int = FIELDS_PER_MESSAGE, max_bytes: int = MAX_BYTES
+) -> list[str]:
+    """The `<fields/>` (and `<failure/>`) payloads of a read-out as XML text; the last is marked done.
+    Each holds at most `per_message` fields and about `max_bytes` bytes (a field more when one alone is larger)."""
     seq = f'xmlns="{NS}" {seq_attr}="{seqnr}"'
-    items = readout.items
-    chunks = [items[i : i + per_message] for i in range(0, len(items), per_message)]
+    chunks: list[list[tuple[str, str, str]]] = []
+    chunk: list[tuple[str, str, str]] = []
+    size = 0
+    for item in readout.items:
+        cost = len(item[2].encode()) + 6 * len(item[0]) + 100  # the field, its node and timestamp around it
+        if chunk and (len(chunk) >= per_message or size + cost > max_bytes):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(item)
+        size += cost
+    if chunk:
+        chunks.append(chunk)
     if not chunks and not readout.errors:
         chunks = [[]]
     payloads: list[str] = []
@@ -845,7 +855,7 @@ class SensorData:
             log.exception("queued read-out %s for %s failed", req.seqnr, q.requester)
 
     def _send(self, to: JID, req: ReadoutRequest, readout: Readout) -> None:
-        for payload in messages(req.seqnr, req.seq_attr, readout, self.per_message):
+        for payload in messages(req.seqnr, req.seq_attr, readout, self.per_message, self.session.edge.budget):
             self._message(to, payload)
         log.debug("read-out %s for %s: %d values, %d node errors", req.seqnr, to, len(readout.items), len(readout.errors))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 Value = bool | int | float | str
@@ -10,6 +11,9 @@ Value = bool | int | float | str
 TRUE_WORDS = {"on", "true", "1", "yes", "high", "open"}
 FALSE_WORDS = {"off", "false", "0", "no", "low", "closed"}
 MAX_STRING = 1024
+# Characters XML 1.0 cannot carry at all (a server closes the stream on them), and lone
+# surrogates, which UTF-8 cannot encode.
+NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 class BadValue(ValueError):
@@ -66,6 +70,11 @@ def coerce(ftype: str, raw: Any) -> Value:
             raise BadValue(f"text longer than {MAX_STRING} characters")
         return text
     raise BadValue(f"unknown field type {ftype!r}")
+
+
+def clean(text: str) -> str:
+    """`text` with every character XML 1.0 forbids (and every lone surrogate) shown as U+FFFD."""
+    return NOT_XML.sub("\ufffd", text) if NOT_XML.search(text) else text
 
 
 def check_bounds(value: Value, lo: float | None, hi: float | None) -> None:

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
 import slixmpp
-from slixmpp.stanza import Message, Presence
+from slixmpp.stanza import Iq, Message, Presence
 from slixmpp.xmlstream import StanzaBase
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import StanzaPath
 
 from .auth import Actor
 from .commands import Aside, Commands, Progress
@@ -26,13 +28,14 @@ from .config import Config, ConfigError
 from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
+from .edge import Edge
 from .hub import HealthState, Hub, Node, Problem
 from .link import Link
 from .phone import Phone
 from .rooms import Rooms
 from .sensordata import SensorData
 from .upload import Uploader, attach_oob
-from .values import age
+from .values import age, clean
 from .watches import Alert
 
 if TYPE_CHECKING:
@@ -119,6 +122,12 @@ class Session:
         c.plugin["xep_0092"].version = _version()
         c.add_filter("out", forms_in_order)  # slixmpp writes form elements out of XEP-0004's order
         c.add_filter("out", self._not_connected)
+        # Every stanza cleaned of what XML cannot carry and kept under the server's size limit.
+        self.edge = Edge(c)
+        c.add_filter("out", self.edge.filter)
+        # XEP-0092 answers contacts only: strangers learn nothing about the software.
+        c.remove_handler("Software Version")
+        c.register_handler(Callback("Software Version", StanzaPath("iq@type=get/software_version"), self._on_version))
         if self.xcfg.ca_file is not None:
             c.ca_certs = self.xcfg.ca_file
         if not self.xcfg.tls_verify:
@@ -260,6 +269,22 @@ class Session:
         if isinstance(stanza, Message):
             self._unacked.pop(stanza["id"], None)
 
+    def _on_version(self, iq: Iq) -> None:
+        """XEP-0092 for contacts; a stranger gets service-unavailable, as if there were no such service."""
+        if self.config.contact(iq["from"].bare.lower()) is None:
+            log.info("refused a software version query from stranger %s", iq["from"].bare)
+            reply = iq.reply()
+            reply.error()
+            reply["error"]["type"] = "cancel"
+            reply["error"]["condition"] = "service-unavailable"
+            reply.send()
+            return
+        version = self.client.plugin["xep_0092"]
+        reply = iq.reply()
+        reply["software_version"]["name"] = version.software_name
+        reply["software_version"]["version"] = version.version
+        reply.send()
+
     # ------------------------------------------------------------ roster
 
     def _sync_roster(self) -> None:
@@ -320,7 +345,8 @@ class Session:
     def _send_alert(self, alert: Alert, delayed: bool, hooks: bool = True) -> None:
         sm = self.client.plugin["xep_0198"]
         for jid in alert.to:
-            msg = self.client.make_message(mto=jid, mbody=alert.text, mtype="chat")
+            # Cleaned here too: OMEMO encrypts the text before the edge filter sees it.
+            msg = self.client.make_message(mto=jid, mbody=clean(alert.text), mtype="chat")
             msg["id"] = self.client.new_id()
             # XEP-0203 on every alert, even one sent at once: bytes already handed to a server
             # that then stalls arrive whenever it wakes up, and must still say when it happened.
@@ -464,7 +490,9 @@ class Session:
     async def _answer(self, msg: Message, text: str, secure: bool) -> None:
         """Reply to a contact's message: OMEMO-encrypted when it came encrypted, else plain."""
         if secure and self.omemo is not None:
-            await self.omemo.reply(msg, text)
+            # Encrypted before the edge filter sees it: cleaned and split here.
+            for part in self.edge.split(text):
+                await self.omemo.reply(msg, part)
         else:
             msg.reply(text).send()
 
