@@ -521,7 +521,6 @@ class Omemo:
         if out is None:
             out = self.client.make_message(mto=room, mtype="groupchat", mbody=text)
         try:
-            await self.manager()
             sm = await self.manager()
             reachable: list[str] = []
             for force in (False, True):  # the cached lists may be behind (a PEP update on its way): fetch once

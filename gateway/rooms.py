@@ -16,6 +16,7 @@ not have, prefixes its alerts with its site, and shows the fleet with `fleet`.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import logging
 import random
@@ -215,10 +216,14 @@ class Rooms:
 
     async def _say_sealed(self, room: str, msg: Message) -> None:
         omemo, readers = self.session.omemo, self._contacts_in(room)
-        if omemo is None or not readers:
-            why = "no contact is in the room"
-        else:
-            why = await omemo.to_room(room, msg["body"], readers, msg)
+        why = "no contact is in the room" if omemo is None or not readers else None
+        # Encrypted before the edge filter sees it: cleaned and split here, as for direct replies.
+        for part in ([] if why else self.session.edge.split(msg["body"])):
+            out = copy.copy(msg)
+            out["body"] = part
+            why = await omemo.to_room(room, part, readers, out)
+            if why:
+                break
         if why:
             log.info("room %s: not posted, cannot encrypt it (%s)", room, why)
             self._tell_admins_once(room, (
