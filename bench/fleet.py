@@ -21,10 +21,10 @@ from typing import Any
 
 from slixmpp import Message
 
-import gateway.fleet as fleet
+import gateway.xmpp.fleet as fleet
 from gateway.app import Gateway
 from gateway.config import parse
-from gateway.xmpp import Session
+from gateway.xmpp.session import Session
 
 from .clients import BenchError, Client
 from .lab import Lab

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.config import load
 from gateway.history import SCHEMA
-from gateway.localservers import Mosquitto, Prosody, stop_process
+from gateway.demo.localservers import Mosquitto, Prosody, stop_process
 
 from .clients import Client
 

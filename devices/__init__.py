@@ -21,7 +21,7 @@ from typing import Any, get_args
 
 from .base import Context, Driver
 
-NOT_DRIVERS = {"base"}
+NOT_DRIVERS = {"base", "discovery", "discoverybase"}  # helpers, not driver families
 
 
 def driver_names() -> tuple[str, ...]:

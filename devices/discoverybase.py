@@ -1,6 +1,6 @@
 """Config shared by the drivers of self-describing MQTT devices (`zigbee2mqtt`, `tasmota`).
 
-Kept apart from `devices._discovery` (which imports paho) so `iot-gateway check` needs no paho.
+Kept apart from `devices.discovery` (which imports paho) so `iot-gateway check` needs no paho.
 """
 
 from __future__ import annotations

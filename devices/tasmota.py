@@ -32,7 +32,7 @@ from typing import Any
 from gateway.hub import FieldSpec, Health
 from gateway.values import Value
 
-from ._discovery import MAX_DEVICES, MAX_FIELDS, MAX_TEXT, Device, Discovering, Malformed, Spot, describe, dig, picked, sanitise, text
+from .discovery import MAX_DEVICES, MAX_FIELDS, MAX_TEXT, Device, Discovering, Malformed, Spot, describe, dig, picked, sanitise, text
 from .mqtt import Broker, MqttError, Throttle, _short
 from .tasmota_config import LEVEL, TasmotaDevice
 

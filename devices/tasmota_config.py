@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ._discoverybase import DiscoveringDevice, topic_part
+from .discoverybase import DiscoveringDevice, topic_part
 
 LEVEL = re.compile(r"[^/+#\s]{1,64}")  # one topic level: a Tasmota prefix or topic
 

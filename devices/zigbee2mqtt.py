@@ -35,7 +35,7 @@ from typing import Any
 from gateway.hub import FieldSpec, Health
 from gateway.values import Value
 
-from ._discovery import (
+from .discovery import (
     MAX_CHOICES,
     MAX_DEPTH,
     MAX_DEVICES,

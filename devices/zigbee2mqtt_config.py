@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from ._discoverybase import DiscoveringDevice, topic_part
+from .discoverybase import DiscoveringDevice, topic_part
 
 
 class Zigbee2MqttDevice(DiscoveringDevice):

@@ -18,7 +18,7 @@ from .state import StateDir
 from .watches import Watches
 
 if TYPE_CHECKING:
-    from .homeassistant import HomeAssistant
+    from .mqtt.homeassistant import HomeAssistant
 
 log = logging.getLogger("iot_gateway")
 
@@ -104,7 +104,7 @@ class Gateway:
         if self.state.readonly is not None:
             log.info("homeassistant: not published from this process: %s", self.state.readonly)
             return
-        from .homeassistant import HomeAssistant  # imports paho: only when asked for
+        from .mqtt.homeassistant import HomeAssistant  # imports paho: only when asked for
 
         try:
             bridge = HomeAssistant(self.hub, self.config, self.ctx, self.state)

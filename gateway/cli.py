@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from .config import PASSWORD_ENV, Config, ConfigError, load
-from .redact import SaslRedactor
+from .xmpp.redact import SaslRedactor
 from .state import StateDir, StateLocked
 
 DEFAULT_CONFIG = "/etc/iot-gateway/gateway.toml"
@@ -238,7 +238,7 @@ class _Stopper:
 async def _run(config: Config, state: StateDir) -> int:
     from .app import Gateway
     from .systemd import Notifier, status_line
-    from .xmpp import Session, health_summary
+    from .xmpp.session import Session, health_summary
 
     assert config.xmpp is not None
     stopper = _Stopper()

@@ -80,8 +80,8 @@ class Commands:
         self.watches = watches
         self.reverts = reverts
         self.plots = Plots()  # the XMPP session gives it an uploader
-        self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/fleet.py)
-        self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/omemo.py), when on
+        self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/xmpp/fleet.py)
+        self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/xmpp/omemo.py), when on
 
     async def run(
         self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None, aside: Aside | None = None
@@ -416,7 +416,7 @@ OMEMO_COMMANDS = {"devices", "trust", "distrust"}
 
 
 class OmemoAdmin(Protocol):
-    """What the OMEMO commands ask of gateway/omemo.py (not imported here: it loads the crypto stack)."""
+    """What the OMEMO commands ask of gateway/xmpp/omemo.py (not imported here: it loads the crypto stack)."""
 
     async def devices(self, args: list[str]) -> str: ...
 

@@ -13,8 +13,8 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import Config, parse
-from gateway.localservers import Mosquitto, Prosody
-from gateway.xmpp import Session
+from gateway.demo.localservers import Mosquitto, Prosody
+from gateway.xmpp.session import Session
 from tests import schema
 from tests.peer import Peer
 

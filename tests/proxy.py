@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from gateway.localservers import free_port
+from gateway.demo.localservers import free_port
 
 
 class Proxy:

@@ -11,7 +11,7 @@ import devices.serial as sd
 from devices.mqtt import BadPayload, parse_json
 from devices.serial_config import SerialDevice
 from gateway.hub import Health
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from tests.test_mqtt import Publisher, gateways, health, make_config, publisher, start, unique, until, values
 
 __all__ = ["gateways", "publisher"]  # fixtures, imported so pytest finds them here

@@ -19,10 +19,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from devices.kernel import discover, read_file
-from gateway import demo
+from gateway.demo import run as demo
 from gateway.config import load
-from gateway.demodevices import Plug, Thermometer
-from gateway.localservers import Mosquitto
+from gateway.demo.devices import Plug, Thermometer
+from gateway.demo.localservers import Mosquitto
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 

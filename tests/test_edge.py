@@ -1,4 +1,4 @@
-"""What leaves through the XMPP door (gateway/edge.py), through the suite's real Prosody:
+"""What leaves through the XMPP door (gateway/xmpp/edge.py), through the suite's real Prosody:
 characters XML cannot carry arriving by every door, replies larger than the server's
 stanza limit, and who is told the gateway's software version."""
 
@@ -13,10 +13,10 @@ import pytest
 from slixmpp.features.feature_limits.limits import Limits
 from slixmpp.xmlstream.tostring import tostring
 
-from gateway.edge import split, text_cost
+from gateway.xmpp.edge import split, text_cost
 from gateway.hub import FieldSpec
 from gateway.values import NOT_XML
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.peer import Peer

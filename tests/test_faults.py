@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.localservers import Prosody
+from gateway.demo.localservers import Prosody
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.proxy import Proxy
 

@@ -17,7 +17,7 @@ from typing import Any
 from gateway.app import Gateway
 from gateway.config import parse
 from gateway.hub import Health
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from gateway.watches import FLAP_QUIET, Alert
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, parse
-from gateway.fleet import addressed, concerns, delay, nick_for
+from gateway.xmpp.fleet import addressed, concerns, delay, nick_for
 from gateway.hub import FieldSpec, Health, Hub
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.peer import Peer

@@ -27,7 +27,7 @@ from gateway.auth import Actor
 from gateway.config import ConfigError, load, parse
 from gateway.hub import DeviceError, Health, Hub
 from gateway.values import BadValue
-from gateway.xmpp import Session
+from gateway.xmpp.session import Session
 from tests.conftest import XmppServer, gateway_config
 
 OLIVE = Actor("olive@localhost", "operator", "test")

@@ -27,7 +27,7 @@ from gateway.app import Gateway
 from gateway.config import parse
 from gateway.history import HistoryStore
 from gateway.hub import FieldSpec, Hub, Problem
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from gateway.systemd import notify_address
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.test_systemd import FakeSystemd

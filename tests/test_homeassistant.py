@@ -27,9 +27,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.app import Gateway
 from gateway.config import Config, ConfigError, parse
 from gateway.auth import Actor
-from gateway.homeassistant import Layout, build, layout, state_payload
+from gateway.mqtt.homeassistant import Layout, build, layout, state_payload
 from gateway.hub import FieldSpec, Health, Hub
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from gateway.noise import Noise, Throttle
 from tests.helpers import until
 from tests.test_kernel import W1_ID, FakeSys

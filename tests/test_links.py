@@ -22,9 +22,9 @@ from gateway import link
 from gateway.app import Gateway
 from gateway.commands import Commands
 from gateway.hub import Health
-from gateway.localservers import Prosody
+from gateway.demo.localservers import Prosody
 from gateway.systemd import status_line
-from gateway.xmpp import Session
+from gateway.xmpp.session import Session
 from tests.conftest import USERS, RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.proxy import Proxy

@@ -34,7 +34,7 @@ from gateway.auth import Actor
 from devices.mqtt_config import MqttField
 from gateway.config import Config, ConfigError, parse
 from gateway.hub import DeviceError, Health
-from gateway.localservers import Mosquitto, free_port, make_certs
+from gateway.demo.localservers import Mosquitto, free_port, make_certs
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 

@@ -19,8 +19,8 @@ from gateway import demo
 from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.config import Config, parse
-from gateway.demodevices import Plug
-from gateway.localservers import Mosquitto
+from gateway.demo.devices import Plug
+from gateway.demo.localservers import Mosquitto
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.test_homeassistant import Watcher

@@ -19,7 +19,7 @@ from devices.mqtt import Broker
 from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.hub import Health, Unconfirmed
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from gateway.state import StateDir, StateLocked
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until

@@ -29,10 +29,10 @@ from slixmpp_omemo import XEP_0384
 from gateway.auth import Actor
 from gateway.config import ConfigError, parse
 from gateway.hub import Health
-from gateway.localservers import Prosody
-from gateway.omemo import OMEMO2_ONLY, REQUIRED, STORE
+from gateway.demo.localservers import Prosody
+from gateway.xmpp.omemo import OMEMO2_ONLY, REQUIRED, STORE
 from gateway.watches import Alert
-from gateway.xmpp import STRANGER_REPLY
+from gateway.xmpp.session import STRANGER_REPLY
 from tests.conftest import USERS, RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.test_rooms import room_lines

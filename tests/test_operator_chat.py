@@ -12,7 +12,7 @@ from slixmpp.exceptions import IqError
 
 from gateway.auth import Actor
 from gateway.hub import Health
-from gateway.localservers import Prosody
+from gateway.demo.localservers import Prosody
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.peer import Peer
 

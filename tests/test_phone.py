@@ -16,8 +16,8 @@ from slixmpp.xmlstream import ET
 from gateway.auth import Actor
 from gateway.commands import WIDTH, ago
 from gateway.hub import Health
-from gateway.phone import MEMORY, Phone
-from gateway.xmpp import STRANGER_REPLY
+from gateway.xmpp.phone import MEMORY, Phone
+from gateway.xmpp.session import STRANGER_REPLY
 from tests.conftest import RunningGateway
 from tests.helpers import running, until
 from tests.peer import Peer

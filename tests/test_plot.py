@@ -31,9 +31,9 @@ from gateway import plot, upload
 from gateway.auth import Actor
 from gateway.commands import Commands
 from gateway.hub import FieldSpec, History, Hub, Reading
-from gateway.localservers import Prosody, free_port
+from gateway.demo.localservers import Prosody, free_port
 from gateway.plot import COLORS, SPARK, THRESHOLD_COLOR, Chart, Picture, Series
-from gateway.xmpp import STRANGER_REPLY
+from gateway.xmpp.session import STRANGER_REPLY
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.peer import Peer
 
@@ -489,7 +489,7 @@ async def test_without_matplotlib_the_plot_is_a_sparkline(monkeypatch: pytest.Mo
 
 def test_the_plotting_library_is_not_loaded_until_the_first_plot() -> None:
     code = (
-        "import sys, gateway.app, gateway.xmpp, gateway.commands, gateway.plot, gateway.upload, gateway.cli\n"
+        "import sys, gateway.app, gateway.xmpp.session, gateway.commands, gateway.plot, gateway.xmpp.upload, gateway.cli\n"
         "print(sorted(m for m in ('matplotlib', 'numpy', 'PIL') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

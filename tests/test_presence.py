@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import devices.serial as sd
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.test_serial import Wire, until
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from gateway.auth import Actor
-from gateway.omemo import fingerprint
+from gateway.xmpp.omemo import fingerprint
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.test_clients import Profanity, launch

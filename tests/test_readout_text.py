@@ -1,4 +1,4 @@
-"""XEP-0323 read-outs written as XML text (gateway/sensordata.py): escaping of hostile
+"""XEP-0323 read-outs written as XML text (gateway/xmpp/sensordata.py): escaping of hostile
 names, units and values, XEP-0198 counting, and the resend of an unacknowledged
 read-out after a resumed stream; all through the suite's real Prosody."""
 
@@ -16,8 +16,8 @@ from slixmpp.xmlstream.tostring import tostring
 from gateway.app import Gateway
 from gateway.commands import Commands
 from gateway.hub import FieldSpec, Hub
-from gateway.sensordata import ReadoutRequest, TextMessage, messages, read
-from gateway.xmpp import Session
+from gateway.xmpp.sensordata import ReadoutRequest, TextMessage, messages, read
+from gateway.xmpp.session import Session
 from tests.conftest import XmppServer, gateway_config
 from tests.peer import Peer
 from tests.proxy import Proxy

@@ -14,7 +14,7 @@ import pytest
 from slixmpp import JID
 
 from gateway.hub import Health
-from gateway.rooms import ROOMCONFIG, privacy
+from gateway.xmpp.rooms import ROOMCONFIG, privacy
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.peer import Peer
 

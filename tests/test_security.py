@@ -158,7 +158,7 @@ async def test_tls_is_verified_and_an_untrusted_server_gets_no_login(
     xmpp_server: XmppServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from gateway.app import Gateway
-    from gateway.xmpp import Session
+    from gateway.xmpp.session import Session
 
     config = gateway_config(xmpp_server, tmp_path)
     config.xmpp.ca_file = None  # the suite's private CA is not among the system's trust anchors

@@ -22,7 +22,7 @@ import pytest
 from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.config import parse
-from gateway.localservers import Mosquitto, free_port
+from gateway.demo.localservers import Mosquitto, free_port
 from gateway.state import SaveError, StateDir
 from gateway.watches import Alert
 from tests.conftest import XmppServer, gateway_config, start_gateway

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import JournalFormatter
-from gateway.localservers import Prosody
+from gateway.demo.localservers import Prosody
 from gateway.systemd import Notifier, NotifyError, notify_address, watchdog_interval
 from tests.conftest import XmppServer
 
@@ -380,7 +380,7 @@ async def test_debug_log_of_a_plain_login_hides_the_password(
 
 
 def test_sasl_payloads_are_redacted_whatever_the_mechanism() -> None:
-    from gateway.redact import redact_sasl
+    from gateway.xmpp.redact import redact_sasl
 
     ns = 'xmlns="urn:ietf:params:xml:ns:xmpp-sasl"'
     plain = base64.b64encode(b"\0gw\0hunter2").decode()

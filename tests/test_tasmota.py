@@ -22,13 +22,13 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devices._discovery import Malformed
+from devices.discovery import Malformed
 from devices.tasmota import full_topic, relays, sensor_spots
 from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.config import ConfigError, parse
 from gateway.hub import Health
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from tests.helpers import until
 from tests.test_mqtt import Publisher
 

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.commands import Commands
-from gateway.xmpp import STRANGER_REPLY, Session
+from gateway.xmpp.session import STRANGER_REPLY, Session
 from tests.conftest import RunningGateway, XmppServer, gateway_config
 from tests.peer import Peer
 
@@ -94,10 +94,10 @@ async def test_unknown_command_and_errors_get_clear_replies(running_gateway: Run
 async def test_command_sent_while_offline_is_not_executed(
     xmpp_server: XmppServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gateway.xmpp
+    import gateway.xmpp.session
 
     # Commands delayed by less than MAX_COMMAND_AGE (a resumed network drop) still run.
-    monkeypatch.setattr(gateway.xmpp, "MAX_COMMAND_AGE", 0.3)
+    monkeypatch.setattr(gateway.xmpp.session, "MAX_COMMAND_AGE", 0.3)
     alice = await xmpp_server.peer("alice").start()
     gw_jid = xmpp_server.jid("gateway")
     try:

@@ -27,7 +27,7 @@ from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.config import Config, parse
 from gateway.hub import Health
-from gateway.localservers import Mosquitto
+from gateway.demo.localservers import Mosquitto
 from gateway.values import BadValue
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until

@@ -19,7 +19,7 @@ from slixmpp.xmlstream.matcher.base import MatcherBase
 from gateway.app import Gateway
 from gateway.commands import Commands
 from gateway.hub import FieldSpec, Hub
-from gateway.xmpp import Session
+from gateway.xmpp.session import Session
 from tests import schema
 from tests.conftest import XmppServer, gateway_config
 from tests.peer import Peer

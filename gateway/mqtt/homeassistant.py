@@ -37,12 +37,12 @@ from typing import Any
 from devices import Context
 from devices.mqtt import SHARED_KEY, Broker, MqttError
 
-from .auth import Actor, Forbidden
-from .config import Config, HomeAssistantSection
-from .hub import Field, FieldSpec, Health, HealthState, Hub, HubError, Node, Reading
-from .noise import Throttle
-from .state import SaveError, StateDir
-from .values import BadValue, Value, clean
+from ..auth import Actor, Forbidden
+from ..config import Config, HomeAssistantSection
+from ..hub import Field, FieldSpec, Health, HealthState, Hub, HubError, Node, Reading
+from ..noise import Throttle
+from ..state import SaveError, StateDir
+from ..values import BadValue, Value, clean
 
 log = logging.getLogger("iot_gateway.homeassistant")
 

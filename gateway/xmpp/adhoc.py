@@ -31,12 +31,12 @@ from slixmpp.plugins.xep_0030.stanza import DiscoItems
 from slixmpp.plugins.xep_0050 import XEP_0050, Command
 from slixmpp.stanza import Iq
 
-from .auth import Actor, Forbidden, Permission, allowed, require
-from .hub import Field, HubError
-from .values import BadValue, Value, age, check_bounds, coerce, fmt
+from ..auth import Actor, Forbidden, Permission, allowed, require
+from ..hub import Field, HubError
+from ..values import BadValue, Value, age, check_bounds, coerce, fmt
 
 if TYPE_CHECKING:
-    from .xmpp import Session
+    from .session import Session
 
 log = logging.getLogger("iot_gateway.adhoc")
 

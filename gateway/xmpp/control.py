@@ -23,8 +23,8 @@ from slixmpp.xmlstream import ET, StanzaBase
 from slixmpp.xmlstream.handler import CoroutineCallback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from .auth import Actor, Forbidden, Permission, allowed
-from .hub import DeviceError, FieldSpec, Hub, Node, NodeEvent, NotWritable, UnknownField
+from ..auth import Actor, Forbidden, Permission, allowed
+from ..hub import DeviceError, FieldSpec, Hub, Node, NodeEvent, NotWritable, UnknownField
 from .sensordata import (
     answering,
     check_rate,
@@ -48,10 +48,10 @@ from .sensordata import (
     parse_integer,
     role_of,
 )
-from .values import BadValue, Value, check_bounds, coerce
+from ..values import BadValue, Value, check_bounds, coerce
 
 if TYPE_CHECKING:
-    from .xmpp import Session
+    from .session import Session
 
 log = logging.getLogger("iot_gateway.xep0325")
 

@@ -22,7 +22,7 @@ from slixmpp.xmlstream import ET, StanzaBase
 from slixmpp.xmlstream.tostring import tostring
 
 from .sensordata import TextMessage
-from .values import NOT_XML, clean
+from ..values import NOT_XML, clean
 
 log = logging.getLogger("iot_gateway.edge")
 

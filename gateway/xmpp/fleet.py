@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .hub import Hub
+from ..hub import Hub
 
 WINDOW = 1.0  # seconds within which every gateway answers a fleet-wide command
 JITTER = 0.3  # share of its slot by which a gateway's answer wanders, so the order stays

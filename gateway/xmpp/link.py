@@ -35,8 +35,8 @@ import slixmpp
 from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.xmlstream import StanzaBase
 
-from .config import XmppSection
-from .hub import Hub
+from ..config import XmppSection
+from ..hub import Hub
 
 log = logging.getLogger("iot_gateway.xmpp")
 

@@ -54,10 +54,10 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp_omemo import TrustLevel, XEP_0384
 
-from .watches import Alert
+from ..watches import Alert
 
 if TYPE_CHECKING:
-    from .xmpp import Session
+    from .session import Session
 
 log = logging.getLogger("iot_gateway.omemo")
 # At DEBUG these libraries log plaintexts, keys and whole ratchet states: never into the gateway's

@@ -24,7 +24,7 @@ from slixmpp.stanza import Message
 from slixmpp.xmlstream import ET
 
 if TYPE_CHECKING:
-    from .xmpp import Session
+    from .session import Session
 
 RECEIPTS = "urn:xmpp:receipts"
 MARKERS = "urn:xmpp:chat-markers:0"

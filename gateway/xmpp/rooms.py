@@ -28,15 +28,15 @@ from slixmpp import JID
 from slixmpp.exceptions import IqError, IqTimeout, PresenceError
 from slixmpp.stanza import Message, Presence
 
-from .auth import Actor
-from .commands import Progress
+from ..auth import Actor
+from ..commands import Progress
 from .fleet import SHOW, Member, addressed, concerns, delay, nick_for, overview
-from .plot import Picture
+from ..plot import Picture
 from .upload import attach_oob
-from .watches import Alert
+from ..watches import Alert
 
 if TYPE_CHECKING:
-    from .xmpp import Session
+    from .session import Session
 
 log = logging.getLogger("iot_gateway.rooms")
 
@@ -375,7 +375,7 @@ class Rooms:
     def _announce(self, room: str) -> None:
         """Our health as our presence in `room`, so the fleet sees it; an empty status where
         the room is not private (the health names devices)."""
-        from .xmpp import health_summary  # the session module imports this one
+        from .session import health_summary  # the session module imports this one
 
         show, status = None, ""
         if room in self.private and not self.sealed:
@@ -454,7 +454,7 @@ class Rooms:
     async def _answer(self, text: str, everyone: bool, actor: Actor, progress: Progress | None = None) -> str:
         """The reply to a room command; to `all: status`, one line (the presence's summary)."""
         if everyone and text.lower() == "status":
-            from .xmpp import health_summary  # the session module imports this one
+            from .session import health_summary  # the session module imports this one
 
             return health_summary(self.session.config.gateway.name, self.session.hub)[1]
         return await self.session.run_command(text, actor, progress)
@@ -472,7 +472,7 @@ class Rooms:
     def overview(self) -> str:
         """The `fleet` reply: per joined room, each gateway of the fleet and its health
         as its presence in the room says (configured peers that are not there, too)."""
-        from .xmpp import health_summary  # the session module imports this one
+        from .session import health_summary  # the session module imports this one
 
         if not self.joined:
             return "This gateway is in no room, so it sees no fleet."

@@ -31,12 +31,12 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp.xmlstream.tostring import tostring
 
-from .auth import Permission, allowed
-from .hub import FieldSpec, Health, Hub, Node, NodeEvent, Reading
-from .values import Value, clean
+from ..auth import Permission, allowed
+from ..hub import FieldSpec, Health, Hub, Node, NodeEvent, Reading
+from ..values import Value, clean
 
 if TYPE_CHECKING:
-    from .xmpp import Session
+    from .session import Session
 
 log = logging.getLogger("iot_gateway.xep0323")
 

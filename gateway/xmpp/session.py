@@ -22,21 +22,21 @@ from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import StanzaPath
 
-from .auth import Actor
-from .commands import Aside, Commands, Progress
-from .config import Config, ConfigError
+from ..auth import Actor
+from ..commands import Aside, Commands, Progress
+from ..config import Config, ConfigError
 from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
 from .edge import Edge
-from .hub import HealthState, Hub, Node, Problem
+from ..hub import HealthState, Hub, Node, Problem
 from .link import Link
 from .phone import Phone
 from .rooms import Rooms
 from .sensordata import SensorData
 from .upload import Uploader, attach_oob
-from .values import age, clean
-from .watches import Alert
+from ..values import age, clean
+from ..watches import Alert
 
 if TYPE_CHECKING:
     from .omemo import Omemo
@@ -153,7 +153,7 @@ class Session:
         hub.subscribe(node=self._on_node)  # a device discovered or removed changes the counts
         self.rooms = Rooms(self)
         self.phone = Phone(self)  # receipts, markers, edits, retractions
-        self.omemo = _omemo(self)  # end-to-end encryption (gateway/omemo.py); None when off
+        self.omemo = _omemo(self)  # end-to-end encryption (gateway/xmpp/omemo.py); None when off
         if self.omemo is not None:
             commands.omemo = self.omemo
         self.adhoc = AdHoc(self)

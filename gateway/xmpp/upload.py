@@ -30,7 +30,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import ET
 
-from .plot import NoPicture, Picture
+from ..plot import NoPicture, Picture
 
 log = logging.getLogger("iot_gateway.upload")
 
