@@ -238,7 +238,8 @@ class _Stopper:
 async def _run(config: Config, state: StateDir) -> int:
     from .app import Gateway
     from .systemd import Notifier, status_line
-    from .xmpp.session import Session, health_summary
+    from .xmpp.presence import health_summary
+    from .xmpp.session import Session
 
     assert config.xmpp is not None
     stopper = _Stopper()

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from devices import device_models, driver_names
+from devices.registry import device_models, driver_names
 
 from .configbase import Strict
 from .values import parse_duration
@@ -387,9 +387,10 @@ class HomeAssistantSection(Strict):
         return v
 
 
-# Every driver's device model, found in devices/ (see devices.device_models).
-Device = Annotated[Union[tuple(device_models())], Field(discriminator="driver")]
-DRIVER_NAMES = driver_names()
+def device_union() -> Any:
+    """`Device`: every driver's device model (found in devices/, see devices.registry), one
+    chosen by `driver`. Built when a config is first parsed, not when this module is imported."""
+    return Annotated[Union[tuple(device_models())], Field(discriminator="driver")]
 
 
 class Config(Strict):
@@ -461,7 +462,7 @@ def _path(loc: tuple[Any, ...]) -> str:
     prev: Any = None
     for p in loc:
         # Discriminated unions put the tag into the location; users never wrote it.
-        if isinstance(prev, int) and p in DRIVER_NAMES:
+        if isinstance(prev, int) and p in driver_names():
             prev = p
             continue
         if isinstance(p, str) and p.startswith(("function-", "model-")):
@@ -480,10 +481,10 @@ def _message(err: dict[str, Any]) -> str:
         return "missing (required)"
     if kind == "union_tag_invalid":
         return f"unknown driver {err.get('input', {}).get('driver')!r}; expected one of: " + ", ".join(
-            DRIVER_NAMES
+            driver_names()
         )
     if kind == "union_tag_not_found":
-        return "missing `driver` (one of: " + ", ".join(DRIVER_NAMES) + ")"
+        return "missing `driver` (one of: " + ", ".join(driver_names()) + ")"
     if kind == "finite_number":
         return f"must be a finite number, got {err.get('input')!r}"
     if kind == "literal_error":
@@ -495,6 +496,8 @@ def _message(err: dict[str, Any]) -> str:
 
 def parse(data: dict[str, Any]) -> Config:
     """Validate already-parsed TOML data; raise ConfigError listing every problem."""
+    if not Config.__pydantic_complete__:  # the first parse: the drivers' device models go in now
+        Config.model_rebuild(_types_namespace={"Device": device_union()})
     try:
         return Config.model_validate(data)
     except ValidationError as e:

@@ -284,6 +284,7 @@ class Hub:
         self._problem_listeners: list[ProblemListener] = []
         self._write_listeners: list[WriteListener] = []
         self._node_listeners: list[NodeListener] = []
+        self._owned: dict[int, list[Callable[..., None]]] = {}  # id(owner) -> its listeners
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
 
@@ -383,6 +384,8 @@ class Hub:
 
     def subscribe(
         self,
+        owner: object = None,
+        *,
         reading: ReadingListener | None = None,
         health: HealthListener | None = None,
         problem: ProblemListener | None = None,
@@ -392,17 +395,21 @@ class Hub:
         """Call `reading(field, reading)` on each new reading, `health(node, old)` on health changes,
         `problem(component, new, old)` when a gateway problem appears, changes or clears,
         `write(field, old, new, actor)` after a write was applied (any entry point),
-        `node(event)` when a device is added, removed, renamed or changes its fields at run time."""
-        if reading is not None:
-            self._reading_listeners.append(reading)
-        if health is not None:
-            self._health_listeners.append(health)
-        if problem is not None:
-            self._problem_listeners.append(problem)
-        if write is not None:
-            self._write_listeners.append(write)
-        if node is not None:
-            self._node_listeners.append(node)
+        `node(event)` when a device is added, removed, renamed or changes its fields at run time.
+
+        Listeners given with an `owner` (the object they belong to) all go with
+        `unsubscribe_all(owner)`, so a part that stops leaves nothing behind."""
+        for lst, listener in (
+            (self._reading_listeners, reading),
+            (self._health_listeners, health),
+            (self._problem_listeners, problem),
+            (self._write_listeners, write),
+            (self._node_listeners, node),
+        ):
+            if listener is not None:
+                lst.append(listener)
+                if owner is not None:
+                    self._owned.setdefault(id(owner), []).append(listener)
 
     def unsubscribe(self, callback: Callable[..., None]) -> None:
         """Stop calling a listener given to `subscribe`."""
@@ -415,6 +422,21 @@ class Hub:
         ):
             if callback in lst:
                 lst.remove(callback)
+
+    def listeners(self) -> int:
+        """How many listeners are subscribed, of every kind (a rebuilt session must not add to them)."""
+        return sum(map(len, (
+            self._reading_listeners,
+            self._health_listeners,
+            self._problem_listeners,
+            self._write_listeners,
+            self._node_listeners,
+        )))
+
+    def unsubscribe_all(self, owner: object) -> None:
+        """Stop calling every listener subscribed under `owner` (nothing if there is none)."""
+        for callback in self._owned.pop(id(owner), []):
+            self.unsubscribe(callback)
 
     def set_writer(self, node_id: str, writer: Writer) -> None:
         """Route writes for `node_id` to a driver's async `writer(field, value)`."""

@@ -111,7 +111,7 @@ class Reverts:
 
     def start(self) -> None:
         """Load stored reverts and arm their timers (overdue ones run at once)."""
-        self.hub.subscribe(health=self._on_health, write=self._on_write, node=self._on_node)
+        self.hub.subscribe(self, health=self._on_health, write=self._on_write, node=self._on_node)
         if self.state.readonly is not None:
             # They belong to the process that owns the folder: it runs them.
             log.info("stored timed reverts are left to the process that owns %s", self.state.path)
@@ -130,9 +130,7 @@ class Reverts:
 
     async def stop(self) -> None:
         """Disarm timers and wait out a try in flight; pending reverts stay on disk for the next start."""
-        self.hub.unsubscribe(self._on_health)
-        self.hub.unsubscribe(self._on_write)
-        self.hub.unsubscribe(self._on_node)
+        self.hub.unsubscribe_all(self)
         for h in self._timers.values():
             h.cancel()
         self._timers.clear()

@@ -131,11 +131,11 @@ class Watches:
         # Watches whose device or field is not there (removed at run time, or not discovered
         # yet after a restart) -> what their owner was told ("" when nothing yet).
         self._missing: dict[int, str] = {}
-        hub.subscribe(node=self._on_node)
+        hub.subscribe(self, node=self._on_node)
         self.debounce = config.gateway.health_debounce
         self._told: dict[str, Told] = {}
         self._load()
-        hub.subscribe(reading=self._on_reading, health=self._on_health, node=self._follow)
+        hub.subscribe(self, reading=self._on_reading, health=self._on_health, node=self._follow)
 
     # ------------------------------------------------------------ management
 
@@ -257,7 +257,9 @@ class Watches:
         return [w for w in self.watches.values() if admin or w.owner == jid]
 
     def stop(self) -> None:
-        """Cancel the pending health checks (the gateway is stopping: its devices' last changes are not news)."""
+        """Stop listening to the hub and cancel the pending health checks (the gateway is stopping:
+        its devices' last changes are not news)."""
+        self.hub.unsubscribe_all(self)
         for told in self._told.values():
             if told.timer is not None:
                 told.timer.cancel()

@@ -161,3 +161,21 @@ async def test_boolean_words(raw: object, value: bool) -> None:
 
     hub.set_writer("dev", writer)
     assert (await hub.write("dev.relay", raw, ADMIN))[1] is value
+
+
+def test_unsubscribe_all_drops_an_owners_listeners_and_no_others() -> None:
+    """Listeners subscribed under an owner all go with `unsubscribe_all(owner)`; the rest stay."""
+    hub = make_hub()
+    owner, other = object(), object()
+    seen: list[str] = []
+    hub.subscribe(owner, reading=lambda f, r: seen.append("owner"), node=lambda e: seen.append("owner node"))
+    hub.subscribe(owner, health=lambda n, old: seen.append("owner health"))
+    hub.subscribe(other, reading=lambda f, r: seen.append("other"))
+    hub.subscribe(reading=lambda f, r: seen.append("nobody's"))
+    assert hub.listeners() == 5
+    hub.unsubscribe_all(owner)
+    hub.unsubscribe_all(owner)  # twice: nothing left to do
+    assert hub.listeners() == 2
+    hub.push("dev", "temp", 21.0)
+    hub.set_health("dev", Health.ERROR, "unplugged")
+    assert seen == ["other", "nobody's"]

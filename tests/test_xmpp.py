@@ -118,3 +118,22 @@ async def test_command_sent_while_offline_is_not_executed(
             await gw.stop()
     finally:
         await alice.stop()
+
+
+async def test_a_stopped_session_leaves_nothing_on_the_hub(xmpp_server: XmppServer, tmp_path: Path) -> None:
+    """The session and its front-ends (XEP-0323, XEP-0325, rooms, ...) unsubscribe from the hub
+    when stopped, so a session rebuilt on the same gateway does not leave the old one listening."""
+    config = gateway_config(xmpp_server, tmp_path)
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        alone = gw.hub.listeners()
+        for _ in range(2):  # a first session, then a rebuilt one
+            session = Session(config, gw.hub, gw.commands, xmpp_server.passwords["gateway"], (gw.watches, gw.reverts))
+            session.connect()
+            await asyncio.wait_for(session.online.wait(), 10)
+            assert gw.hub.listeners() > alone
+            await session.stop()
+            assert gw.hub.listeners() == alone
+    finally:
+        await gw.stop()

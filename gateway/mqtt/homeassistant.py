@@ -360,7 +360,7 @@ class HomeAssistant:
             if self.section.commands:
                 broker.route(self, f"{lay.base}/+/+/set", self._on_command, command=True)
             broker.route(self, f"{lay.prefix}/status", self._on_ha_status)
-            self.hub.subscribe(reading=self._on_reading, health=self._on_health)
+            self.hub.subscribe(self, reading=self._on_reading, health=self._on_health)
             self._tasks.append(asyncio.create_task(self._run_commands(), name="homeassistant-commands"))
             log.info(
                 "homeassistant: %d entities of %d devices under %s/…/%s_*, states under %s, commands %s",
@@ -373,8 +373,7 @@ class HomeAssistant:
 
     async def stop(self) -> None:
         """Stop publishing; the broker's `offline` status makes every entity unavailable."""
-        self.hub.unsubscribe(self._on_reading)
-        self.hub.unsubscribe(self._on_health)
+        self.hub.unsubscribe_all(self)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

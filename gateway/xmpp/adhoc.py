@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from slixmpp import JID
 from slixmpp.exceptions import XMPPError
@@ -34,9 +34,8 @@ from slixmpp.stanza import Iq
 from ..auth import Actor, Forbidden, Permission, allowed, require
 from ..hub import Field, HubError
 from ..values import BadValue, Value, age, check_bounds, coerce, fmt
+from .frontend import Door, FrontEnd
 
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("iot_gateway.adhoc")
 
@@ -61,7 +60,7 @@ class Offer:
 
 @dataclass(slots=True)
 class _Entry:
-    session: SessionDict
+    session: DoorDict
     owner: str  # bare JID of the starter
     last: float  # clock() at the last step
 
@@ -102,7 +101,7 @@ class SessionStore(MutableMapping[str, SessionDict]):
         self.prune()
         return self._entries[sid].session
 
-    def __setitem__(self, sid: str, session: SessionDict) -> None:
+    def __setitem__(self, sid: str, session: DoorDict) -> None:
         self.prune()
         if session.get("next") is None:
             self._entries.pop(sid, None)
@@ -130,7 +129,7 @@ class SessionStore(MutableMapping[str, SessionDict]):
         return len(self._entries)
 
 
-def _refuse(iq: Iq, session: SessionDict) -> None:
+def _refuse(iq: Iq, session: DoorDict) -> None:
     raise XMPPError("forbidden", text="Not allowed.")
 
 
@@ -213,12 +212,11 @@ class BoundCommands(XEP_0050):
         await super()._handle_command_all(iq)
 
 
-class AdHoc:
+class AdHoc(FrontEnd):
     """Offers the gateway's ad-hoc commands on the session's client."""
 
-    def __init__(self, session: "Session"):
-        self.session = session
-        self.hub = session.hub
+    def __init__(self, session: Door):
+        super().__init__(session)
         c = session.client
         for plugin in ("xep_0004", "xep_0122"):
             c.register_plugin(plugin)

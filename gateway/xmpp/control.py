@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from slixmpp import JID, Iq, Message
 from slixmpp.plugins.xep_0004.stanza import Form
@@ -49,9 +49,8 @@ from .sensordata import (
     role_of,
 )
 from ..values import BadValue, Value, check_bounds, coerce
+from .frontend import Door, FrontEnd
 
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("iot_gateway.xep0325")
 
@@ -384,13 +383,11 @@ def control_form(nodes: list[Node]) -> Form:
 # ---------------------------------------------------------------- the XMPP side
 
 
-class Control:
+class Control(FrontEnd):
     """The XEP-0325 server of a Session: typed sets, control forms, discovery."""
 
-    def __init__(self, session: Session):
-        self.session = session
-        self.hub: Hub = session.hub
-        self.client = session.client
+    def __init__(self, session: Door):
+        super().__init__(session)
         c = self.client
         ns = c.default_ns
         c.register_handler(CoroutineCallback("XEP-0325 set", MatchXPath(f"{{{ns}}}iq/{{{NS}}}set"), self._on_set))
@@ -403,7 +400,10 @@ class Control:
         disco.add_feature(XDV)
         for node in self.hub.nodes.values():
             self._on_node(NodeEvent("added", node))
-        self.hub.subscribe(node=self._on_node)  # devices found while running
+
+    def start(self) -> None:
+        """Devices found while running become control nodes too."""
+        self.hub.subscribe(self, node=self._on_node)
 
     def _on_node(self, event: NodeEvent) -> None:
         """A device with writable fields is a control node too (SensorData lists and unlists nodes)."""

@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omemo.session_manager import (
     MessageNotForUs,
@@ -55,9 +55,8 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp_omemo import TrustLevel, XEP_0384
 
 from ..watches import Alert
+from .frontend import Door, FrontEnd
 
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("iot_gateway.omemo")
 # At DEBUG these libraries log plaintexts, keys and whole ratchet states: never into the gateway's
@@ -299,12 +298,11 @@ def _untrusted_line(d: DeviceInformation) -> str:
 # ---------------------------------------------------------------- the session's side
 
 
-class Omemo:
+class Omemo(FrontEnd):
     """OMEMO for one XMPP session: decrypts contacts' messages, encrypts answers and alerts."""
 
-    def __init__(self, session: "Session", policy: str, store_path: Path) -> None:
-        self.session = session
-        self.client = session.client
+    def __init__(self, session: Door, policy: str, store_path: Path) -> None:
+        super().__init__(session)
         self.policy = policy
         self.store = JsonStore(store_path)
         self.failed: str | None = None  # why the library could not start, if it could not
@@ -329,7 +327,7 @@ class Omemo:
 
     def _bodiless(self, msg: Message) -> None:
         if not msg["body"]:
-            asyncio.ensure_future(self.session._on_message(msg))
+            asyncio.ensure_future(self.session.on_message(msg))
 
     # ------------------------------------------------------------ lifecycle
 

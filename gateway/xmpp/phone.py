@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import ET
 
-if TYPE_CHECKING:
-    from .session import Session
+from .frontend import Door, FrontEnd
+
 
 RECEIPTS = "urn:xmpp:receipts"
 MARKERS = "urn:xmpp:chat-markers:0"
@@ -61,11 +60,11 @@ def repeatable(text: str) -> bool:
     return bool(words) and words[0].lower() in REPEATABLE
 
 
-class Phone:
+class Phone(FrontEnd):
     """Receipts, markers, corrections and retractions for one XMPP session."""
 
-    def __init__(self, session: "Session"):
-        self.client = session.client
+    def __init__(self, session: Door):
+        super().__init__(session)
         self._done: dict[str, OrderedDict[str, Done]] = {}
         disco = self.client.plugin["xep_0030"]
         # Retraction is not advertised: it undoes nothing, so clients should not offer it.

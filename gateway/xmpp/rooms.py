@@ -22,7 +22,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from slixmpp import JID
 from slixmpp.exceptions import IqError, IqTimeout, PresenceError
@@ -34,9 +33,9 @@ from .fleet import SHOW, Member, addressed, concerns, delay, nick_for, overview
 from ..plot import Picture
 from .upload import attach_oob
 from ..watches import Alert
+from .frontend import Door, FrontEnd
+from .presence import health_summary
 
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("iot_gateway.rooms")
 
@@ -74,12 +73,11 @@ def privacy(features: set[str]) -> Privacy:
     return Privacy(not problems, "; ".join(problems))
 
 
-class Rooms:
+class Rooms(FrontEnd):
     """Joins `[xmpp] rooms` on every session start and serves commands there."""
 
-    def __init__(self, session: "Session"):
-        self.session = session
-        self.client = session.client
+    def __init__(self, session: Door):
+        super().__init__(session)
         xcfg = session.xcfg
         self.rooms = [JID(r) for r in xcfg.rooms]
         self.jids = {r.bare for r in self.rooms}
@@ -375,8 +373,6 @@ class Rooms:
     def _announce(self, room: str) -> None:
         """Our health as our presence in `room`, so the fleet sees it; an empty status where
         the room is not private (the health names devices)."""
-        from .session import health_summary  # the session module imports this one
-
         show, status = None, ""
         if room in self.private and not self.sealed:
             show, status = health_summary(self.session.config.gateway.name, self.session.hub)
@@ -454,8 +450,6 @@ class Rooms:
     async def _answer(self, text: str, everyone: bool, actor: Actor, progress: Progress | None = None) -> str:
         """The reply to a room command; to `all: status`, one line (the presence's summary)."""
         if everyone and text.lower() == "status":
-            from .session import health_summary  # the session module imports this one
-
             return health_summary(self.session.config.gateway.name, self.session.hub)[1]
         return await self.session.run_command(text, actor, progress)
 
@@ -472,7 +466,6 @@ class Rooms:
     def overview(self) -> str:
         """The `fleet` reply: per joined room, each gateway of the fleet and its health
         as its presence in the room says (configured peers that are not there, too)."""
-        from .session import health_summary  # the session module imports this one
 
         if not self.joined:
             return "This gateway is in no room, so it sees no fleet."

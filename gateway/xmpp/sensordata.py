@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from slixmpp import JID, Iq, Message
 from slixmpp.exceptions import XMPPError
@@ -34,9 +33,8 @@ from slixmpp.xmlstream.tostring import tostring
 from ..auth import Permission, allowed
 from ..hub import FieldSpec, Health, Hub, Node, NodeEvent, Reading
 from ..values import Value, clean
+from .frontend import Door, FrontEnd
 
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger("iot_gateway.xep0323")
 
@@ -128,13 +126,13 @@ def answering(iq: Iq, what: str) -> Iterator[None]:
         send_error(iq, Refused("internal-server-error", "Internal error; it has been logged."))
 
 
-def role_of(session: Session, jid: JID) -> str | None:
+def role_of(session: Door, jid: JID) -> str | None:
     """The contact role of a sender's bare JID, or None for a stranger."""
     contact = session.config.contact(jid.bare) if jid.bare else None
     return contact.role if contact is not None else None
 
 
-def check_rate(session: Session, jid: JID) -> None:
+def check_rate(session: Door, jid: JID) -> None:
     """Refuse a contact over the per-JID command rate limit (shared with chat)."""
     if not session.allow_rate(jid.bare.lower()):
         raise Refused("resource-constraint", "Too many requests; slow down.", etype="wait")
@@ -721,13 +719,11 @@ class Queued:
     task: asyncio.Task[None] | None = None
 
 
-class SensorData:
+class SensorData(FrontEnd):
     """The XEP-0323 server of a Session: read-outs, queued read-outs, cancel, discovery."""
 
-    def __init__(self, session: Session):
-        self.session = session
-        self.hub: Hub = session.hub
-        self.client = session.client
+    def __init__(self, session: Door):
+        super().__init__(session)
         self.per_message = FIELDS_PER_MESSAGE
         self._queued: dict[tuple[str, int], Queued] = {}
         c = self.client
@@ -745,8 +741,10 @@ class SensorData:
         for node in self.hub.nodes.values():
             self._list(node)
         disco.set_node_handler("get_items", jid=self._me, node=None, handler=self._items)
-        # Devices found while running (Zigbee2MQTT, Tasmota) are listed and unlisted as they come and go.
-        self.hub.subscribe(node=self._on_node)
+
+    def start(self) -> None:
+        """Devices found while running (Zigbee2MQTT, Tasmota) are listed and unlisted as they come and go."""
+        self.hub.subscribe(self, node=self._on_node)
 
     def _list(self, node: Node) -> None:
         """Make a device discoverable: an item of the gateway, and a node answering disco#info."""

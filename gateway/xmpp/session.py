@@ -29,9 +29,11 @@ from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
 from .edge import Edge
+from .frontend import FrontEnd
 from ..hub import HealthState, Hub, Node, Problem
 from .link import Link
 from .phone import Phone
+from .presence import health_summary
 from .rooms import Rooms
 from .sensordata import SensorData
 from .upload import Uploader, attach_oob
@@ -53,20 +55,6 @@ MAX_COMMAND_AGE = 60.0  # seconds: older delayed commands are not carried out
 MAX_STAMP_AHEAD = 60.0
 QUEUE_SIZE = 500  # alerts kept while disconnected; the oldest go first
 BLOCK_AFTER = 3  # subscription requests from one stranger before blocking them (XEP-0191)
-
-
-def health_summary(name: str, hub: Hub) -> tuple[str | None, str]:
-    """(show, status) for the gateway's presence from the devices' health and the gateway's own problems."""
-    nodes = list(hub.nodes.values())
-    bad = [n for n in nodes if not n.health.healthy]
-    ok = len(nodes) - len(bad)
-    problems = [p.describe() for p in hub.problems.values()]  # `history: not saved: …`
-    if not bad:
-        text = f"{name}: {ok}/{len(nodes)} devices OK"
-        return ("away", " · ".join([text, *problems])) if problems else (None, text)
-    details = " · ".join([*(f"{n.id}: {n.health.describe()}" for n in bad), *problems])
-    show = "xa" if ok == 0 else "away"
-    return show, f"{name}: {ok}/{len(nodes)} OK · {details}"
 
 
 class Session:
@@ -149,8 +137,8 @@ class Session:
         c.add_event_handler("stanza_acked", self._on_acked)
         # Connecting, keepalive, reconnecting and why it is offline.
         self.link = Link(c, self.xcfg, hub)
-        hub.subscribe(health=self._on_health, problem=self._on_problem)
-        hub.subscribe(node=self._on_node)  # a device discovered or removed changes the counts
+        hub.subscribe(self, health=self._on_health, problem=self._on_problem)
+        hub.subscribe(self, node=self._on_node)  # a device discovered or removed changes the counts
         self.rooms = Rooms(self)
         self.phone = Phone(self)  # receipts, markers, edits, retractions
         self.omemo = _omemo(self)  # end-to-end encryption (gateway/xmpp/omemo.py); None when off
@@ -159,6 +147,11 @@ class Session:
         self.adhoc = AdHoc(self)
         self.sensordata = SensorData(self)
         self.control = Control(self)
+        self.frontends: list[FrontEnd] = [
+            f for f in (self.rooms, self.phone, self.omemo, self.adhoc, self.sensordata, self.control) if f is not None
+        ]
+        for front in self.frontends:
+            front.start()
         # Plots go up through XEP-0363 on our own server; off: sparklines only.
         if self.xcfg.uploads:
             commands.plots.uploads = Uploader(c, self.xcfg.jid.split("@", 1)[1], self.xcfg.ca_file)
@@ -184,9 +177,9 @@ class Session:
         """Say goodbye and disconnect; no reconnect afterwards."""
         self._stopping = True
         self.link.close()
-        self.hub.unsubscribe(self._on_health)
-        self.hub.unsubscribe(self._on_problem)
-        self.hub.unsubscribe(self._on_node)
+        self.hub.unsubscribe_all(self)
+        for front in reversed(self.frontends):
+            front.stop()
         if self._presence_task is not None:
             self._presence_task.cancel()
         if self.online.is_set():
@@ -407,6 +400,10 @@ class Session:
         self._last_presence = time.monotonic()
 
     # ------------------------------------------------------------ chat
+
+    async def on_message(self, msg: Message) -> None:
+        """Handle a chat message as if it had just arrived (OMEMO hands on decrypted bodiless ones)."""
+        await self._on_message(msg)
 
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal"):
