@@ -31,11 +31,11 @@ from typing import Any
 
 from gateway.configbase import DeviceBase
 from gateway.hub import SENT, FieldSpec, Health, NotWritable, Unconfirmed
+from gateway.mqtt.broker import Broker, MqttError
 from gateway.state import SaveError
-from gateway.values import Value
+from gateway.values import Value, quoted, same, shown
 
 from .base import Context, Driver
-from .mqtt import Broker, MqttError, _same, _short, _shown
 
 log = logging.getLogger("iot_gateway.discovery")
 
@@ -408,7 +408,7 @@ class Discovering(Driver[DeviceBase]):
         self._reported[key] = value
         waiting = self._waiting.get(key)
         spot = dev.spots.get(name)
-        if waiting is not None and not waiting[1].done() and _same(waiting[0], value, spot.spec.decimals if spot else None):
+        if waiting is not None and not waiting[1].done() and same(waiting[0], value, spot.spec.decimals if spot else None):
             waiting[1].set_result(None)
 
     async def _write(self, key: str, name: str, value: Value) -> str | None:
@@ -436,7 +436,7 @@ class Discovering(Driver[DeviceBase]):
             self._waiting[wkey] = (value, waiter)
         try:
             await self.broker.publish(topic, payload, False)
-            log.info("%s.%s: published %s to %s", dev.node_id, name, _short(payload), topic)
+            log.info("%s.%s: published %s to %s", dev.node_id, name, quoted(payload), topic)
             if waiter is None:
                 self.hub.push(dev.node_id, name, value)  # write-only: the acknowledged command stands in as the value
                 return SENT
@@ -445,7 +445,7 @@ class Discovering(Driver[DeviceBase]):
                 await asyncio.wait_for(asyncio.shield(waiter), timeout)
             except TimeoutError:
                 last = self._reported.get(wkey)
-                seen = "" if last is None else f"; it last reported {_shown(last)}"
+                seen = "" if last is None else f"; it last reported {shown(last)}"
                 raise Unconfirmed(f"not confirmed: the device did not report the new state within {timeout:g} s{seen}") from None
             return None
         finally:

@@ -30,10 +30,11 @@ from functools import partial
 from typing import Any
 
 from gateway.hub import FieldSpec, Health
-from gateway.values import Value
+from gateway.mqtt.broker import Broker, MqttError
+from gateway.noise import Throttle
+from gateway.values import Value, quoted
 
 from .discovery import MAX_DEVICES, MAX_FIELDS, MAX_TEXT, Device, Discovering, Malformed, Spot, describe, dig, picked, sanitise, text
-from .mqtt import Broker, MqttError, Throttle, _short
 from .tasmota_config import LEVEL, TasmotaDevice
 
 log = logging.getLogger("iot_gateway.tasmota")
@@ -79,9 +80,9 @@ def full_topic(cfg: dict[str, Any], template: str = DEFAULT_FT, prefixes: list[s
         raise Malformed(f"its topic {t!r} is not one topic level (no '/', '+', '#' or spaces)")
     ft, tp = cfg.get("ft", template), cfg.get("tp", prefixes)
     if not isinstance(ft, str) or ft.rstrip("/") != template.rstrip("/"):
-        raise Malformed(f"its full topic {_short(str(ft))} is not the configured {template!r}")
+        raise Malformed(f"its full topic {quoted(str(ft))} is not the configured {template!r}")
     if tp != prefixes:
-        raise Malformed(f"its prefixes {_short(json.dumps(tp))} are not the configured {prefixes}")
+        raise Malformed(f"its prefixes {quoted(json.dumps(tp))} are not the configured {prefixes}")
     out = template.replace("%topic%", t)
     return out.replace("%prefix%", prefixes[0]), out.replace("%prefix%", prefixes[1]), out.replace("%prefix%", prefixes[2])
 
@@ -239,7 +240,7 @@ class TasmotaDriver(Discovering):
                 for name, spot in sensor_spots(sensors["sn"], skipped).items():
                     spots.setdefault(name, spot)
                 for key in skipped:
-                    self.once.warn(f"{self.id}: tasmota device {mac}: sensor value {_short(key)} skipped: its name makes no field name")
+                    self.once.warn(f"{self.id}: tasmota device {mac}: sensor value {quoted(key)} skipped: its name makes no field name")
             except Malformed as e:
                 if mac in self.devices:
                     raise  # a device that was fine stays as it was
@@ -310,7 +311,7 @@ class TasmotaDriver(Discovering):
             elif low == dev.extra["ofln"].lower():
                 dev.available = False
             else:
-                self._throttle.warn(f"lwt:{key}", f"{dev.node_id}: {topic} skipped: expected {dev.extra['onln']!r} or {dev.extra['ofln']!r}, got {_short(body)}")
+                self._throttle.warn(f"lwt:{key}", f"{dev.node_id}: {topic} skipped: expected {dev.extra['onln']!r} or {dev.extra['ofln']!r}, got {quoted(body)}")
                 return
             self.refresh(dev)
             return
@@ -322,7 +323,7 @@ class TasmotaDriver(Discovering):
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):
-            self._throttle.warn(f"json:{key}", f"{dev.node_id}: {topic} skipped: not JSON; payload {_short(body)}")
+            self._throttle.warn(f"json:{key}", f"{dev.node_id}: {topic} skipped: not JSON; payload {quoted(body)}")
             return
         if not isinstance(doc, dict):
             return
@@ -339,7 +340,7 @@ class TasmotaDriver(Discovering):
             if raw is None:
                 continue
             if isinstance(raw, bool) or not isinstance(raw, (int, float)):
-                self._throttle.warn(f"value:{key}:{name}", f"{dev.node_id}.{name}: {topic} gave {_short(json.dumps(raw))}, not a number: skipped")
+                self._throttle.warn(f"value:{key}:{name}", f"{dev.node_id}.{name}: {topic} gave {quoted(json.dumps(raw))}, not a number: skipped")
                 continue
             self.reading(dev, name, float(raw))
 
@@ -355,7 +356,7 @@ class TasmotaDriver(Discovering):
         elif word == str(spot.off).lower():
             self.reading(dev, spot.spec.name, False)
         else:
-            self._throttle.warn(f"relay:{dev.key}:{n}", f"{dev.node_id}.{spot.spec.name}: state {_short(str(raw))} is neither {spot.on!r} nor {spot.off!r}: skipped")
+            self._throttle.warn(f"relay:{dev.key}:{n}", f"{dev.node_id}.{spot.spec.name}: state {quoted(str(raw))} is neither {spot.on!r} nor {spot.off!r}: skipped")
 
     def command(self, dev: Device, spot: Spot, value: Value) -> tuple[str, str]:
         return spot.command, str(spot.on if value else spot.off)

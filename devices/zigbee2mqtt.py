@@ -33,7 +33,9 @@ from collections import OrderedDict
 from typing import Any
 
 from gateway.hub import FieldSpec, Health
-from gateway.values import Value
+from gateway.mqtt.broker import Broker
+from gateway.noise import Throttle
+from gateway.values import Value, quoted
 
 from .discovery import (
     MAX_CHOICES,
@@ -53,7 +55,6 @@ from .discovery import (
     sanitise,
     text,
 )
-from .mqtt import Broker, Throttle, _short
 from .zigbee2mqtt_config import Zigbee2MqttDevice
 
 log = logging.getLogger("iot_gateway.zigbee2mqtt")
@@ -258,7 +259,7 @@ class Zigbee2MqttDriver(Discovering):
         state = state_word(payload)
         if state is None:
             if payload:
-                self.once.warn(f"{self.id}: {self.base}/bridge/state skipped: expected online or offline, got {_short(payload.decode('utf-8', 'replace'))}")
+                self.once.warn(f"{self.id}: {self.base}/bridge/state skipped: expected online or offline, got {quoted(payload.decode('utf-8', 'replace'))}")
             return
         self.bridge = state
         self.bridge_health()
@@ -385,7 +386,7 @@ class Zigbee2MqttDriver(Discovering):
         state = state_word(payload)
         if state is None:
             if payload:
-                self._throttle.warn(f"avail:{dev.key}", f"{dev.node_id}: availability skipped: expected online or offline, got {_short(payload.decode('utf-8', 'replace'))}")
+                self._throttle.warn(f"avail:{dev.key}", f"{dev.node_id}: availability skipped: expected online or offline, got {quoted(payload.decode('utf-8', 'replace'))}")
             return
         dev.available = state
         self.refresh(dev)
@@ -396,7 +397,7 @@ class Zigbee2MqttDriver(Discovering):
         try:
             doc = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
-            self._throttle.warn(f"state:{dev.key}", f"{dev.node_id}: message on {self.base}/{rest} skipped: not JSON; payload {_short(payload.decode('utf-8', 'replace'))}")
+            self._throttle.warn(f"state:{dev.key}", f"{dev.node_id}: message on {self.base}/{rest} skipped: not JSON; payload {quoted(payload.decode('utf-8', 'replace'))}")
             return
         if not isinstance(doc, dict):
             return
@@ -410,7 +411,7 @@ class Zigbee2MqttDriver(Discovering):
             if value is None:
                 self._throttle.warn(
                     f"value:{dev.key}:{name}",
-                    f"{dev.node_id}.{name}: reading {_short(json.dumps(raw))} does not fit a {spot.spec.type} field: skipped",
+                    f"{dev.node_id}.{name}: reading {quoted(json.dumps(raw))} does not fit a {spot.spec.type} field: skipped",
                 )
                 continue
             self.reading(dev, name, value)

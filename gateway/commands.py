@@ -23,10 +23,11 @@ from .auth import Actor, Forbidden, Permission, allowed, require
 from .hub import Field, Hub, HubError, Node, Written
 from .plot import MAX_FIELDS, Picture, PlotError, Plots, check_fields, history_spark
 from .reverts import Reverts
-from .values import BadValue, Value, age, coerce, fmt, parse_duration
+from .values import BadValue, Value, age, clip, coerce, fmt, parse_duration
 from .watches import Watches, WatchError
 
 MAX_COMMAND = 1024
+QUOTED = 31  # characters of an unknown word or a bad value quoted back
 HISTORY_DEFAULT = 10
 HISTORY_MAX = 100
 HISTORY_SHOWN = 5  # readings listed under a windowed history summary
@@ -59,6 +60,14 @@ class Command:
     handler: Callable[["Commands", list[str], Actor], Awaitable[str]]
     # False where the hub authorizes (and audits) the action itself, as for writes.
     precheck: bool = True
+    # Only reads, so an XEP-0308 correction may run it again (gateway/xmpp/phone.py).
+    # Off unless said: a new command is not re-run by an edit by default.
+    repeatable: bool = False
+    # Its first argument names a device (or device.field): in a room, a gateway without it stays quiet.
+    device: bool = False
+    # The optional part it needs (an attribute of Commands: "watches", "fleet", "omemo"): without it,
+    # the command does not exist (unknown, and not in help).
+    needs: str | None = None
 
 
 class UsageError(Exception):
@@ -100,12 +109,8 @@ class Commands:
         if not words:
             return "Type help for the list of commands."
         cmd = COMMANDS.get(words[0].lower())
-        if cmd is None or (cmd.name in ("watch", "watches", "unwatch", "ack") and self.watches is None) or (
-            cmd.name == "fleet" and self.fleet is None
-        ) or (
-            cmd.name in OMEMO_COMMANDS and self.omemo is None
-        ):
-            return f"Unknown command {_clip(words[0])!r}. Type help for the list of commands."
+        if cmd is None or not self.offers(cmd):
+            return f"Unknown command {clip(words[0], QUOTED)!r}. Type help for the list of commands."
         try:
             if cmd.precheck:
                 require(actor, cmd.perm)
@@ -125,16 +130,16 @@ class Commands:
             return reply  # the bare URL, so clients show the picture inline
         return block(reply) if styled else reply
 
+    def offers(self, cmd: Command) -> bool:
+        """Whether this gateway has the part `cmd` needs (watches, a fleet, OMEMO), if any."""
+        return cmd.needs is None or getattr(self, cmd.needs) is not None
+
     # ------------------------------------------------------------ commands
 
     async def help(self, args: list[str], actor: Actor) -> str:
         lines = [f"{self.name} commands (you are {actor.role}):"]
         for c in COMMANDS.values():
-            if allowed(actor.role, c.perm) and (self.watches or c.name not in WATCH_COMMANDS) and (
-                self.fleet or c.name != "fleet"
-            ) and (
-                self.omemo or c.name not in OMEMO_COMMANDS
-            ):
+            if allowed(actor.role, c.perm) and self.offers(c):
                 lines.append(f"{c.usage} — {c.about}")
         return "\n".join(lines)
 
@@ -220,7 +225,7 @@ class Commands:
                 self.hub.refuse(actor, [(ref, raw)], "timed set with no earlier value to go back to")
                 raise BadValue(
                     f"no earlier value of {ref} to go back to: give one, e.g. "
-                    f"`set {ref} {_clip(raw)} for {typed} then {_example(self.hub.field(ref))}`"
+                    f"`set {ref} {clip(raw, QUOTED)} for {typed} then {_example(self.hub.field(ref))}`"
                 )
         written = await self._write(ref, raw, actor)
         old, value = written
@@ -411,8 +416,6 @@ class Commands:
         return reply
 
 
-WATCH_COMMANDS = {"watch", "watches", "unwatch", "ack"}
-OMEMO_COMMANDS = {"devices", "trust", "distrust"}
 
 
 class OmemoAdmin(Protocol):
@@ -469,10 +472,6 @@ def _change(e: Entry) -> str:
     if e.outcome == "sent":
         return f"{fmt(e.new)} sent"
     return f"{e.outcome} ({fmt(e.new)}): {e.reason}"
-
-
-def _clip(text: str, n: int = 30) -> str:
-    return text if len(text) <= n else text[:n] + "…"
 
 
 TYPE_WORDS = {"numeric": "number", "integer": "integer", "boolean": "on/off", "string": "text"}
@@ -585,10 +584,10 @@ def _fit(
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in [
-        Command("help", Permission.READ, "help", "this list", Commands.help),
-        Command("status", Permission.READ, "status", "device health and pending timed sets", Commands.status),
-        Command("list", Permission.READ, "list", "devices and their fields", Commands.list),
-        Command("read", Permission.READ, "read [device[.field]]", "latest values", Commands.read),
+        Command("help", Permission.READ, "help", "this list", Commands.help, repeatable=True),
+        Command("status", Permission.READ, "status", "device health and pending timed sets", Commands.status, repeatable=True),
+        Command("list", Permission.READ, "list", "devices and their fields", Commands.list, repeatable=True),
+        Command("read", Permission.READ, "read [device[.field]]", "latest values", Commands.read, repeatable=True, device=True),
         Command(
             "set",
             Permission.SET,
@@ -596,6 +595,7 @@ COMMANDS: dict[str, Command] = {
             "set a writable field (on/off, a number, text); with `for`, it goes back afterwards",
             Commands.set,
             precheck=False,
+            device=True,
         ),
         Command(
             "history",
@@ -603,6 +603,8 @@ COMMANDS: dict[str, Command] = {
             "history device.field [n | 15m | 6h | 2d]",
             f"the last n readings (default {HISTORY_DEFAULT}), or a time window, with min/avg/max",
             Commands.history,
+            repeatable=True,
+            device=True,
         ),
         Command(
             "plot",
@@ -611,6 +613,8 @@ COMMANDS: dict[str, Command] = {
             f"a chart of the last {PLOT_DEFAULT} (or the window), fields of one unit together;"
             " a text sparkline where pictures cannot be sent",
             Commands.plot,
+            repeatable=True,
+            device=True,
         ),
         Command(
             "watch",
@@ -618,14 +622,20 @@ COMMANDS: dict[str, Command] = {
             "watch device.field > 30 [hysteresis 0.5] [interval 5m] | device.field change | device offline",
             "get a message when it happens and when it clears",
             Commands.watch,
+            device=True,
+            needs="watches",
         ),
-        Command("watches", Permission.READ, "watches", "your watches and whether they fire", Commands.watches_),
-        Command("unwatch", Permission.READ, "unwatch ID", "remove a watch", Commands.unwatch),
-        Command("ack", Permission.READ, "ack ID", "silence a firing watch until it clears", Commands.ack),
-        Command("log", Permission.READ, "log [device[.field]]", "recent actuator changes and refused attempts", Commands.log),
-        Command("fleet", Permission.READ, "fleet", "the gateways sharing this gateway's rooms, with their health", Commands.fleet_),
-        Command("devices", Permission.ADMIN, "devices [JID]", "OMEMO devices of the gateway and the contacts, with fingerprint and trust", Commands.devices),
-        Command("trust", Permission.ADMIN, "trust JID FINGERPRINT", "trust a contact's OMEMO device (verified)", Commands.trust),
-        Command("distrust", Permission.ADMIN, "distrust JID FINGERPRINT", "distrust a contact's OMEMO device", Commands.distrust),
+        Command("watches", Permission.READ, "watches", "your watches and whether they fire", Commands.watches_, needs="watches"),
+        Command("unwatch", Permission.READ, "unwatch ID", "remove a watch", Commands.unwatch, needs="watches"),
+        Command("ack", Permission.READ, "ack ID", "silence a firing watch until it clears", Commands.ack, needs="watches"),
+        Command("log", Permission.READ, "log [device[.field]]", "recent actuator changes and refused attempts", Commands.log, device=True),
+        Command("fleet", Permission.READ, "fleet", "the gateways sharing this gateway's rooms, with their health", Commands.fleet_, needs="fleet"),
+        Command("devices", Permission.ADMIN, "devices [JID]", "OMEMO devices of the gateway and the contacts, with fingerprint and trust", Commands.devices, needs="omemo"),
+        Command("trust", Permission.ADMIN, "trust JID FINGERPRINT", "trust a contact's OMEMO device (verified)", Commands.trust, needs="omemo"),
+        Command("distrust", Permission.ADMIN, "distrust JID FINGERPRINT", "distrust a contact's OMEMO device", Commands.distrust, needs="omemo"),
     ]
 }
+
+# Derived from the entries above, for the doors: which commands an edit may re-run, which name a device.
+REPEATABLE = frozenset(c.name for c in COMMANDS.values() if c.repeatable)
+DEVICE_COMMANDS = frozenset(c.name for c in COMMANDS.values() if c.device)

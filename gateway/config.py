@@ -14,7 +14,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     Field,
@@ -385,6 +385,10 @@ class HomeAssistantSection(Strict):
             if not re.fullmatch(r"[a-z0-9_-]+(\.[A-Za-z0-9_-]+)?", ref):
                 raise ValueError(f"{ref!r}: name a device (greenhouse) or a field (greenhouse.temp)")
         return v
+
+
+if TYPE_CHECKING:
+    Device = Any  # `Config.devices` items: device_union(), filled in by the first parse()
 
 
 def device_union() -> Any:

@@ -100,6 +100,32 @@ def fmt(value: Value | None, decimals: int | None = None) -> str:
     return str(value)
 
 
+def clip(text: str, n: int) -> str:
+    """`text` cut to at most `n` characters, the last one `…` when something was cut
+    (to quote what someone sent back to them, or into a log line)."""
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def quoted(text: str, n: int = 80) -> str:
+    """`text` clipped to `n` characters and quoted (repr), for a payload in a warning."""
+    return repr(clip(text, n))
+
+
+def same(asked: Value, got: Value, decimals: int | None) -> bool:
+    """Whether a reported state is the value a set asked for (numbers to the field's decimals)."""
+    if isinstance(asked, bool) or isinstance(got, bool) or isinstance(asked, str) or isinstance(got, str):
+        return asked == got
+    tolerance = 0.5 * 10 ** -decimals if decimals is not None else 1e-9 * max(1.0, abs(float(asked)))
+    return abs(float(asked) - float(got)) <= tolerance
+
+
+def shown(value: Value) -> str:
+    """A reported value as a log line shows it: on/off, else as it came."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def age(seconds: float) -> str:
     """A short human age: 3 s, 5 min, 2 h, 4 d."""
     s = max(0.0, seconds)

@@ -19,16 +19,14 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-import devices.mqtt as mqtt
+import gateway.mqtt.broker as mqtt
 from devices.mqtt import (
     BadPayload,
-    Broker,
-    MqttError,
-    default_client_id,
     lookup,
     render,
     to_value,
 )
+from gateway.mqtt.broker import Broker, MqttError, default_client_id
 from gateway.app import Gateway
 from gateway.auth import Actor
 from devices.mqtt_config import MqttField

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from devices.mqtt import OPEN_BROKER, OPEN_PROBLEM, accepts_anonymous
+from gateway.mqtt.broker import OPEN_BROKER, OPEN_PROBLEM, accepts_anonymous
 from gateway import demo
 from gateway.app import Gateway
 from gateway.auth import Actor

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-import devices.mqtt as mqtt
-from devices.mqtt import Broker
+import gateway.mqtt.broker as mqtt
+from gateway.mqtt.broker import Broker
 from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.hub import Health, Unconfirmed

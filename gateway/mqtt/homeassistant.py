@@ -3,7 +3,7 @@
 A hub listener. With `[homeassistant]`, every field of the serial, GPIO,
 kernel and simulated devices becomes a Home Assistant entity, announced by a
 retained discovery config on the `[mqtt]` broker (the shared connection,
-`devices.mqtt.Broker`). Devices of the mqtt, zigbee2mqtt and tasmota drivers
+`gateway.mqtt.broker.Broker`). Devices of the mqtt, zigbee2mqtt and tasmota drivers
 are not re-exported: Home Assistant reads those from the broker already.
 
 Topics, with `<base>` = `[homeassistant] base_topic` (`iot-gateway/<node_id>`):
@@ -34,15 +34,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from devices import Context
-from devices.mqtt import SHARED_KEY, Broker, MqttError
-
 from ..auth import Actor, Forbidden
 from ..config import Config, HomeAssistantSection
 from ..hub import Field, FieldSpec, Health, HealthState, Hub, HubError, Node, Reading
 from ..noise import Throttle
 from ..state import SaveError, StateDir
 from ..values import BadValue, Value, clean
+from .broker import Broker, MqttError, Sharing
 
 log = logging.getLogger("iot_gateway.homeassistant")
 
@@ -324,7 +322,7 @@ class HomeAssistant:
 
     id = "[homeassistant]"  # how the shared broker knows its users; no device id has brackets
 
-    def __init__(self, hub: Hub, config: Config, ctx: Context, state: StateDir):
+    def __init__(self, hub: Hub, config: Config, ctx: Sharing, state: StateDir):
         ha = config.homeassistant
         if ha is None:
             raise ValueError("no [homeassistant] section")
@@ -385,13 +383,8 @@ class HomeAssistant:
                 log.exception("homeassistant: %s failed", task.get_name())
         self._tasks.clear()
         broker, self.broker = self.broker, None
-        if broker is not None and broker.detach(self):
-            if self.ctx.shared.get(SHARED_KEY) is broker:
-                del self.ctx.shared[SHARED_KEY]
-            try:
-                await broker.close()
-            except Exception:
-                log.exception("mqtt: error while disconnecting")
+        if broker is not None:
+            await broker.leave(self.ctx, self)
 
     def _build(self, lay: Layout) -> dict[str, Entity]:
         kinds = {

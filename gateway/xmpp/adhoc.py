@@ -60,7 +60,7 @@ class Offer:
 
 @dataclass(slots=True)
 class _Entry:
-    session: DoorDict
+    session: SessionDict
     owner: str  # bare JID of the starter
     last: float  # clock() at the last step
 
@@ -101,7 +101,7 @@ class SessionStore(MutableMapping[str, SessionDict]):
         self.prune()
         return self._entries[sid].session
 
-    def __setitem__(self, sid: str, session: DoorDict) -> None:
+    def __setitem__(self, sid: str, session: SessionDict) -> None:
         self.prune()
         if session.get("next") is None:
             self._entries.pop(sid, None)
@@ -129,7 +129,7 @@ class SessionStore(MutableMapping[str, SessionDict]):
         return len(self._entries)
 
 
-def _refuse(iq: Iq, session: DoorDict) -> None:
+def _refuse(iq: Iq, session: SessionDict) -> None:
     raise XMPPError("forbidden", text="Not allowed.")
 
 

@@ -15,13 +15,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..commands import DEVICE_COMMANDS  # first argument names a device: a gateway without it stays quiet
 from ..hub import Hub
 
 WINDOW = 1.0  # seconds within which every gateway answers a fleet-wide command
 JITTER = 0.3  # share of its slot by which a gateway's answer wanders, so the order stays
 NICK_MAX = 32
-# Commands whose first argument names a device (or device.field): a gateway without it stays quiet.
-DEVICE_COMMANDS = {"read", "history", "plot", "set", "watch", "log"}
 SHOW = {None: "ok", "chat": "ok", "away": "problems", "xa": "down", "dnd": "busy"}
 
 

@@ -84,7 +84,11 @@ class FrontEnd:
     def __init__(self, session: Door) -> None:
         self.session = session
         self.client = session.client
-        self.hub = session.hub
+
+    @property
+    def hub(self) -> Hub:
+        """The session's hub."""
+        return self.session.hub
 
     def start(self) -> None:
         """Begin listening to the hub (listeners subscribed with `self` as owner)."""

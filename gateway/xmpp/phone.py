@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from slixmpp.stanza import Message
 from slixmpp.xmlstream import ET
 
+from ..commands import REPEATABLE  # commands that only read (`repeatable=True`): an edit may re-run them
+from ..values import clip
 from .frontend import Door, FrontEnd
 
 
@@ -36,8 +38,6 @@ SID = "urn:xmpp:sid:0"
 
 MEMORY = 20  # command messages remembered per contact, for edits and retractions
 CLIP = 100  # characters of a command or its outcome quoted back
-# Commands an edit may run again: they only read. An allow-list, so a new command is not re-run by default.
-REPEATABLE = frozenset({"read", "status", "history", "plot", "list", "help"})
 NOT_RERUN = "corrections don't re-run commands: send it again"
 
 
@@ -97,7 +97,7 @@ class Phone(FrontEnd):
         if target is None:
             return None
         original = self._find(sender, target)
-        edited = _clip(msg["body"].strip())
+        edited = clip(msg["body"].strip(), CLIP)
         if original is not None and not original.repeatable:
             return (
                 f"Not run: your edit `{edited}`; {NOT_RERUN} as a new message. The message you edited, `{original.text}`, "
@@ -110,8 +110,8 @@ class Phone(FrontEnd):
 
     def remember(self, msg: Message, sender: str, text: str, reply: str) -> None:
         """Note what a command message did, under every id an edit or retraction may use."""
-        outcome = _clip(reply.split("\n", 1)[0].strip())
-        done = Done(_clip(text.strip()), outcome)
+        outcome = clip(reply.split("\n", 1)[0].strip(), CLIP)
+        done = Done(clip(text.strip(), CLIP), outcome)
         ids = {msg["id"], _origin_id(msg), replaced(msg)} - {None, ""}
         memory = self._done.setdefault(sender, OrderedDict())
         for mid in ids:
@@ -158,7 +158,3 @@ def retracted(msg: Message) -> str | None:
 def _origin_id(msg: Message) -> str | None:
     el = msg.xml.find(f"{{{SID}}}origin-id")
     return el.get("id") if el is not None else None
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= CLIP else text[: CLIP - 1] + "…"

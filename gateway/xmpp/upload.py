@@ -31,6 +31,7 @@ from slixmpp.stanza import Message
 from slixmpp.xmlstream import ET
 
 from ..plot import NoPicture, Picture
+from ..values import clip
 
 log = logging.getLogger("iot_gateway.upload")
 
@@ -43,6 +44,7 @@ PUT_HEADERS = {"authorization", "cookie", "expires"}
 IQ_TIMEOUT = 15.0
 DEADLINE = 20.0  # seconds for a whole upload: slot request, connect, TLS, body and the server's answer
 TIMED_OUT = "upload failed: timed out"
+QUOTED = 61  # characters of what the upload service said quoted in an error
 RECHECK_ABSENT = 300.0  # seconds before asking again a server that had no upload service
 
 
@@ -153,7 +155,7 @@ class Uploader:
         for url in (put.get("url"), get.get("url")):
             if urlsplit(url).scheme != "https":
                 # The picture and, worse, the slot's authorization would travel in clear text.
-                raise NoPicture(f"the upload service gave a non-HTTPS URL ({_clip(url)}); refusing to upload")
+                raise NoPicture(f"the upload service gave a non-HTTPS URL ({clip(url, QUOTED)}); refusing to upload")
         headers = {}
         for h in put.findall(f"{{{NS}}}header"):
             name = (h.get("name") or "").strip()
@@ -181,7 +183,7 @@ class Uploader:
         except ValueError:
             port, host = None, ""
         if not host or any(ch <= " " or ch == "\x7f" for ch in target):
-            raise NoPicture(f"the upload service gave a malformed PUT URL ({_clip(slot.put)})")
+            raise NoPicture(f"the upload service gave a malformed PUT URL ({clip(slot.put, QUOTED)})")
         authority = (f"[{host}]" if ":" in host else host) + (f":{port}" if port else "")
         lines = [f"PUT {target} HTTP/1.1", f"Host: {authority}", f"Content-Type: {content_type}",
                  f"Content-Length: {len(data)}", "Connection: close", *(f"{k}: {v}" for k, v in slot.headers.items())]
@@ -207,7 +209,7 @@ class Uploader:
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             raise NoPicture(f"the upload server {host} gave no HTTP answer")
         if parts[1] not in ("200", "201"):
-            reason = _clip(parts[2].strip()) if len(parts) > 2 else ""
+            reason = clip(parts[2].strip(), QUOTED) if len(parts) > 2 else ""
             raise NoPicture(f"the upload server answered HTTP {parts[1]} {reason}".rstrip())
 
 
@@ -248,7 +250,3 @@ def _why(e: IqError | IqTimeout) -> str:
 
 def _kb(size: int) -> str:
     return f"{size / 1000:.0f} kB" if size < 1_000_000 else f"{size / 1_000_000:.1f} MB"
-
-
-def _clip(text: str, n: int = 60) -> str:
-    return text if len(text) <= n else text[:n] + "…"
