@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from devices import serial as sd
-from gateway import link
+from gateway.xmpp import link
 from gateway.app import Gateway
 from gateway.commands import Commands
 from gateway.hub import Health

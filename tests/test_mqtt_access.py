@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.mqtt.broker import OPEN_BROKER, OPEN_PROBLEM, accepts_anonymous
-from gateway import demo
+from gateway.demo import run as demo
 from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.config import Config, parse

@@ -27,7 +27,8 @@ from slixmpp.xmlstream import ET
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
-from gateway import plot, upload
+from gateway import plot
+from gateway.xmpp import upload
 from gateway.auth import Actor
 from gateway.commands import Commands
 from gateway.hub import FieldSpec, History, Hub, Reading

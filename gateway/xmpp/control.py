@@ -35,6 +35,10 @@ from .sensordata import (
     Refused,
     bad_request,
     check_attrs,
+    local,
+    role_of,
+)
+from .xsd import (
     check_color,
     check_date,
     check_datetime,
@@ -42,11 +46,9 @@ from .sensordata import (
     check_time,
     format_number,
     integer_kind,
-    local,
     parse_boolean,
     parse_double,
     parse_integer,
-    role_of,
 )
 from ..values import BadValue, Value, check_bounds, coerce
 from .frontend import Door, FrontEnd
