@@ -103,15 +103,47 @@ def circles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
+def under(name: str, *places: str) -> bool:
+    """Whether module `name` is one of `places` or inside one of them (dotted names)."""
+    return any(name == p or name.startswith(p + ".") for p in places)
+
+
+XMPP_LIBS = ("slixmpp", "slixmpp_omemo", "omemo", "oldmemo", "twomemo")
+MQTT_DRIVERS = ("devices.mqtt", "devices.discovery", "devices.tasmota", "devices.zigbee2mqtt")
+MAX_LINES = 800
+
+
+def broken_rules(root: Path = ROOT) -> list[str]:
+    """Every import that breaks a rule of the layout (README, "How it fits together"), one line each."""
+    known = modules(root)
+    found = []
+    for name, path in known.items():
+        rel = path.relative_to(root)
+        for imp in imports(name, path):
+            where = f"{rel}:{imp.line}: imports {imp.module}"
+            if under(imp.module, *XMPP_LIBS) and not under(name, "gateway.xmpp"):
+                found.append(f"{where}: only the XMPP door (gateway/xmpp/) uses slixmpp and the OMEMO libraries")
+            if under(imp.module, "paho") and not under(name, "gateway.mqtt", "gateway.demo", *MQTT_DRIVERS):
+                found.append(f"{where}: only gateway/mqtt/, gateway/demo/ and the MQTT drivers use paho")
+            if under(name, "devices") and under(imp.module, "gateway.xmpp", "gateway.mqtt.homeassistant"):
+                found.append(f"{where}: a driver never imports a door")
+            if under(name, "gateway.xmpp") and under(imp.module, "devices"):
+                found.append(f"{where}: the XMPP door never imports a driver")
+            private = [n for n in imp.names if n.startswith("_") and not n.startswith("__")]
+            private += [p for p in imp.module.split(".") if p.startswith("_") and not p.startswith("__")]
+            if private and under(imp.module, *PACKAGES):
+                found.append(f"{where}: uses its underscore names {', '.join(private)}")
+    for group in circles(graph(root)):
+        found.append("import circle: " + " <-> ".join(group))
+    for name, lines in sizes(root).items():
+        if lines > MAX_LINES:
+            found.append(f"{known[name].relative_to(root)}: {lines} lines, over {MAX_LINES}: split it by responsibility")
+    return found
+
+
 def sizes(root: Path = ROOT) -> dict[str, int]:
     """Lines per module."""
     return {name: len(path.read_text().splitlines()) for name, path in modules(root).items()}
-
-
-def folder(name: str) -> str:
-    """The folder (package) a module lives in."""
-    path = modules()[name]
-    return str(path.parent.relative_to(ROOT)) + "/"
 
 
 def picture(root: Path = ROOT) -> str:
@@ -139,4 +171,4 @@ def sizes_line(root: Path = ROOT) -> str:
 
 
 if __name__ == "__main__":
-    print(picture())
+    print(picture(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT))
