@@ -29,6 +29,7 @@ from gateway.hub import DeviceError, Health, Hub
 from gateway.values import BadValue
 from gateway.xmpp.session import Session
 from tests.conftest import XmppServer, gateway_config
+from tests.contract import Contract, driver_contract
 
 OLIVE = Actor("olive@localhost", "operator", "test")
 ROOT = Path(__file__).resolve().parent.parent
@@ -493,3 +494,20 @@ async def test_contact_sets_an_output_and_reads_an_input_over_xmpp(
         await session.stop()
         await gw.stop()
     assert pins.pin(27).state == 0  # safe value on stop
+
+
+async def test_the_driver_contract(pins: MockFactory, tmp_path: Path) -> None:
+    """tests/contract.py: a set is applied on the pin, and stop puts the output back to its safe value."""
+    relay = pins.pin(27)
+    config = parse({"gateway": {"state_dir": str(tmp_path / "state")}, "devices": [
+        gpio("pins", {"name": "relay", "kind": "output", "pin": 27}),
+    ]})
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        await driver_contract(Contract(
+            gw.hub, "pins", gw.stop, writes=[("relay", True, True)], safe=("relay", lambda: relay.state, 0)
+        ))
+    except BaseException:
+        await gw.stop()
+        raise

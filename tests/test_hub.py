@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.auth import Actor, Forbidden
+from gateway.config import parse
 from gateway.hub import DeviceError, FieldSpec, Health, Hub, NotWritable, UnknownField
 from gateway.values import BadValue
+from tests.contract import Contract, driver_contract
 
 ADMIN = Actor("alice@x", "admin", "test")
 OPERATOR = Actor("olive@x", "operator", "test")
@@ -179,3 +183,18 @@ def test_unsubscribe_all_drops_an_owners_listeners_and_no_others() -> None:
     hub.push("dev", "temp", 21.0)
     hub.set_health("dev", Health.ERROR, "unplugged")
     assert seen == ["other", "nobody's"]
+
+
+async def test_the_simulated_driver_contract(tmp_path: Path) -> None:
+    """tests/contract.py for the simulated driver (the suite's stand-in device): a set is applied."""
+    config = parse({"gateway": {"state_dir": str(tmp_path / "state")}, "devices": [{
+        "id": "sim", "driver": "simulated", "interval": 0.2,
+        "fields": [{"name": "temp"}, {"name": "relay", "type": "boolean", "writable": True}],
+    }]})
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        await driver_contract(Contract(gw.hub, "sim", gw.stop, writes=[("relay", True, True)]))
+    except BaseException:
+        await gw.stop()
+        raise

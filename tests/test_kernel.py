@@ -24,6 +24,7 @@ from gateway.auth import Actor
 from gateway.config import ConfigError, parse
 from gateway.hub import Health
 from tests.conftest import XmppServer, gateway_config, start_gateway
+from tests.contract import Contract, driver_contract
 from tests.helpers import running, until
 
 W1_ID = "28-0316a2795cff"
@@ -327,3 +328,19 @@ async def test_thermometer_in_chat_and_its_removal_in_presence(xmpp_server: Xmpp
     finally:
         await alice.stop()
         await gw.stop()
+
+
+async def test_the_driver_contract(sysfs: FakeSys, tmp_path: Path) -> None:
+    """tests/contract.py: a thermometer that vanishes makes the device unhealthy with a reason,
+    what was read stays, and plugged back it is healthy again."""
+    sysfs.ds18b20(milli=20000)
+    config = parse({"gateway": {"state_dir": str(tmp_path / "state")}, "devices": [kernel_device(sysfs, sensors="auto")]})
+    gw = Gateway(config)
+    await gw.start()
+    try:
+        await driver_contract(Contract(
+            gw.hub, "pi", gw.stop, fail=lambda: shutil.rmtree(sysfs.w1 / W1_ID), mend=lambda: sysfs.ds18b20(milli=20500),
+        ))
+    except BaseException:
+        await gw.stop()
+        raise

@@ -34,6 +34,7 @@ from gateway.config import Config, ConfigError, parse
 from gateway.hub import DeviceError, Health
 from gateway.demo.localservers import Mosquitto, free_port, make_certs
 from tests.conftest import XmppServer, gateway_config, start_gateway
+from tests.contract import Contract, driver_contract
 from tests.helpers import until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -725,3 +726,27 @@ async def test_contact_reads_and_sets_an_mqtt_device_over_xmpp(
         if alice is not None:
             await alice.stop()
         await running.stop()
+
+
+async def test_the_driver_contract(mosquitto: Mosquitto, publisher: Publisher, gateways: list[Gateway], tmp_path: Path) -> None:
+    """tests/contract.py on a real Mosquitto: a set is applied once the plug reports it (and only
+    sent where nothing reports the state); LWT Offline makes the device unhealthy, Online mends it."""
+    p = unique("plug")
+    config = make_config(tmp_path, mosquitto.url, [{
+        "id": "plug", "driver": "mqtt", "availability_topic": f"tele/{p}/LWT", "fields": [
+            {"name": "relay", "type": "boolean", "writable": True, "topic": f"stat/{p}/POWER",
+             "command_topic": f"cmnd/{p}/POWER"},
+            {"name": "blind", "type": "boolean", "writable": True, "command_topic": f"cmnd/{p}/BLIND"},
+        ],
+    }])
+    gw = await start(gateways, config)
+    await until(lambda: health(gw, "plug")[1].startswith("waiting"), "the broker connection")
+    await publisher.send(f"tele/{p}/LWT", "Online")
+    echo = Echo(mosquitto.port, {f"cmnd/{p}/POWER": (f"stat/{p}/POWER", str)})
+    try:
+        await driver_contract(Contract(
+            gw.hub, "plug", lambda: stop(gateways, gw), writes=[("relay", True, True), ("blind", True, False)],
+            fail=lambda: publisher.send(f"tele/{p}/LWT", "Offline"), mend=lambda: publisher.send(f"tele/{p}/LWT", "Online"),
+        ))
+    finally:
+        echo.stop()

@@ -31,6 +31,7 @@ from devices.serial_config import SerialDevice
 from gateway.config import ConfigError, load, parse
 from gateway.hub import DeviceError, Health, Hub
 from tests.conftest import XmppServer, gateway_config, start_gateway
+from tests.contract import Contract, driver_contract
 
 ROOT = Path(__file__).resolve().parent.parent
 SOCAT = shutil.which("socat") or "/usr/bin/socat"
@@ -570,3 +571,23 @@ async def test_contact_reads_and_sets_over_xmpp(xmpp_server: XmppServer, tmp_pat
         if alice is not None:
             await alice.stop()
         await running.stop()
+
+
+async def test_the_driver_contract(start: Start, wire: Wire) -> None:
+    """tests/contract.py through a socat pty: a set is written to the port, unplugging makes the
+    device unhealthy with the reason, a replug with data mends it; stop closes the port."""
+    rig = await started(start, wire, [
+        {"name": "temp"},
+        {"name": "relay", "type": "boolean", "writable": True, "command": "RELAY {value}\n"},
+    ])
+    await wire.send(b"temp=21.5\n")
+
+    async def replug() -> None:
+        await wire.plug()
+        await until(lambda: rig.driver.connected, what="the port to reopen")
+        await wire.send(b"temp=22.5\n")
+
+    await driver_contract(Contract(
+        rig.hub, "dev", rig.driver.stop, writes=[("relay", True, True)], fail=wire.unplug, mend=replug,
+    ))
+    assert not rig.driver.connected

@@ -30,6 +30,7 @@ from gateway.config import ConfigError, parse
 from gateway.hub import Health
 from gateway.demo.localservers import Mosquitto
 from tests.helpers import until
+from tests.contract import Contract, driver_contract
 from tests.test_mqtt import Publisher
 
 HERE = Path(__file__).resolve().parent / "discovery"
@@ -363,3 +364,22 @@ async def test_a_sensor_key_that_makes_no_name_is_skipped(tmp_path: Path, mosqui
 def test_topics_and_writable_config_checked(extra: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(expected)):
         parse({"mqtt": {"url": "mqtt://127.0.0.1:1883"}, "devices": [{"id": "tas", "driver": "tasmota", **extra}]})
+
+
+async def test_the_driver_contract(tmp_path: Path, mosquitto: Mosquitto, tas: Tasmota) -> None:
+    """tests/contract.py on a real Mosquitto, for the discovered plug: a set is applied once the
+    plug reports it; LWT Offline makes it unhealthy, Online mends it."""
+    await tas.announce()
+    gw = await started(tmp_path, mosquitto, tas)
+    plug = node_id(tas.plug["t"])
+    lwt = f"tele/{tas.plug['t']}/LWT"
+    try:
+        await until(lambda: plug in gw.hub.nodes, "the plug")
+        await driver_contract(Contract(
+            gw.hub, plug, gw.stop, writes=[("power", True, True)],
+            fail=lambda: tas.pub.send(lwt, "Offline", retain=True), mend=lambda: tas.pub.send(lwt, "Online", retain=True),
+        ))
+    except BaseException:
+        await gw.stop()
+        raise
+

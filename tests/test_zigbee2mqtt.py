@@ -32,6 +32,7 @@ from gateway.values import BadValue
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.test_mqtt import Publisher
+from tests.contract import Contract, driver_contract
 from tests.xep_helpers import SD, Inbox, by_name, child, iq, values
 
 HERE = Path(__file__).resolve().parent / "discovery"
@@ -595,3 +596,25 @@ async def test_messages_of_unknown_devices_take_bounded_memory(tmp_path: Path, m
         await until(lambda: hub.field("hall_motion.temperature").latest is not None, "the early message kept")
     finally:
         await gw.stop()
+
+
+async def test_the_driver_contract(tmp_path: Path, mosquitto: Mosquitto, z2m: Z2m) -> None:
+    """tests/contract.py on a real Mosquitto, for a discovered light: a set is applied once the
+    bridge reports the new state, a write-only one only sent; the device's availability offline
+    makes it unhealthy, online mends it."""
+    await z2m.devices(DEVICES)
+    await z2m.bridge('{"state":"online"}')
+    z2m.answer_sets(mosquitto.port)
+    gw = await started(tmp_path, mosquitto, z2m, writable=True)  # the effects too (write-only)
+    avail = f"{z2m.base}/hall/ceiling/availability"
+    try:
+        await until(lambda: "hall_ceiling" in gw.hub.nodes, "the light")
+        await driver_contract(Contract(
+            gw.hub, "hall_ceiling", gw.stop, writes=[("state", True, True), ("effect", "blink", False)],
+            fail=lambda: z2m.pub.send(avail, '{"state":"offline"}', retain=True),
+            mend=lambda: z2m.pub.send(avail, '{"state":"online"}', retain=True),
+        ))
+    except BaseException:
+        await gw.stop()
+        raise
+
