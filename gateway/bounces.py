@@ -72,8 +72,8 @@ class Unreachable:
 class Bounces:
     """Error replies matched to what the gateway sent; held messages sent again when the contact is back.
 
-    `resend(sent, delayed_note)` sends one held message again (stamped); `probe(domain)` pings a
-    server and says whether it answered; `online()` says whether the session is up.
+    `resend(sent)` sends one held message again (stamped); `note(jid, text)` tells a contact how many
+    follow; `probe(domain)` pings a server and says whether it answered; `online()`: is the session up.
     """
 
     def __init__(
@@ -126,8 +126,9 @@ class Bounces:
         del self._sent[msg_id]
         final = cause not in TRANSIENT and etype != "wait"
         u = self.unreachable.get(frm)
-        if u is None or (u.final != final):
-            dropped = u.dropped if u is not None else 0
+        if u is None or u.final != final:
+            # A final error after transient ones: what was held will not be sent either (counted).
+            dropped = u.dropped + len(u.held) if u is not None else 0
             u = self.unreachable[frm] = Unreachable(time.time(), cause, final, dropped=dropped)
         u.cause = cause
         if cause not in u.logged:

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from gateway import bounces as bounces_module
 from gateway.xmpp import STRANGER_REPLY
+from tests import test_phone as phone
 from tests.conftest import Federated, RunningGateway, start_gateway
 from tests.helpers import until
 from tests.peer import Peer
+from tests.test_adhoc import execute, step
+from tests.xep_helpers import SD, Inbox, by_name, child, iq, values
 
 SIM = [{
     "id": "sim", "driver": "simulated", "interval": 3600,
@@ -52,6 +56,30 @@ async def test_chat_by_role_across_servers(federated: Federated, fed_gateway: Ru
         await victor.stop()
         await mallory.stop()
     assert fed_gateway.session.bounces.unreachable == {}
+
+
+async def test_readout_adhoc_and_receipts_across_servers(fed_gateway: RunningGateway, remote_contact: Peer) -> None:
+    """XEP-0323 read-out, an ad-hoc `set` on the gateway's full JID, XEP-0184/0333 for a chat command:
+    the same answers through s2s as on one server."""
+    gw, alice = fed_gateway, remote_contact
+    await subscribed(alice, gw)
+    full = gw.session.client.boundjid.full
+    inbox = Inbox(alice)
+    answer = await iq(alice, full, f"<req xmlns='{SD}' seqnr='7' momentary='true'><node nodeId='sim'/></req>")
+    assert child(answer, SD, "accepted").attrib == {"seqnr": "7"}
+    got = by_name(values(await inbox.readout(7)))
+    assert (got["temp"].value, got["temp"].attrs["unit"]) == ("20.0", "°C")
+
+    first = await execute(alice, gw, "set")
+    done = await step(alice, gw, first["command"]["sessionid"], {"sim.relay": "1"})
+    assert done["command"]["status"] == "completed"
+    assert gw.gateway.hub.field("sim.relay").latest.value is True
+
+    chat = phone.Inbox(alice, gw.jid)
+    mid, reply = await phone.ask(alice, gw.jid, "read sim.relay", phone.REQUEST, phone.MARKABLE)
+    assert reply.startswith("sim.relay = on")
+    assert chat.ids(phone.RECEIPTS, "received") == [mid]
+    assert chat.ids(phone.MARKERS, "displayed") == [mid]
 
 
 async def test_alerts_bounced_by_a_down_server_come_late_in_order_and_stamped(
@@ -96,3 +124,60 @@ async def test_alerts_bounced_by_a_down_server_come_late_in_order_and_stamped(
     finally:
         await hana.stop()
         await alice.stop()
+
+
+async def test_alerts_to_a_server_back_while_the_contact_is_offline_go_to_its_offline_store(
+    federated: Federated, fed_gateway: RunningGateway, remote_contact: Peer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No presence tells the gateway the server is back (alice stays offline): a ping to her server does."""
+    monkeypatch.setattr(bounces_module, "PROBE_EVERY", 0.5)
+    gw, alice = fed_gateway, remote_contact
+    await subscribed(alice, gw)
+    assert (await alice.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
+    alice_jid, bounces = alice.jid, gw.session.bounces
+    provider = federated.provider.prosody
+    try:
+        await alice.stop()
+        provider.stop()
+        gw.gateway.hub.push("sim", "temp", 31)
+        await until(lambda: alice_jid in bounces.unreachable and len(bounces.unreachable[alice_jid].held) == 1,
+                    "the alert to alice to bounce", timeout=15)
+    finally:
+        provider.start()
+    await until(lambda: alice_jid not in bounces.unreachable, "a ping to find her server back", timeout=15)
+    alice = await federated.provider.peer("alice").start()  # her server kept what came while she was away
+    try:
+        note = await alice.message_from(gw.jid)
+        assert "1 alert follow" in note["body"]
+        assert (await alice.reply_from(gw.jid)).startswith("ALERT #1 sim.temp > 30")
+    finally:
+        await alice.stop()
+
+
+async def test_a_contact_who_blocked_the_gateway_is_not_retried(
+    federated: Federated, fed_gateway: RunningGateway
+) -> None:
+    """`service-unavailable` from a blocking contact's server will not heal: nothing held, no probe, told in status."""
+    gw = fed_gateway
+    victor = await federated.provider.peer("victor").start()
+    hana = await federated.home.peer("hana").start()
+    blocking = f"<block xmlns='urn:xmpp:blocking'><item jid='{gw.jid}'/></block>"
+    try:
+        await subscribed(victor, gw)
+        assert (await victor.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
+        assert (await iq(victor, victor.jid, blocking, "set"))["type"] == "result"
+        bounces = gw.session.bounces
+        for value in (31, 29):
+            await asyncio.sleep(0.2)
+            gw.gateway.hub.push("sim", "temp", value)
+            await hana.reply_from(gw.jid)
+        await until(lambda: victor.jid in bounces.unreachable and bounces.unreachable[victor.jid].dropped == 2,
+                    "both alerts to victor to bounce", timeout=15)
+        assert bounces.unreachable[victor.jid].held == [] and not bounces.holding(victor.jid)
+        status = await hana.ask(gw.jid, "status")
+        assert f"cannot reach {victor.jid} since" in status
+        assert "service-unavailable; not retried, 2 dropped" in status
+    finally:
+        await iq(victor, victor.jid, blocking.replace("<block", "<unblock").replace("</block>", "</unblock>"), "set")
+        await victor.stop()
+        await hana.stop()
