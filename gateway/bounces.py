@@ -36,6 +36,7 @@ log = logging.getLogger("iot_gateway.bounces")
 
 SENT_MEMORY = 1000  # ids of recent messages to contacts, so an error reply can be matched
 HELD_MAX = 100  # messages held per unreachable contact; the oldest go first (counted)
+MAX_TEXT = 120  # characters of a remote server's error text kept for the log and `status`
 PROBE_EVERY = 30.0  # seconds between pings to an unreachable contact's server
 # Conditions that say "not now" rather than "never" (RFC 6120 8.3.3): retried. Every other
 # condition, unless the error's type is `wait`, is taken as final.
@@ -62,7 +63,7 @@ class Unreachable:
     """A contact whose server (or the contact) refused or could not take our messages."""
 
     since: float
-    cause: str
+    cause: str  # the error's condition, and its text if any (`remote-server-not-found (certificate …)`)
     final: bool  # will not heal by waiting: nothing held, nothing retried
     held: list[Sent] = field(default_factory=list)
     dropped: int = 0  # held messages pushed out by newer ones, or dropped as the error was final
@@ -115,24 +116,27 @@ class Bounces:
         u = self.unreachable[jid.lower()]
         self._keep(u, Sent(self.next_seq(), jid.lower(), text, when, alert))
 
-    def bounced(self, frm: str, msg_id: str, cause: str, etype: str) -> None:
-        """An error reply from `frm` (a bare JID) to our message `msg_id`, with its condition and type."""
+    def bounced(self, frm: str, msg_id: str, condition: str, etype: str, text: str = "") -> None:
+        """An error reply from `frm` (a bare JID) to our message `msg_id`: its condition, type and text."""
         frm = frm.lower()
         sent = self._sent.get(msg_id)
         if sent is None or sent.jid != frm:
             # Not a reply to anything we sent that contact: it holds nothing and marks nobody.
-            log.debug("error from %s to an unknown message %r (%s): ignored", frm, msg_id, cause)
+            log.debug("error from %s to an unknown message %r (%s): ignored", frm, msg_id[:40], condition[:40])
             return
         del self._sent[msg_id]
-        final = cause not in TRANSIENT and etype != "wait"
+        final = condition not in TRANSIENT and etype != "wait"
+        # The text comes from a remote server: one short line of it.
+        said = " ".join(text.split())[:MAX_TEXT]
+        cause = f"{condition} ({said})" if said else condition
         u = self.unreachable.get(frm)
         if u is None or u.final != final:
             # A final error after transient ones: what was held will not be sent either (counted).
             dropped = u.dropped + len(u.held) if u is not None else 0
             u = self.unreachable[frm] = Unreachable(time.time(), cause, final, dropped=dropped)
         u.cause = cause
-        if cause not in u.logged:
-            u.logged.add(cause)
+        if condition not in u.logged:
+            u.logged.add(condition)
             if final:
                 log.warning("cannot reach %s: %s (will not retry; what bounced is dropped)", frm, cause)
             else:

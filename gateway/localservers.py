@@ -142,9 +142,11 @@ class Prosody:
         uploads: bool = True,
         mam: bool = False,
         federation: Federation | None = None,
+        own_ca: bool = False,
     ):
         """With `federation`, the server takes its domain's loopback address there and talks s2s
-        with the federation's other servers; without, it is alone on 127.0.0.1 with s2s off."""
+        with the federation's other servers; without, it is alone on 127.0.0.1 with s2s off.
+        With `own_ca` too, its certificate comes from a CA the others do not trust (a wrong one)."""
         self.root = Path(root).resolve()
         self.federation = federation
         self.interface = federation.hosts[domain] if federation is not None else "127.0.0.1"
@@ -156,7 +158,7 @@ class Prosody:
         self.config = self.root / "prosody.cfg.lua"
         self.proc: subprocess.Popen | None = None
         self.s2s_port = federation.s2s_ports[domain] if federation is not None else None
-        ca_dir = federation.root / "ca" if federation is not None else None
+        ca_dir = federation.root / "ca" if federation is not None and not own_ca else None
         self.ca_file, self.cert, self.key = make_certs(self.root, [domain, self.muc, f"upload.{domain}"], ca_dir)
         self._write_config()
 

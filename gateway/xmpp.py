@@ -434,7 +434,8 @@ class Session:
 
     def _on_bounce(self, msg: Message) -> None:
         """A message of ours came back as an error (the contact's server is down, …): bounces.py decides."""
-        self.bounces.bounced(msg["from"].bare, msg["id"], msg["error"]["condition"], msg["error"]["type"])
+        err = msg["error"]
+        self.bounces.bounced(msg["from"].bare, msg["id"], err["condition"], err["type"], err["text"])
 
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal"):

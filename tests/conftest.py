@@ -31,7 +31,8 @@ USERS = {
 # Federated servers: the gateway's server at home and a public provider where the owner has an
 # account (each its own loopback address; not .test, which libunbound answers NXDOMAIN itself).
 HOME, PROVIDER = "home.example", "provider.example"
-FEDERATION = {HOME: "127.0.0.2", PROVIDER: "127.0.0.3"}
+ROGUE = "rogue.example"  # started by the tests that need it, with a certificate from the wrong CA
+FEDERATION = {HOME: "127.0.0.2", PROVIDER: "127.0.0.3", ROGUE: "127.0.0.4"}
 # hana: an admin on the gateway's own server who gets every alert (to compare with alice's).
 HOME_USERS = {"gateway": None, "hana": "admin"}
 PROVIDER_USERS = {"alice": "admin", "victor": "viewer", "mallory": None}  # mallory: a stranger
@@ -85,6 +86,7 @@ class Federated:
     federation: Federation
     home: XmppServer
     provider: XmppServer
+    root: Path
 
     def contacts(self) -> list[dict[str, str]]:
         """The gateway's contacts on both servers, as the config's `contacts` list."""
@@ -112,7 +114,7 @@ def federated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federated]:
         for domain, users in ((HOME, HOME_USERS), (PROVIDER, PROVIDER_USERS)):
             prosody = Prosody(root / domain, domain=domain, uploads=False, federation=federation)
             servers.append(_server(prosody, users, gateway))
-        yield Federated(federation, *servers)
+        yield Federated(federation, *servers, root)
     finally:
         for server in servers:
             server.prosody.stop()

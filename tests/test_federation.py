@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from gateway import bounces as bounces_module
+from gateway.localservers import Prosody
 from gateway.xmpp import STRANGER_REPLY
 from tests import test_phone as phone
-from tests.conftest import Federated, RunningGateway, start_gateway
+from tests.conftest import ROGUE, Federated, RunningGateway, start_gateway
 from tests.helpers import until
 from tests.peer import Peer
 from tests.test_adhoc import execute, step
@@ -107,7 +109,7 @@ async def test_alerts_bounced_by_a_down_server_come_late_in_order_and_stamped(
                     "the three alerts to alice to bounce", timeout=15)
         status = await hana.ask(gw.jid, "status")
         assert f"cannot reach {alice_jid} since" in status
-        assert "remote-server-not-found; 3 held" in status
+        assert "remote-server-not-found (Server-to-server connection failed: connection refused); 3 held" in status
     finally:
         provider.start()
     try:
@@ -181,3 +183,35 @@ async def test_a_contact_who_blocked_the_gateway_is_not_retried(
         await iq(victor, victor.jid, blocking.replace("<block", "<unblock").replace("</block>", "</unblock>"), "set")
         await victor.stop()
         await hana.stop()
+
+
+async def test_a_server_with_a_wrong_certificate_is_refused_and_named_once(
+    federated: Federated, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rogue.example's certificate is from a CA nobody trusts: with s2s_secure_auth the gateway's
+    server refuses the link, and the gateway says once (log, status) which contact it cannot reach."""
+    rogue = Prosody(federated.root / ROGUE, domain=ROGUE, uploads=False, federation=federated.federation, own_ca=True)
+    bob = rogue.register("bob", secrets.token_urlsafe(12))
+    rogue.start()
+    contacts = [*federated.contacts(), {"jid": bob, "role": "viewer", "alerts": "all"}]
+    gw = await start_gateway(federated.config(tmp_path, devices=SIM, contacts=contacts),
+                             federated.home.passwords["gateway"])
+    hana = await federated.home.peer("hana").start()
+    try:
+        assert (await hana.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
+        bounces = gw.session.bounces
+        for value in (31, 29):
+            await asyncio.sleep(0.2)
+            gw.gateway.hub.push("sim", "temp", value)
+            await hana.reply_from(gw.jid)
+        await until(lambda: bob in bounces.unreachable and len(bounces.unreachable[bob].held) == 2,
+                    "both alerts to bob to bounce", timeout=15)
+        status = await hana.ask(gw.jid, "status")
+        assert f"cannot reach {bob} since" in status
+        assert "certificate is not trusted); 2 held" in status
+        said = [r for r in caplog.records if r.name == "iot_gateway.bounces" and bob in r.getMessage()]
+        assert len(said) == 1 and said[0].levelname == "WARNING"
+    finally:
+        await hana.stop()
+        await gw.stop()
+        rogue.stop()
