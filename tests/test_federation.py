@@ -12,6 +12,7 @@ import pytest
 
 from gateway import bounces as bounces_module
 from gateway.localservers import Prosody
+from gateway import xmpp as xmpp_module
 from gateway.xmpp import STRANGER_REPLY
 from tests import test_phone as phone
 from tests.conftest import ROGUE, Federated, RunningGateway, start_gateway
@@ -215,3 +216,26 @@ async def test_a_server_with_a_wrong_certificate_is_refused_and_named_once(
         await hana.stop()
         await gw.stop()
         rogue.stop()
+
+
+async def test_a_command_delivered_late_through_s2s_is_not_run(
+    federated: Federated, remote_contact: Peer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice's `set` reaches the gateway's server while the gateway is away: stored there, delivered
+    late and stamped when it comes back. Older than the limit: not run, and she is told (through s2s)."""
+    monkeypatch.setattr(xmpp_module, "MAX_COMMAND_AGE", 1.0)
+    config = federated.config(tmp_path, devices=SIM)
+    password = federated.home.passwords["gateway"]
+    gw = await start_gateway(config, password)
+    alice = remote_contact
+    await subscribed(alice, gw)
+    await gw.stop()
+    alice.client.send_message(mto=gw.jid, mbody="set sim.relay on", mtype="chat")
+    await asyncio.sleep(1.5)  # older than the (shortened) limit by the time the gateway is back
+    gw = await start_gateway(config, password)
+    try:
+        answer = await alice.reply_from(gw.jid, timeout=15)
+        assert answer == "Ignored a command sent while the gateway was offline; send it again."
+        assert gw.gateway.hub.field("sim.relay").latest.value is not True
+    finally:
+        await gw.stop()
