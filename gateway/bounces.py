@@ -207,16 +207,20 @@ class Bounces:
 
 def _delayed_note(u: Unreachable, alerts: int, others: int) -> str:
     since = dt.datetime.fromtimestamp(u.since, dt.timezone.utc).strftime("%H:%M:%S UTC")
-    parts = [f"{alerts} alert{'' if alerts == 1 else 's'}"]
+    parts = [_count(alerts, "alert")] if alerts else []
     if others:
-        parts.append(f"{others} other message{'' if others == 1 else 's'}")
-    text = (
-        f"Delayed: your server could not be reached from here since {since} ({u.cause}). "
-        f"{' and '.join(parts)} follow, each stamped with when it happened."
-    )
+        parts.append(_count(others, "other message" if alerts else "message"))
+    follow = "follows" if alerts + others == 1 else "follow"
+    text = f"Delayed: your server could not be reached from here since {since} ({u.cause})."
+    if parts:
+        text += f" {' and '.join(parts)} {follow}, each stamped with when it happened."
     if u.dropped:
-        text += f" {u.dropped} older one{'' if u.dropped == 1 else 's'} could not be kept (at most {HELD_MAX})."
+        text += f" {_count(u.dropped, 'older one')} could not be kept (at most {HELD_MAX})."
     return text
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def alert_for(sent: Sent) -> Alert:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway import bounces as bounces_module
-from gateway.localservers import Prosody
+from gateway.localservers import Mosquitto, Prosody
 from gateway import xmpp as xmpp_module
 from gateway.xmpp import STRANGER_REPLY
 from tests import test_phone as phone
@@ -151,7 +151,7 @@ async def test_alerts_to_a_server_back_while_the_contact_is_offline_go_to_its_of
     alice = await federated.provider.peer("alice").start()  # her server kept what came while she was away
     try:
         note = await alice.message_from(gw.jid)
-        assert "1 alert follow" in note["body"]
+        assert "1 alert follows, each stamped" in note["body"]
         assert (await alice.reply_from(gw.jid)).startswith("ALERT #1 sim.temp > 30")
     finally:
         await alice.stop()
@@ -238,4 +238,40 @@ async def test_a_command_delivered_late_through_s2s_is_not_run(
         assert answer == "Ignored a command sent while the gateway was offline; send it again."
         assert gw.gateway.hub.field("sim.relay").latest.value is not True
     finally:
+        await gw.stop()
+
+
+async def test_an_answer_bounced_while_a_set_waited_for_its_device_comes_late(
+    federated: Federated, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Not only alerts: the answer to alice's `set` (it waited for an MQTT device that never
+    confirmed) bounces as her server is down, and reaches her once she is back."""
+    plug = {"id": "plug", "driver": "mqtt", "confirm_timeout": 2, "fields": [
+        {"name": "relay", "type": "boolean", "writable": True,
+         "topic": "fed/plug/state", "command_topic": "fed/plug/set"}]}
+    config = federated.config(tmp_path, devices=[*SIM, plug], mqtt={"url": mosquitto.url, "client_id": "fed-bounce"})
+    gw = await start_gateway(config, federated.home.passwords["gateway"])
+    alice = await federated.provider.peer("alice").start()
+    provider = federated.provider.prosody
+    try:
+        await subscribed(alice, gw)
+        await until(lambda: gw.gateway.hub.nodes["plug"].health.healthy, "the plug's broker connection")
+        alice.client.send_message(mto=gw.jid, mbody="set plug.relay on", mtype="chat")
+        assert (await alice.reply_from(gw.jid)).endswith("sent, waiting for the device…")
+        await alice.stop()
+        provider.stop()
+        bounces = gw.session.bounces
+        await until(lambda: alice.jid in bounces.unreachable and len(bounces.unreachable[alice.jid].held) == 1,
+                    "the answer to bounce", timeout=15)
+        answer = bounces.unreachable[alice.jid].held[0].text
+    finally:
+        provider.start()
+    alice = await federated.provider.peer("alice").start()
+    try:
+        note = await alice.reply_from(gw.jid, timeout=15)
+        assert "1 message follows, each stamped" in note
+        assert await alice.reply_from(gw.jid) == answer
+        assert "not confirmed" in answer
+    finally:
+        await alice.stop()
         await gw.stop()
