@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from slixmpp import JID
 
 from gateway import bounces as bounces_module
 from gateway.localservers import Mosquitto, Prosody
+from gateway.watches import Alert
 from gateway import xmpp as xmpp_module
 from gateway.xmpp import STRANGER_REPLY
 from tests import test_phone as phone
@@ -272,6 +275,50 @@ async def test_an_answer_bounced_while_a_set_waited_for_its_device_comes_late(
         assert "1 message follows, each stamped" in note
         assert await alice.reply_from(gw.jid) == answer
         assert "not confirmed" in answer
+    finally:
+        await alice.stop()
+        await gw.stop()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # slixmpp-omemo 2.2 on slixmpp 1.17
+async def test_omemo_across_servers_and_an_encrypted_alert_that_bounced(
+    federated: Federated, tmp_path: Path
+) -> None:
+    """OMEMO with a contact on another server (device lists over PEP through s2s): an encrypted
+    command is answered encrypted; an alert encrypted for her that bounced comes late, encrypted."""
+    from tests.test_omemo import Omemo, befriend, own_device
+
+    # alice an operator here: admins are also told of her new OMEMO device, an alert that could
+    # still be on its way (and bounce) when her server stops.
+    contacts = [{**c, "role": "operator"} if c["jid"].startswith("alice@") else c for c in federated.contacts()]
+    config = federated.config(tmp_path, devices=SIM, xmpp={"omemo": "accept"}, contacts=contacts)
+    gw = await start_gateway(config, federated.home.passwords["gateway"])
+    alice = await Omemo(federated.provider, "alice").start()
+    provider = federated.provider.prosody
+    try:
+        await asyncio.wait_for(gw.session.omemo.manager(), 15)
+        await befriend(gw, alice)
+        # The gateway's device list crosses s2s as a PEP notification: fetch it rather than race it.
+        sm, device = await alice.plugin.get_session_manager(), await own_device(gw)
+        for _ in range(40):
+            await alice.plugin.refresh_device_lists({JID(gw.jid)}, force_download=True)
+            if any(d.device_id == device for d in await sm.get_device_information(gw.jid)):
+                break
+            await asyncio.sleep(0.25)
+        kind, body = await alice.ask(gw.jid, "read sim.temp")
+        assert (kind, body.split(" (")[0]) == ("encrypted", "sim.temp = 20 °C")
+        provider.stop()
+        gw.session.deliver(Alert("tank low", time.time(), (alice.jid,)))
+        bounces = gw.session.bounces
+        await until(lambda: alice.jid in bounces.unreachable and len(bounces.unreachable[alice.jid].held) == 1,
+                    "the encrypted alert to bounce", timeout=15)
+    finally:
+        provider.start()
+    try:
+        alice.drain()
+        alice.client.connect(*alice.address)  # the same phone (device) logs in again
+        assert (await alice.next())[1].startswith("Delayed: your server could not be reached")
+        assert await alice.next() == ("encrypted", "tank low")
     finally:
         await alice.stop()
         await gw.stop()
