@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from slixmpp import JID
+from slixmpp.exceptions import IqError
 
 from gateway import bounces as bounces_module
 from gateway.localservers import Mosquitto, Prosody
@@ -24,6 +25,7 @@ from tests.peer import Peer
 from tests.test_adhoc import execute, step
 from tests.xep_helpers import SD, Inbox, by_name, child, iq, values
 
+COMMANDS = "http://jabber.org/protocol/commands"
 SIM = [{
     "id": "sim", "driver": "simulated", "interval": 3600,
     "fields": [
@@ -58,6 +60,8 @@ async def test_chat_by_role_across_servers(federated: Federated, fed_gateway: Ru
     try:
         assert (await victor.ask(fed_gateway.jid, "set sim.relay off")).startswith("Refused:")
         assert await mallory.ask(fed_gateway.jid, "read") == STRANGER_REPLY
+        mallory.client.send_presence(pto=fed_gateway.jid, ptype="subscribe")
+        await mallory.presence_from(fed_gateway.jid, lambda p: p["type"] == "unsubscribed")
     finally:
         await victor.stop()
         await mallory.stop()
@@ -76,6 +80,10 @@ async def test_readout_adhoc_and_receipts_across_servers(fed_gateway: RunningGat
     got = by_name(values(await inbox.readout(7)))
     assert (got["temp"].value, got["temp"].attrs["unit"]) == ("20.0", "°C")
 
+    # Asked of the bare JID, the gateway's server answers, not the gateway (docs/federation.md).
+    with pytest.raises(IqError) as bare:
+        await alice.client.plugin["xep_0030"].get_items(jid=gw.jid, node=COMMANDS, timeout=10)
+    assert bare.value.iq["error"]["condition"] == "service-unavailable"
     first = await execute(alice, gw, "set")
     done = await step(alice, gw, first["command"]["sessionid"], {"sim.relay": "1"})
     assert done["command"]["status"] == "completed"
@@ -297,6 +305,9 @@ async def test_omemo_across_servers_and_an_encrypted_alert_that_bounced(
     provider = federated.provider.prosody
     try:
         await asyncio.wait_for(gw.session.omemo.manager(), 15)
+        # Her own subscription to the gateway (PEP sends device lists to subscribers): asked here, as
+        # the gateway, already subscribed to her in earlier tests, sends her no request to answer.
+        alice.client.send_presence(pto=gw.jid, ptype="subscribe")
         await befriend(gw, alice)
         # The gateway's device list crosses s2s as a PEP notification: fetch it rather than race it.
         sm, device = await alice.plugin.get_session_manager(), await own_device(gw)
