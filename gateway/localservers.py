@@ -260,11 +260,12 @@ class Federation:
         self.root = Path(root).resolve()
         self.hosts = dict(hosts)
         self.s2s_ports = {domain: free_port() for domain in hosts}
-        records = {}
+        records, srv = {}, {}
         for domain, addr in hosts.items():
+            # Rooms and uploads are reached over s2s too (a room on another server): same server, same port.
             for name in (domain, f"conference.{domain}", f"upload.{domain}"):
-                records[name] = addr
-        self.dns = NameServer(records, self.s2s_ports)
+                records[name], srv[name] = addr, self.s2s_ports[domain]
+        self.dns = NameServer(records, srv)
 
     def start(self) -> None:
         """Start answering the servers' DNS queries."""
@@ -277,8 +278,8 @@ class Federation:
 
 class NameServer:
     """A DNS server on 127.0.0.1 (UDP, a free port, a thread of its own) for federated test servers:
-    A records from `records` (name → address), `_xmpp-server._tcp.DOMAIN` SRV records pointing at
-    DOMAIN on its port from `s2s` (domain → port); NXDOMAIN for anything else."""
+    A records from `records` (name → address), `_xmpp-server._tcp.NAME` SRV records pointing at
+    NAME on its port from `s2s` (name → port); NXDOMAIN for anything else."""
 
     def __init__(self, records: dict[str, str], s2s: dict[str, int]):
         self.records = {k.lower(): v for k, v in records.items()}

@@ -32,7 +32,9 @@ USERS = {
 # account (each its own loopback address; not .test, which libunbound answers NXDOMAIN itself).
 HOME, PROVIDER = "home.example", "provider.example"
 ROGUE = "rogue.example"  # started by the tests that need it, with a certificate from the wrong CA
-FEDERATION = {HOME: "127.0.0.2", PROVIDER: "127.0.0.3", ROGUE: "127.0.0.4"}
+ROOMS = "rooms.example"  # a third server, where a team room lives (`rooms_server`)
+FEDERATION = {HOME: "127.0.0.2", PROVIDER: "127.0.0.3", ROGUE: "127.0.0.4", ROOMS: "127.0.0.5"}
+ROOMS_USERS = {"rob": "viewer"}
 # hana: an admin on the gateway's own server who gets every alert (to compare with alice's).
 HOME_USERS = {"gateway": None, "hana": "admin"}
 PROVIDER_USERS = {"alice": "admin", "victor": "viewer", "mallory": None}  # mallory: a stranger
@@ -119,6 +121,15 @@ def federated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federated]:
         for server in servers:
             server.prosody.stop()
         federation.stop()
+
+
+@pytest.fixture(scope="session")
+def rooms_server(federated: Federated) -> Iterator[XmppServer]:
+    """A third federated server, rooms.example, with its MUC service and rob, a contact (viewer)."""
+    prosody = Prosody(federated.root / ROOMS, domain=ROOMS, uploads=False, federation=federated.federation)
+    server = _server(prosody, ROOMS_USERS, federated.home.jid("gateway"))
+    yield server
+    prosody.stop()
 
 
 @pytest.fixture

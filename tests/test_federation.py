@@ -19,7 +19,7 @@ from gateway.watches import Alert
 from gateway import xmpp as xmpp_module
 from gateway.xmpp import STRANGER_REPLY
 from tests import test_phone as phone
-from tests.conftest import ROGUE, Federated, RunningGateway, start_gateway
+from tests.conftest import ROGUE, Federated, RunningGateway, XmppServer, start_gateway
 from tests.helpers import until
 from tests.peer import Peer
 from tests.test_adhoc import execute, step
@@ -332,4 +332,31 @@ async def test_omemo_across_servers_and_an_encrypted_alert_that_bounced(
         assert await alice.next() == ("encrypted", "tank low")
     finally:
         await alice.stop()
+        await gw.stop()
+
+
+async def test_a_room_on_a_third_server_with_members_from_all_three(
+    federated: Federated, rooms_server: XmppServer, tmp_path: Path
+) -> None:
+    """The gateway (home.example) creates a private room on rooms.example; hana (home), alice
+    (provider) and rob (rooms.example) are its members; rob's `gw: read` is answered to all."""
+    rob_jid = rooms_server.jid("rob")
+    room = f"team-{secrets.token_hex(4)}@{rooms_server.prosody.muc}"
+    contacts = [*federated.contacts(), {"jid": rob_jid, "role": "viewer"}]
+    config = federated.config(tmp_path, devices=SIM, contacts=contacts, xmpp={"rooms": [room]})
+    gw = await start_gateway(config, federated.home.passwords["gateway"])
+    peers = [await federated.home.peer("hana").start(), await federated.provider.peer("alice").start(),
+             await rooms_server.peer("rob").start()]
+    hana, alice, rob = peers
+    try:
+        await until(lambda: room in gw.session.rooms.joined, f"the gateway in {room}", timeout=20)
+        assert room in gw.session.rooms.private
+        for peer in peers:
+            await peer.join(room, peer.jid.split("@")[0])
+        rob.client.send_message(mto=room, mbody="gw: read sim.relay", mtype="groupchat")
+        for peer in peers:
+            assert (await peer.room_said(room, "gw")).startswith("rob: sim.relay = off")
+    finally:
+        for peer in peers:
+            await peer.stop()
         await gw.stop()
