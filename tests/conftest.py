@@ -37,7 +37,8 @@ FEDERATION = {HOME: "127.0.0.2", PROVIDER: "127.0.0.3", ROGUE: "127.0.0.4", ROOM
 ROOMS_USERS = {"rob": "viewer"}
 # hana: an admin on the gateway's own server who gets every alert (to compare with alice's).
 HOME_USERS = {"gateway": None, "hana": "admin"}
-PROVIDER_USERS = {"alice": "admin", "victor": "viewer", "mallory": None}  # mallory: a stranger
+# mallory: a stranger; gateway: a second gateway, on the provider (a fleet across servers)
+PROVIDER_USERS = {"alice": "admin", "victor": "viewer", "mallory": None, "gateway": None}
 
 
 @dataclass

@@ -19,10 +19,11 @@ from gateway.watches import Alert
 from gateway import xmpp as xmpp_module
 from gateway.xmpp import STRANGER_REPLY
 from tests import test_phone as phone
-from tests.conftest import ROGUE, Federated, RunningGateway, XmppServer, start_gateway
+from tests.conftest import ROGUE, Federated, RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 from tests.peer import Peer
 from tests.test_adhoc import execute, step
+from tests.test_fleet import ask, said
 from tests.xep_helpers import SD, Inbox, by_name, child, iq, values
 
 COMMANDS = "http://jabber.org/protocol/commands"
@@ -360,3 +361,33 @@ async def test_a_room_on_a_third_server_with_members_from_all_three(
         for peer in peers:
             await peer.stop()
         await gw.stop()
+
+
+async def test_a_fleet_across_servers_answers_all_status_once_each(
+    federated: Federated, rooms_server: XmppServer, tmp_path: Path
+) -> None:
+    """Two gateways on two servers, their team room on a third: `all: status` from alice (on the
+    provider) is answered once by each, in nick order."""
+    room = f"fleet-{secrets.token_hex(4)}@{rooms_server.prosody.muc}"
+    fleet = {"rooms": [room], "peers": [federated.home.jid("gateway"), federated.provider.jid("gateway")]}
+    sites = []
+    for server, name in ((federated.home, "Greenhouse"), (federated.provider, "Boiler room")):
+        state = tmp_path / name.split()[0] / "state"
+        config = gateway_config(server, tmp_path, devices=SIM, xmpp=fleet, contacts=federated.contacts(),
+                                gateway={"name": name, "state_dir": str(state), "health_debounce": 0})
+        sites.append(await start_gateway(config, server.passwords["gateway"]))
+        if not sites[1:]:  # the first creates the room and makes the other a member
+            await until(lambda: room in sites[0].session.rooms.private, f"{room} created", timeout=20)
+    alice = await federated.provider.peer("alice").start()
+    try:
+        await until(lambda: all(room in s.session.rooms.joined for s in sites), "both gateways in the room", 20)
+        await alice.join(room, "alice")
+        await said(alice, room, 0.5)  # what was said before alice asks
+        assert await ask(alice, room, "all: status") == [
+            ("boiler-room", "alice: Boiler room: 1/1 devices OK"),
+            ("greenhouse", "alice: Greenhouse: 1/1 devices OK"),
+        ]
+    finally:
+        await alice.stop()
+        for site in sites:
+            await site.stop()
