@@ -391,3 +391,27 @@ async def test_a_fleet_across_servers_answers_all_status_once_each(
         await alice.stop()
         for site in sites:
             await site.stop()
+
+
+async def test_an_error_counts_only_for_the_contact_its_message_went_to() -> None:
+    """Errors are input from outside: one for an id we never sent, or from another JID than the
+    message went to, holds nothing and marks nobody; a final one after transient ones counts
+    what was held as dropped."""
+    resent: list[str] = []
+    b = bounces_module.Bounces(lambda s: resent.append(s.text), lambda j, t: resent.append(t), _never, lambda: True)
+    b.sent("m1", "alice@provider.example", "ALERT #1", 1.0, alert=True)
+    b.bounced("mallory@provider.example", "m1", "remote-server-not-found", "cancel")
+    b.bounced("alice@provider.example", "no-such-id", "remote-server-not-found", "cancel")
+    assert b.unreachable == {}
+    b.bounced("Alice@provider.example", "m1", "remote-server-not-found", "cancel", "x" * 500)
+    u = b.unreachable["alice@provider.example"]
+    assert [s.text for s in u.held] == ["ALERT #1"] and len(u.cause) < 200
+    b.sent("m2", "alice@provider.example", "ALERT #2", 2.0, alert=True)
+    b.bounced("alice@provider.example", "m2", "forbidden", "auth")
+    u = b.unreachable["alice@provider.example"]
+    assert (u.final, u.held, u.dropped) == (True, [], 2)
+    b.stop()
+
+
+async def _never(domain: str) -> bool:
+    return False
