@@ -4,8 +4,8 @@ A contact on another server is reached through s2s: when their server is down, t
 server accepts each message (and acknowledges it, XEP-0198) and only then answers with
 `<message type='error'>` (`remote-server-not-found`). Here such an error is matched by stanza id to
 what was sent, logged once per contact and cause, and what bounced is held per contact (bounded,
-oldest dropped and counted) until the contact is reachable again: their presence comes back, or a
-ping to their server succeeds (tried every PROBE_EVERY seconds). Then the contact is told how many
+oldest dropped and counted) until the contact is reachable again: their presence comes back, a
+message of theirs arrives, or a ping to their server succeeds (tried every PROBE_EVERY seconds). Then the contact is told how many
 messages were delayed and gets them again, in order, stamped (XEP-0203) with when they happened.
 
 Errors that will not heal by waiting (`forbidden`, `service-unavailable` from a contact who blocked
@@ -44,6 +44,8 @@ TRANSIENT = frozenset({
     "remote-server-not-found", "remote-server-timeout", "recipient-unavailable",
     "resource-constraint", "internal-server-error",
 })
+# The contact's server cannot be reached: whoever the message went to, the contact is cut off.
+SERVER_DOWN = frozenset({"remote-server-not-found", "remote-server-timeout"})
 
 
 @dataclass
@@ -116,13 +118,18 @@ class Bounces:
         u = self.unreachable[jid.lower()]
         self._keep(u, Sent(self.next_seq(), jid.lower(), text, when, alert))
 
-    def bounced(self, frm: str, msg_id: str, condition: str, etype: str, text: str = "") -> None:
-        """An error reply from `frm` (a bare JID) to our message `msg_id`: its condition, type and text."""
-        frm = frm.lower()
+    def bounced(self, sender: str, msg_id: str, condition: str, etype: str, text: str = "") -> None:
+        """An error reply from `sender` (a JID) to our message `msg_id`: its condition, type and text."""
+        frm, _, resource = sender.lower().partition("/")
         sent = self._sent.get(msg_id)
         if sent is None or sent.jid != frm:
             # Not a reply to anything we sent that contact: it holds nothing and marks nobody.
             log.debug("error from %s to an unknown message %r (%s): ignored", frm, msg_id[:40], condition[:40])
+            return
+        if resource and condition not in SERVER_DOWN:
+            # One of the contact's clients is gone (a hibernated session that expired, XEP-0198,
+            # bounces what it held): their account still takes messages, nothing to hold.
+            log.info("message to %s not delivered to one of their clients (%s)", frm, condition[:40])
             return
         del self._sent[msg_id]
         final = condition not in TRANSIENT and etype != "wait"

@@ -435,7 +435,7 @@ class Session:
     def _on_bounce(self, msg: Message) -> None:
         """A message of ours came back as an error (the contact's server is down, …): bounces.py decides."""
         err = msg["error"]
-        self.bounces.bounced(msg["from"].bare, msg["id"], err["condition"], err["type"], err["text"])
+        self.bounces.bounced(str(msg["from"]), msg["id"], err["condition"], err["type"], err["text"])
 
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal"):
@@ -456,6 +456,7 @@ class Session:
         if contact is None:
             self._refuse_stranger(msg, sender)
             return
+        self.bounces.reachable(sender)  # they reached us: what was held for them goes out now
         stamp = msg["delay"]["stamp"]
         if stamp is not None and stamp.timestamp() - time.time() > MAX_STAMP_AHEAD:
             # The age of a command stamped in our future cannot be known (a Pi without

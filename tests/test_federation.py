@@ -415,3 +415,16 @@ async def test_an_error_counts_only_for_the_contact_its_message_went_to() -> Non
 
 async def _never(domain: str) -> bool:
     return False
+
+
+async def test_an_error_from_one_of_the_contacts_clients_holds_nothing() -> None:
+    """A hibernated XEP-0198 session that expires bounces what it held (`recipient-unavailable`,
+    from the full JID): the contact's account still takes messages, so nothing is held."""
+    b = bounces_module.Bounces(lambda s: None, lambda j, t: None, _never, lambda: True)
+    b.sent("m1", "olive@home.example", "ALERT #1", 1.0, alert=True)
+    b.bounced("olive@home.example/phone", "m1", "recipient-unavailable", "wait")
+    assert b.unreachable == {} and not b.holding("olive@home.example")
+    b.sent("m2", "olive@home.example", "ALERT #2", 2.0, alert=True)
+    b.bounced("olive@home.example/phone", "m2", "remote-server-not-found", "cancel")  # her server: counts
+    assert b.holding("olive@home.example")
+    b.stop()
