@@ -38,8 +38,9 @@ $(BIN)/.installed: pyproject.toml | deps
 test: test-deps venv
 	$(BIN)/python -m pytest
 
+# `make demo SECOND_SERVER=1`: you on another server than the gateway (docs/federation.md).
 demo: deps venv
-	$(BIN)/python -m gateway.demo
+	$(BIN)/python -m gateway.demo $(if $(SECOND_SERVER),--second-server)
 
 bench: deps venv
 	$(BIN)/python -m bench
