@@ -32,7 +32,7 @@ venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml | deps
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[plot,omemo,test]'
 	@touch $@
 
 test: test-deps venv

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
+import importlib.util
 import logging
 import os
 import signal
@@ -13,6 +15,7 @@ import threading
 from pathlib import Path
 
 from .config import PASSWORD_ENV, Config, ConfigError, load
+from .plot import PLOT_INSTALL
 from .redact import SaslRedactor
 from .state import StateDir, StateLocked
 
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--debug", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
+    if args.cmd == "run":
+        # A hang killed by systemd's watchdog (SIGABRT), or a crash in C code, leaves every
+        # thread's Python traceback on stderr, which is the journal under systemd.
+        faulthandler.enable()
 
     path = Path(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
     try:
@@ -195,8 +202,11 @@ def summary(path: Path, config: Config) -> str:
         ca = f", CA {x.ca_file}" if x.ca_file else ""
         lines.append(f"XMPP: {x.jid} via {where}{ca}")
         lines.append(f"  password: {password_source(config)}")
+        lines.append(f"  OMEMO: {x.omemo_unavailable or x.omemo}")
     else:
         lines.append("XMPP: not configured (console only)")
+    if importlib.util.find_spec("matplotlib") is None:
+        lines.append(f"Plots: text sparklines only, the plotting library is not installed ({PLOT_INSTALL} for pictures)")
     if config.mqtt:
         lines.append(f"MQTT: {config.mqtt.url}")
     lines.append(f"Devices ({len(config.devices)}):")

@@ -79,6 +79,7 @@ class Commands:
         self.plots = Plots()  # the XMPP session gives it an uploader
         self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/fleet.py)
         self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/omemo.py), when on
+        self.notes: list[str] = []  # features off for want of a package; `status` ends with them
 
     async def run(self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None) -> str:
         """Answer one command line on behalf of `actor`.
@@ -146,6 +147,7 @@ class Commands:
             lines.append(f"NOT saving state: {reason}")
         # `history: not saved: …`; the state folder's trouble is the NOT saving line above.
         lines.extend(p.describe() for p in self.hub.problems.values() if p.component != "state" or not unsaved)
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:

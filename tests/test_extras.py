@@ -1,0 +1,111 @@
+"""The optional features (`pip install 'iot-gateway[plot,omemo]'`) missing: the gateway runs and says so.
+
+Each test runs the real CLI in a process where `import matplotlib` / `import slixmpp_omemo`
+fail as they do when the package is not installed (a `None` in `sys.modules`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import XmppServer
+from tests.helpers import answering
+
+ROOT = Path(__file__).resolve().parent.parent
+# argv[1]: the modules to hide, comma-separated; the rest goes to `iot-gateway`.
+WITHOUT = """
+import sys
+for name in sys.argv.pop(1).split(","):
+    sys.modules[name] = None  # `import name` raises ImportError, as for a package not installed
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+OMEMO_HINT = "pip install 'iot-gateway[omemo]'"
+PLOT_HINT = "pip install 'iot-gateway[plot]'"
+
+
+def config(tmp_path: Path, server: XmppServer, omemo: str = "") -> Path:
+    """A gateway config for the suite's Prosody with one simulated sensor; `omemo` an extra [xmpp] line."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f"""
+[gateway]
+name = "Lean GW"
+state_dir = "{tmp_path}/state"
+[xmpp]
+jid = "{server.jid('gateway')}"
+server = "{server.prosody.address}"
+ca_file = "{server.prosody.ca_file}"
+{omemo}
+{server.contacts_toml()}
+[[devices]]
+id = "sim"
+driver = "simulated"
+interval = 0.2
+  [[devices.fields]]
+  name = "temp"
+"""
+    )
+    return cfg
+
+
+def cli(hidden: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT, hidden, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def test_check_fails_when_omemo_is_asked_for_but_not_installed(xmpp_server: XmppServer, tmp_path: Path) -> None:
+    cfg = config(tmp_path, xmpp_server, 'omemo = "require"')
+    out = cli("slixmpp_omemo", "check", "--config", str(cfg))
+    assert out.returncode == 2, out
+    assert "xmpp.omemo: 'require' needs the OMEMO packages, which are not installed" in out.stderr
+    assert OMEMO_HINT in out.stderr and "Traceback" not in out.stderr
+
+
+def test_check_without_the_extras_is_ok_and_says_what_is_off(xmpp_server: XmppServer, tmp_path: Path) -> None:
+    cfg = config(tmp_path, xmpp_server)
+    out = cli("slixmpp_omemo,matplotlib", "check", "--config", str(cfg))
+    assert out.returncode == 0, out
+    assert f"OMEMO: OMEMO off: its packages are not installed ({OMEMO_HINT} to turn it on)" in out.stdout
+    assert f"Plots: text sparklines only, the plotting library is not installed ({PLOT_HINT} for pictures)" in out.stdout
+    # With the packages: OMEMO on by default, pictures.
+    full = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "  OMEMO: accept" in full.stdout and "Plots:" not in full.stdout, full
+
+
+async def test_gateway_without_the_extras_runs_and_says_what_is_missing(xmpp_server: XmppServer, tmp_path: Path) -> None:
+    """OMEMO left unset and its packages missing: off, said once in the log and in `status`;
+    no matplotlib: `plot` answers with sparklines and how to get pictures."""
+    cfg = config(tmp_path, xmpp_server)
+    env = dict(os.environ, IOT_GATEWAY_XMPP_PASSWORD=xmpp_server.passwords["gateway"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WITHOUT, "slixmpp_omemo,matplotlib", "run", "--config", str(cfg)],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    alice = await xmpp_server.peer("alice").start()
+    try:
+        gw = xmpp_server.jid("gateway")
+        status = await answering(alice, gw, "Lean GW: 1/1", alive=lambda: proc.poll() is None)
+        assert f"OMEMO off: its packages are not installed ({OMEMO_HINT} to turn it on)" in status.splitlines(), status
+        reply = await alice.ask(gw, "plot sim.temp 15m")
+        first = reply.splitlines()[0]
+        assert first.startswith(f"No picture: the plotting library is not installed (matplotlib); for pictures: {PLOT_HINT}")
+        assert "sim.temp" in reply.splitlines()[1], reply
+    finally:
+        await alice.stop()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(10)
+        finally:
+            proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+    assert code == 0, err
+    assert err.count("OMEMO off: its packages are not installed") == 1, err
+    assert "Traceback" not in err, err
