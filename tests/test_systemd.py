@@ -650,3 +650,37 @@ async def test_gateway_runs_without_write_execute_memory(
     assert code != 78, "PR_SET_MDWE did not refuse a W+X mapping"
     assert ready and code == 0, err
     assert "online as " in err and "Traceback" not in err, err
+
+
+async def wait_ready(fake: FakeSystemd, proc: subprocess.Popen[str], seconds: float = 20) -> bool:
+    """Wait for the gateway process's READY=1 on the fake notify socket; False if it exits or times out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        msg = await fake.recv(0.5)
+        if msg is not None and msg.startswith("READY=1"):
+            return True
+    return False
+
+
+async def test_watchdog_abort_leaves_a_python_traceback(
+    xmpp_server: XmppServer, tmp_path: Path, fake_systemd: tuple[FakeSystemd, str]
+) -> None:
+    """systemd's watchdog kills a hung gateway with SIGABRT: stderr (the journal) shows where each thread was."""
+    fake, path = fake_systemd
+    cfg = write_config(tmp_path, xmpp_server)
+    cfg.chmod(0o600)
+    proc = start_gateway(cfg, gateway_env(NOTIFY_SOCKET=path, IOT_GATEWAY_XMPP_PASSWORD=xmpp_server.passwords["gateway"]))
+    try:
+        ready = await wait_ready(fake, proc)
+        proc.send_signal(signal.SIGABRT)
+        code = proc.wait(10)
+    finally:
+        proc.kill()
+    err = proc.stderr.read() if proc.stderr else ""
+    assert ready, err
+    assert code == -signal.SIGABRT, err
+    assert "Fatal Python error: Aborted" in err, err
+    # Every thread's stack, the main one (the event loop, run from the CLI) included.
+    main = err.partition("Current thread ")[2]
+    assert re.match(r"0x[0-9a-f]+ \(most recent call first\):\n  File ", main), err
+    assert re.search(r'File ".*gateway/cli\.py", line \d+ in main', main), err
