@@ -131,7 +131,9 @@ fi
 
 # 4. GPIO: lgpio (Raspberry Pi OS's python3-lgpio, else a wheel from PyPI) or gpiozero's native pins
 dropin="$ROOT$UNITDIR/$UNIT.d/install.conf"
-if "$ROOT$VENV/bin/python" -c 'import lgpio' 2>/dev/null || pip install --only-binary=:all: 'lgpio>=0.2' 2>/dev/null; then
+has_lgpio() { "$ROOT$VENV/bin/python" -c 'import lgpio' 2>/dev/null; }
+has_lgpio || pip install --only-binary=:all: 'lgpio>=0.2' 2>/dev/null || true
+if has_lgpio; then
   PINS=lgpio
   rm -f "$dropin"; rmdir "$(dirname "$dropin")" 2>/dev/null || true
 else
