@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # argv[1]: the modules to hide, comma-separated; the rest goes to `iot-gateway`.
 WITHOUT = """
 import sys
-for name in sys.argv.pop(1).split(","):
+for name in filter(None, sys.argv.pop(1).split(",")):
     sys.modules[name] = None  # `import name` raises ImportError, as for a package not installed
 from gateway.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -109,3 +109,35 @@ async def test_gateway_without_the_extras_runs_and_says_what_is_missing(xmpp_ser
     assert code == 0, err
     assert err.count("OMEMO off: its packages are not installed") == 1, err
     assert "Traceback" not in err, err
+
+
+GPIO_CONFIG = """
+[gateway]
+name = "Pins GW"
+state_dir = "{state}"
+[[devices]]
+id = "relays"
+driver = "gpio"
+{factory}
+  [[devices.fields]]
+  name = "led"
+  kind = "led"
+  pin = "GPIO17"
+"""
+
+
+def test_check_and_status_name_the_pin_factory(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(GPIO_CONFIG.format(state=tmp_path / "state", factory='pin_factory = "mock"'))
+    out = cli("", "check", "--config", str(cfg))
+    assert "GPIO pin factory: mock" in out.stdout.splitlines(), out
+    # The running gateway (its console, the same `status`) names the one it loaded.
+    r = subprocess.run([sys.executable, "-m", "gateway", "console", "--config", str(cfg)],
+                       input="status\n", capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "relays: GPIO pin factory mock" in r.stdout.splitlines(), r.stdout + r.stderr
+    # Left to $GPIOZERO_PIN_FACTORY, as the unit sets it: a library that is missing is said so, with the fix.
+    cfg.write_text(GPIO_CONFIG.format(state=tmp_path / "state", factory=""))
+    out = cli("lgpio", "check", "--config", str(cfg), env=dict(os.environ, GPIOZERO_PIN_FACTORY="lgpio"))
+    assert out.returncode == 0, out
+    assert ("GPIO pin factory: lgpio, NOT installed (Raspberry Pi OS: sudo apt install python3-lgpio;"
+            " elsewhere GPIOZERO_PIN_FACTORY=native, which `make install` sets when it has to)") in out.stdout, out
