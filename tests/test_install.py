@@ -4,13 +4,21 @@ machine: `../shared/tools/pi-userland.sh` with INSTALL="make install" (docs/rasp
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
+import secrets
 import shutil
+import socket
+import ssl
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from gateway.localservers import Prosody
+from tests.conftest import USERS, XmppServer, gateway_config, start_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 # Offline: the project only (its dependencies are not needed to look at the files), built with the
@@ -95,3 +103,54 @@ def test_install_into_a_folder_twice_then_uninstall(tmp_path: Path) -> None:
     assert not (dest / "etc/systemd/system/iot-gateway.service.d").exists()
     assert (etc / "gateway.toml").read_text() == "# mine\n" and (etc / "xmpp.pass").exists()
 
+
+
+def doc_block(marker: str) -> str:
+    """The first ```sh block after the line of docs/raspberry-pi.md holding `marker`."""
+    text = (ROOT / "docs/raspberry-pi.md").read_text()
+    m = re.search(re.escape(marker) + r".*?\n```sh\n(.*?)\n```", text, re.S)
+    assert m, f"no sh block after {marker!r} in docs/raspberry-pi.md"
+    return m[1]
+
+
+def tls_handshake(port: int, ca: Path, name: str) -> str:
+    """The TLS version of a handshake with 127.0.0.1:port verifying `name` against `ca`."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname=name) as tls:
+        return tls.version() or ""
+
+
+async def test_the_docs_local_ca_recipe_serves_the_gateway_rooms_and_uploads(tmp_path: Path) -> None:
+    """docs/raspberry-pi.md's local-CA commands, run as written (for DOMAIN=localhost, without sudo):
+    a Prosody with that certificate is verified by the gateway, a contact's client and an HTTPS client."""
+    ca_dir = tmp_path / "ca"
+    script = doc_block("tests/test_install.py runs this block")
+    assert "DOMAIN=example.org\nCA=/etc/prosody/local-ca\n" in script
+    script = script.replace("DOMAIN=example.org", "DOMAIN=localhost").replace("CA=/etc/prosody/local-ca", f"CA={ca_dir}")
+    script = re.sub(r"\bsudo ", "", script)
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("localhost", "conference.localhost", "upload.localhost"):
+        v = subprocess.run(["openssl", "verify", "-CAfile", "ca.pem", "-verify_hostname", name, "server.pem"],
+                           cwd=ca_dir, capture_output=True, text=True, timeout=30)
+        assert v.stdout.strip() == "server.pem: OK", v.stdout + v.stderr
+    # Prosody in that folder takes the files there (ca.pem, server.pem, server.key) instead of making its own.
+    prosody = Prosody(ca_dir, uploads=True)
+    assert prosody.ca_file == ca_dir / "ca.pem"
+    passwords = {u: secrets.token_urlsafe(12) for u in USERS}
+    for user, pw in passwords.items():
+        prosody.register(user, pw)
+    prosody.start()
+    try:
+        server = XmppServer(prosody, passwords)
+        gw = await start_gateway(gateway_config(server, tmp_path), passwords["gateway"])
+        alice = await server.peer("alice").start()
+        try:
+            assert (await alice.ask(gw.jid, "status")).startswith("Test GW: ")
+        finally:
+            await alice.stop()
+            await gw.stop()
+        assert prosody.https_port is not None
+        assert (await asyncio.to_thread(tls_handshake, prosody.https_port, ca_dir / "ca.pem", "localhost")).startswith("TLS")
+    finally:
+        prosody.stop()
