@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tests.conftest import XmppServer
 from tests.helpers import answering
+from tests.test_systemd import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 # argv[1]: the modules to hide, comma-separated; the rest goes to `iot-gateway`.
@@ -28,31 +29,6 @@ OMEMO_HINT = "pip install 'iot-gateway[omemo]'"
 PLOT_HINT = "pip install 'iot-gateway[plot]'"
 
 
-def config(tmp_path: Path, server: XmppServer, omemo: str = "") -> Path:
-    """A gateway config for the suite's Prosody with one simulated sensor; `omemo` an extra [xmpp] line."""
-    cfg = tmp_path / "gw.toml"
-    cfg.write_text(
-        f"""
-[gateway]
-name = "Lean GW"
-state_dir = "{tmp_path}/state"
-[xmpp]
-jid = "{server.jid('gateway')}"
-server = "{server.prosody.address}"
-ca_file = "{server.prosody.ca_file}"
-{omemo}
-{server.contacts_toml()}
-[[devices]]
-id = "sim"
-driver = "simulated"
-interval = 0.2
-  [[devices.fields]]
-  name = "temp"
-"""
-    )
-    return cfg
-
-
 def cli(hidden: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", WITHOUT, hidden, *args],
@@ -61,7 +37,7 @@ def cli(hidden: str, *args: str, env: dict[str, str] | None = None) -> subproces
 
 
 def test_check_fails_when_omemo_is_asked_for_but_not_installed(xmpp_server: XmppServer, tmp_path: Path) -> None:
-    cfg = config(tmp_path, xmpp_server, 'omemo = "require"')
+    cfg = write_config(tmp_path, xmpp_server, omemo="require")
     out = cli("slixmpp_omemo", "check", "--config", str(cfg))
     assert out.returncode == 2, out
     assert "xmpp.omemo: 'require' needs the OMEMO packages, which are not installed" in out.stderr
@@ -69,7 +45,7 @@ def test_check_fails_when_omemo_is_asked_for_but_not_installed(xmpp_server: Xmpp
 
 
 def test_check_without_the_extras_is_ok_and_says_what_is_off(xmpp_server: XmppServer, tmp_path: Path) -> None:
-    cfg = config(tmp_path, xmpp_server)
+    cfg = write_config(tmp_path, xmpp_server, omemo=None)
     out = cli("slixmpp_omemo,matplotlib", "check", "--config", str(cfg))
     assert out.returncode == 0, out
     assert f"OMEMO: OMEMO off: its packages are not installed ({OMEMO_HINT} to turn it on)" in out.stdout
@@ -83,7 +59,7 @@ def test_check_without_the_extras_is_ok_and_says_what_is_off(xmpp_server: XmppSe
 async def test_gateway_without_the_extras_runs_and_says_what_is_missing(xmpp_server: XmppServer, tmp_path: Path) -> None:
     """OMEMO left unset and its packages missing: off, said once in the log and in `status`;
     no matplotlib: `plot` answers with sparklines and how to get pictures."""
-    cfg = config(tmp_path, xmpp_server)
+    cfg = write_config(tmp_path, xmpp_server, omemo=None)
     env = dict(os.environ, IOT_GATEWAY_XMPP_PASSWORD=xmpp_server.passwords["gateway"])
     proc = subprocess.Popen(
         [sys.executable, "-c", WITHOUT, "slixmpp_omemo,matplotlib", "run", "--config", str(cfg)],
@@ -92,7 +68,7 @@ async def test_gateway_without_the_extras_runs_and_says_what_is_missing(xmpp_ser
     alice = await xmpp_server.peer("alice").start()
     try:
         gw = xmpp_server.jid("gateway")
-        status = await answering(alice, gw, "Lean GW: 1/1", alive=lambda: proc.poll() is None)
+        status = await answering(alice, gw, "Notify GW: 1/1", alive=lambda: proc.poll() is None)
         assert f"OMEMO off: its packages are not installed ({OMEMO_HINT} to turn it on)" in status.splitlines(), status
         reply = await alice.ask(gw, "plot sim.temp 15m")
         first = reply.splitlines()[0]

@@ -78,8 +78,12 @@ def gateway_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def write_config(tmp_path: Path, server: XmppServer, *, password_file: Path | None = None, idle: bool = False) -> Path:
-    """A gateway config for the suite's Prosody; `idle` adds a device that goes stale after start."""
+def write_config(
+    tmp_path: Path, server: XmppServer, *, password_file: Path | None = None, idle: bool = False,
+    omemo: str | None = "off",
+) -> Path:
+    """A gateway config for the suite's Prosody; `idle` adds a device that goes stale after start;
+    `omemo` None leaves the key out (its default)."""
     pw = f'password_file = "{password_file}"' if password_file else ""
     idle_device = """
 [[devices]]
@@ -92,6 +96,8 @@ stale_after = 0.5
   writable = true
 """
     contacts = server.contacts_toml()
+    # stderr is a pipe read at the end: OMEMO's first start (100 keys published) logs too much at --debug
+    omemo_line = f'omemo = "{omemo}"' if omemo else ""
     cfg = tmp_path / "gw.toml"
     cfg.write_text(
         f"""
@@ -102,7 +108,7 @@ state_dir = "{tmp_path}/state"
 jid = "{server.jid('gateway')}"
 server = "{server.prosody.address}"
 ca_file = "{server.prosody.ca_file}"
-omemo = "off"  # stderr is a pipe read at the end: OMEMO's first start (100 keys published) logs too much at --debug
+{omemo_line}
 {pw}
 {contacts}
 [[devices]]
