@@ -230,7 +230,11 @@ def summary(path: Path, config: Config) -> str:
 
 
 # The gpiozero pin factories that need a library of their own: its module and Raspberry Pi OS package.
-PIN_LIBRARIES = {"lgpio": ("lgpio", "python3-lgpio"), "rpigpio": ("RPi", "python3-rpi.gpio"), "pigpio": ("pigpio", "python3-pigpio")}
+PIN_LIBRARIES = {
+    "lgpio": ("lgpio", "python3-lgpio"),
+    "rpigpio": ("RPi", "python3-rpi.gpio"),
+    "pigpio": ("pigpio", "python3-pigpio"),
+}
 
 
 def pin_factories(config: Config) -> list[str]:

@@ -79,7 +79,7 @@ class Commands:
         self.plots = Plots()  # the XMPP session gives it an uploader
         self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/fleet.py)
         self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/omemo.py), when on
-        self.notes: list[str] = []  # features off for want of a package; `status` ends with them
+        self.notes: list[str] = []  # `status` ends with these: the GPIO pin factory, features off for want of a package
 
     async def run(self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None) -> str:
         """Answer one command line on behalf of `actor`.
