@@ -114,8 +114,11 @@ if [ ! -x "$ROOT$VENV/bin/python" ]; then
   changed=1
 fi
 pip() { local cmd=$1; shift; "$ROOT$VENV/bin/python" -m pip "$cmd" --disable-pip-version-check -q $PIP_OPTS "$@"; }
+# What the venv was made from: the extras and the code (also when the code was unpacked in $PREFIX itself).
 stamp="$ROOT$VENV/.iot-gateway-installed"
-if [ "$changed" = 1 ] || [ "$(cat "$stamp" 2>/dev/null)" != "$EXTRAS" ]; then
+made_from="$EXTRAS $(cd "$ROOT$PREFIX" && find . \( -name .venv -o -name build -o -name '*.egg-info' -o -name __pycache__ \) -prune \
+  -o -type f -print | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$made_from" ]; then
   constraints=()
   if [ "$NO_COMPILER" = 1 ]; then
     echo "aiodns<4" > "$ROOT$VENV/constraints.txt"
@@ -125,7 +128,7 @@ if [ "$changed" = 1 ] || [ "$(cat "$stamp" 2>/dev/null)" != "$EXTRAS" ]; then
   say "pip install $PREFIX${EXTRAS:+[$EXTRAS]} (a few minutes on a Pi)"
   pip install "${constraints[@]}" "$ROOT$PREFIX${EXTRAS:+[$EXTRAS]}"
   rm -rf "$ROOT$PREFIX/build" "$ROOT$PREFIX"/*.egg-info
-  echo "$EXTRAS" > "$stamp"
+  echo "$made_from" > "$stamp"
   changed=1
 fi
 
