@@ -57,8 +57,8 @@ fi
 
 # 32-bit ARM (Pi Zero 2, Pi 3 and older with 32-bit Raspberry Pi OS): PyPI has no armv7 wheels of
 # matplotlib, numpy, pycares, cffi and XEdDSA, and building them needs a compiler. Debian has the
-# first four; the venv sees them (--system-site-packages) and aiodns stays below 4 (which wants a
-# newer pycares than Debian's). OMEMO is left out.
+# first four; the venv sees them (--system-site-packages), pip keeps them (constraints) and takes
+# an aiodns that works with Debian's pycares. OMEMO is left out.
 case "$ARCH" in
   armhf|armel|armv6l|armv7l) NO_COMPILER=1; EXTRAS=${EXTRAS:-plot}
     APT_PACKAGES="python3-venv python3-pycares python3-cffi python3-matplotlib" ;;
@@ -121,7 +121,15 @@ made_from="$EXTRAS $(cd "$ROOT$PREFIX" && find . \( -name .venv -o -name build -
 if [ "$(cat "$stamp" 2>/dev/null)" != "$made_from" ]; then
   constraints=()
   if [ "$NO_COMPILER" = 1 ]; then
-    echo "aiodns<4" > "$ROOT$VENV/constraints.txt"
+    # Debian's builds as they are (pip would otherwise build newer ones from source), and an aiodns
+    # that works with Debian's pycares 4.3 (aiodns 3.3+ wants pycares 4.9, 4.x wants 5).
+    { echo "aiodns<4"
+      for m in pycares cffi matplotlib numpy; do
+        if v=$("$ROOT$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$m'))" 2>/dev/null); then
+          echo "$m==$v"
+        fi
+      done
+    } > "$ROOT$VENV/constraints.txt"
     constraints=(-c "$ROOT$VENV/constraints.txt")
     say "$ARCH: no-compiler route (Debian's pycares, cffi, matplotlib; aiodns<4; no OMEMO)"
   fi
