@@ -99,8 +99,9 @@ if [ "$SRC" != "$ROOT$PREFIX" ]; then
   stage=$(mktemp -d)
   trap 'rm -rf "$stage"' EXIT
   tar -C "$SRC" --exclude=./.git --exclude=./.venv --exclude=./.demo --exclude=./build \
-      --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache -cf - . | tar -C "$stage" -xf -
-  if ! diff -rq --exclude=.venv --exclude=build --exclude='*.egg-info' --exclude=__pycache__ \
+      --exclude='*.egg-info' --exclude=__pycache__ --exclude=.pytest_cache --exclude='.lgd-nfy*' -cf - . \
+      | tar -C "$stage" -xf -
+  if ! diff -rq --exclude=.venv --exclude=build --exclude='*.egg-info' --exclude=__pycache__ --exclude='.lgd-nfy*' \
        "$stage" "$ROOT$PREFIX" >/dev/null 2>&1; then
     find "$ROOT$PREFIX" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
     cp -R "$stage/." "$ROOT$PREFIX/"
@@ -116,7 +117,7 @@ fi
 pip() { local cmd=$1; shift; "$ROOT$VENV/bin/python" -m pip "$cmd" --disable-pip-version-check -q $PIP_OPTS "$@"; }
 # What the venv was made from: the extras and the code (also when the code was unpacked in $PREFIX itself).
 stamp="$ROOT$VENV/.iot-gateway-installed"
-made_from="$EXTRAS $(cd "$ROOT$PREFIX" && find . \( -name .venv -o -name build -o -name '*.egg-info' -o -name __pycache__ \) -prune \
+made_from="$EXTRAS $(cd "$ROOT$PREFIX" && find . \( -name .venv -o -name build -o -name '*.egg-info' -o -name __pycache__ -o -name '.lgd-nfy*' \) -prune \
   -o -type f -print | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$made_from" ]; then
   constraints=()
@@ -142,7 +143,9 @@ fi
 
 # 4. GPIO: lgpio (Raspberry Pi OS's python3-lgpio, else a wheel from PyPI) or gpiozero's native pins
 dropin="$ROOT$UNITDIR/$UNIT.d/install.conf"
-has_lgpio() { "$ROOT$VENV/bin/python" -c 'import lgpio' 2>/dev/null; }
+# Importing lgpio makes a notification pipe (.lgd-nfy*) in the working directory: in a scratch one.
+scratch=$(mktemp -d)
+has_lgpio() { (cd "$scratch" && "$ROOT$VENV/bin/python" -c 'import lgpio' 2>/dev/null); }
 has_lgpio || pip install --only-binary=:all: 'lgpio>=0.2' 2>/dev/null || true
 if has_lgpio; then
   PINS=lgpio
@@ -160,6 +163,7 @@ EOF
 )
   [ "$(cat "$dropin" 2>/dev/null)" = "$new" ] || printf '%s\n' "$new" > "$dropin"
 fi
+rm -rf "$scratch"
 say "GPIO pin factory: $PINS"
 
 # 5. Config and password file, unless there are some already
