@@ -84,6 +84,7 @@ class Commands:
         self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/omemo.py), when on
         # Contacts the XMPP session cannot reach (their server down, …), one line each: for admins.
         self.unreachable: Callable[[], list[str]] | None = None
+        self.notes: list[str] = []  # `status` ends with these: the GPIO pin factory, features off for want of a package
 
     async def run(
         self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None, aside: Aside | None = None
@@ -159,6 +160,7 @@ class Commands:
         lines.extend(self.hub.noise.lines())
         if self.unreachable is not None and actor.role == "admin":
             lines.extend(self.unreachable())
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:

@@ -45,6 +45,7 @@ SPARK_WIDTH = 32
 # Line colours, one per field (matplotlib's tab10); tests look for the first one's pixels.
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
 THRESHOLD_COLOR = "#d62728"
+PLOT_INSTALL = "pip install 'iot-gateway[plot]'"
 
 
 class PlotError(Exception):
@@ -173,7 +174,7 @@ class Plots:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
             return await asyncio.get_running_loop().run_in_executor(self._pool, _render_and_trim, chart)
         except ImportError as e:
-            raise NoPicture(f"the plotting library is not installed ({e.name or e}; pip install matplotlib)") from None
+            raise NoPicture(f"the plotting library is not installed ({e.name or e}); for pictures: {PLOT_INSTALL}") from None
         except Exception as e:
             log.exception("rendering a plot of %s failed", ", ".join(s.ref for s in chart.series))
             raise PlotError(f"could not draw the plot ({type(e).__name__}: {e})") from None

@@ -164,6 +164,9 @@ class Session:
         self.omemo = _omemo(self)  # end-to-end encryption (gateway/omemo.py); None when off
         if self.omemo is not None:
             commands.omemo = self.omemo
+        elif self.xcfg.omemo_unavailable:
+            log.info("%s", self.xcfg.omemo_unavailable)
+            commands.notes.append(self.xcfg.omemo_unavailable)
         self.adhoc = AdHoc(self)
         self.sensordata = SensorData(self)
         self.control = Control(self)
