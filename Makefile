@@ -6,11 +6,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT    := prosody mosquitto mosquitto-clients socat openssl
 # Only the tests need these: systemd-analyze for the unit, Profanity under tmux as an XMPP
-# client not built on slixmpp.
-APT_TEST := systemd profanity tmux
+# client not built on slixmpp, Debian's python3 with venv and wheel for `make install` into a folder.
+APT_TEST := systemd profanity tmux python3-venv python3-wheel
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps test-deps venv test demo bench clean
+.PHONY: all deps test-deps venv test demo bench clean install uninstall
 
 all: test
 
@@ -32,17 +32,23 @@ venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml | deps
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[plot,omemo,test]'
 	@touch $@
 
 test: test-deps venv
 	$(BIN)/python -m pytest
 
+# `make demo SECOND_SERVER=1`: you on another server than the gateway (docs/federation.md).
 demo: deps venv
-	$(BIN)/python -m gateway.demo
+	$(BIN)/python -m gateway.demo $(if $(SECOND_SERVER),--second-server)
 
 bench: deps venv
 	$(BIN)/python -m bench
+
+# The systemd service on this machine (docs/raspberry-pi.md): `sudo make install`, again to update.
+# DESTDIR=folder installs into a folder as if it were / (no user, groups, apt; nothing started).
+install uninstall:
+	DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" systemd/install.sh $@
 
 clean:
 	rm -rf $(VENV) .demo *.egg-info

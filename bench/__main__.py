@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 
+from .federation import federation
 from .fleet import fleet_20
 from .footprint import gateway_200, scale_10k_fields, startup_and_rss
 from .idle import idle_cpu
@@ -43,6 +44,7 @@ NAMES = (
     "fleet_20",
     "sd_writes",
     "omemo",
+    "federation",
 )
 ON_G200 = NAMES[2:7]  # the benchmarks that share the 200-field gateway process
 
@@ -71,6 +73,8 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         await step("sd_writes", results, sd_writes(work))
     if wanted("fleet_20"):
         await step("fleet_20", results, fleet_20(lab, work))
+    if wanted("federation"):
+        await step("federation", results, federation(lab, work))
     if wanted("omemo"):
         alice = await lab.client("alice").start()
         try:

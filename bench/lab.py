@@ -34,18 +34,12 @@ class Lab:
 
     def __init__(self, root: Path, nagle: bool = False):
         self.root = root
+        self.nagle = nagle
         self.prosody = Prosody(root / "prosody")
         if not nagle:
-            self._prosody_global(NAGLE_OFF)
+            prosody_global(self.prosody, NAGLE_OFF)
         self.mosquitto = Mosquitto(root / "mosquitto")
         self.passwords: dict[str, str] = {}
-
-    def _prosody_global(self, line: str) -> None:
-        """Add a line to the global section of Prosody's config (before its VirtualHost)."""
-        text = self.prosody.config.read_text()
-        if "\nVirtualHost" not in text:
-            raise RuntimeError(f"no VirtualHost line in {self.prosody.config} to put {line!r} before")
-        self.prosody.config.write_text(text.replace("\nVirtualHost", "\n" + line + "\nVirtualHost", 1))
 
     def start(self) -> None:
         """Create the accounts and start both servers."""
@@ -98,6 +92,14 @@ class Lab:
             "mqtt": {"url": self.mosquitto.url, "client_id": f"bench-{name}"},
             "devices": devices,
         }
+
+
+def prosody_global(prosody: Prosody, line: str) -> None:
+    """Add a line to the global section of a Prosody's config (before its VirtualHost)."""
+    text = prosody.config.read_text()
+    if "\nVirtualHost" not in text:
+        raise RuntimeError(f"no VirtualHost line in {prosody.config} to put {line!r} before")
+    prosody.config.write_text(text.replace("\nVirtualHost", "\n" + line + "\nVirtualHost", 1))
 
 
 class GatewayProcess:

@@ -52,6 +52,8 @@ class Driver(Generic[D]):
         self.hub = ctx.hub
         self.id = device.id
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.about = ""
+        """One line for `status` on how the device is driven once started (the GPIO pin factory); "" for none."""
 
     async def start(self) -> None:
         """Open the device and begin pushing readings. Errors are reported as device health."""

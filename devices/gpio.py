@@ -141,6 +141,8 @@ class GpioDriver(Driver[GpioDevice]):
             return  # the Pi's own sensors need no pin factory
         try:
             self.factory = self._load_factory()
+            self.about = f"GPIO pin factory {factory_name(self.factory)}"
+            log.info("%s: %s", self.id, self.about)
         except Exception as e:
             self._factory_error = _reason(e)
             if not fields:
@@ -350,6 +352,11 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e) or type(e).__name__
+
+
+def factory_name(factory: Factory) -> str:
+    """A pin factory as `pin_factory` and GPIOZERO_PIN_FACTORY name it: lgpio, rpigpio, pigpio, native, mock."""
+    return type(factory).__name__.removesuffix("Factory").lower()
 
 
 def _mock_pwm_hint(f: GpioField, factory: Factory) -> str:

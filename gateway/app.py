@@ -93,6 +93,7 @@ class Gateway:
                 continue
             if any(f.writable for f in d.fields):
                 self.hub.set_writer(d.id, driver.write)
+        self.commands.notes += [f"{d.id}: {d.about}" for d in self.drivers.values() if d.about]
         await self._start_homeassistant()
         self.reverts.start()
         self._tasks.append(asyncio.create_task(self.hub.watch_stale(), name="stale-check"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
+import importlib.util
 import logging
 import os
 import signal
@@ -13,8 +15,9 @@ import threading
 from pathlib import Path
 
 from .config import PASSWORD_ENV, Config, ConfigError, load
-from .xmpp.redact import SaslRedactor
+from .plot import PLOT_INSTALL
 from .state import StateDir, StateLocked
+from .xmpp.redact import SaslRedactor
 
 DEFAULT_CONFIG = "/etc/iot-gateway/gateway.toml"
 CONFIG_ENV = "IOT_GATEWAY_CONFIG"
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--debug", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
+    if args.cmd == "run":
+        # A hang killed by systemd's watchdog (SIGABRT), or a crash in C code, leaves every
+        # thread's Python traceback on stderr, which is the journal under systemd.
+        faulthandler.enable()
 
     path = Path(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
     try:
@@ -195,8 +202,12 @@ def summary(path: Path, config: Config) -> str:
         ca = f", CA {x.ca_file}" if x.ca_file else ""
         lines.append(f"XMPP: {x.jid} via {where}{ca}")
         lines.append(f"  password: {password_source(config)}")
+        lines.append(f"  OMEMO: {x.omemo_unavailable or x.omemo}")
     else:
         lines.append("XMPP: not configured (console only)")
+    lines += [f"GPIO pin factory: {f}" for f in pin_factories(config)]
+    if importlib.util.find_spec("matplotlib") is None:
+        lines.append(f"Plots: text sparklines only, the plotting library is not installed ({PLOT_INSTALL} for pictures)")
     if config.mqtt:
         lines.append(f"MQTT: {config.mqtt.url}")
     lines.append(f"Devices ({len(config.devices)}):")
@@ -216,6 +227,32 @@ def summary(path: Path, config: Config) -> str:
     if not config.contacts:
         lines.append("  none: nobody can talk to the gateway")
     return "\n".join(lines)
+
+
+# The gpiozero pin factories that need a library of their own: its module and Raspberry Pi OS package.
+PIN_LIBRARIES = {
+    "lgpio": ("lgpio", "python3-lgpio"),
+    "rpigpio": ("RPi", "python3-rpi.gpio"),
+    "pigpio": ("pigpio", "python3-pigpio"),
+}
+
+
+def pin_factories(config: Config) -> list[str]:
+    """Which pin factory the GPIO devices will use (their `pin_factory`, else $GPIOZERO_PIN_FACTORY),
+    each with whether its library is installed, for the `check` summary."""
+    env = os.environ.get("GPIOZERO_PIN_FACTORY", "").lower()
+    names = dict.fromkeys(getattr(d, "pin_factory", None) or env for d in config.devices if d.driver == "gpio")
+    out = []
+    for name in names:
+        if not name:
+            out.append("gpiozero's default, the first of lgpio, rpigpio, pigpio, native that loads"
+                       " (GPIOZERO_PIN_FACTORY or pin_factory choose one)")
+        elif name in PIN_LIBRARIES and importlib.util.find_spec(PIN_LIBRARIES[name][0]) is None:
+            out.append(f"{name}, NOT installed (Raspberry Pi OS: sudo apt install {PIN_LIBRARIES[name][1]};"
+                       " elsewhere GPIOZERO_PIN_FACTORY=native, which `make install` sets when it has to)")
+        else:
+            out.append(name)
+    return out
 
 
 class _Stopper:

@@ -91,6 +91,9 @@ class Commands:
         self.plots = Plots()  # the XMPP session gives it an uploader
         self.fleet: Callable[[], str] | None = None  # the rooms' fleet overview (gateway/xmpp/fleet.py)
         self.omemo: OmemoAdmin | None = None  # OMEMO devices and trust (gateway/xmpp/omemo.py), when on
+        # Contacts the XMPP session cannot reach (their server down, …), one line each: for admins.
+        self.unreachable: Callable[[], list[str]] | None = None
+        self.notes: list[str] = []  # `status` ends with these: the GPIO pin factory, features off for want of a package
 
     async def run(
         self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None, aside: Aside | None = None
@@ -160,6 +163,9 @@ class Commands:
         # `history: not saved: …`; the state folder's trouble is the NOT saving line above.
         lines.extend(p.describe() for p in self.hub.problems.values() if p.component != "state" or not unsaved)
         lines.extend(self.hub.noise.lines())
+        if self.unreachable is not None and actor.role == "admin":
+            lines.extend(self.unreachable())
+        lines.extend(self.notes)
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 from pydantic import (
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -28,6 +29,14 @@ from devices.registry import device_models, driver_names
 
 from .configbase import Strict
 from .values import parse_duration
+
+OMEMO_INSTALL = "pip install 'iot-gateway[omemo]'"
+
+
+def omemo_installed() -> bool:
+    """Whether the OMEMO packages (the `omemo` extra) are installed."""
+    return importlib.util.find_spec("slixmpp_omemo") is not None
+
 
 PASSWORD_ENV = "IOT_GATEWAY_XMPP_PASSWORD"
 
@@ -188,15 +197,31 @@ class XmppSection(Strict):
     # Addresses that reach every gateway in a room at once: `all: status`.
     all_aliases: list[str] = ["all", "*"]
 
+    _omemo_missing: bool = PrivateAttr(False)
+
     @field_validator("omemo")
     @classmethod
     def _omemo_installed(cls, v: str) -> str:
-        if v != "off" and importlib.util.find_spec("slixmpp_omemo") is None:
+        if v != "off" and not omemo_installed():
             raise ValueError(
-                f"{v!r} needs the OMEMO packages, which are not installed: "
-                "pip install slixmpp-omemo==2.2.0 (the project's dependencies), or set omemo = \"off\""
+                f"{v!r} needs the OMEMO packages, which are not installed: {OMEMO_INSTALL}, or set omemo = \"off\""
             )
         return v
+
+    @model_validator(mode="after")
+    def _omemo_default(self) -> "XmppSection":
+        # Not set in the file: "accept" where the [omemo] extra is installed, else off (and said so).
+        if "omemo" not in self.model_fields_set and self.omemo != "off" and not omemo_installed():
+            self.omemo = "off"
+            self._omemo_missing = True
+        return self
+
+    @property
+    def omemo_unavailable(self) -> str | None:
+        """Why OMEMO is off though the file did not turn it off (its packages are missing); else None."""
+        if not self._omemo_missing:
+            return None
+        return f"OMEMO off: its packages are not installed ({OMEMO_INSTALL} to turn it on)"
 
     @field_validator("peers")
     @classmethod

@@ -45,6 +45,7 @@ SPARK_WIDTH = 32
 # Line colours, one per field (matplotlib's tab10); tests look for the first one's pixels.
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
 THRESHOLD_COLOR = "#d62728"
+PLOT_INSTALL = "pip install 'iot-gateway[plot]'"
 
 
 class PlotError(Exception):
@@ -113,7 +114,7 @@ def gap_after(times: Sequence[float], stale_after: float | None) -> float:
 
 
 class Uploads(Protocol):
-    """Where pictures go (gateway.upload.Uploader on the XMPP session); both raise NoPicture."""
+    """Where pictures go (gateway.xmpp.upload.Uploader on the XMPP session); both raise NoPicture."""
 
     async def ready(self) -> object:
         """Check that uploads can work, before a picture is drawn for nothing."""
@@ -173,7 +174,7 @@ class Plots:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
             return await asyncio.get_running_loop().run_in_executor(self._pool, _render_and_trim, chart)
         except ImportError as e:
-            raise NoPicture(f"the plotting library is not installed ({e.name or e}; pip install matplotlib)") from None
+            raise NoPicture(f"the plotting library is not installed ({e.name or e}); for pictures: {PLOT_INSTALL}") from None
         except Exception as e:
             log.exception("rendering a plot of %s failed", ", ".join(s.ref for s in chart.series))
             raise PlotError(f"could not draw the plot ({type(e).__name__}: {e})") from None

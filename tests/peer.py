@@ -12,6 +12,7 @@ from slixmpp.xmlstream import StanzaBase
 from tests import schema
 
 TIMEOUT = 10.0
+LOGIN_TIMEOUT = 30.0  # TLS and SCRAM on a 2-core machine under load can take many seconds
 
 
 class Peer:
@@ -76,7 +77,7 @@ class Peer:
 
     async def start(self) -> "Peer":
         self.client.connect(*self.address)
-        await asyncio.wait_for(self._started.wait(), TIMEOUT)
+        await asyncio.wait_for(self._started.wait(), LOGIN_TIMEOUT)
         return self
 
     async def stop(self) -> None:

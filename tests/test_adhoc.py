@@ -28,11 +28,11 @@ def full(gw: RunningGateway) -> str:
     return gw.session.client.boundjid.full
 
 
-async def execute(peer: Peer, gw: RunningGateway, node: str) -> Iq:
+async def execute(peer: Peer, gw: RunningGateway, node: str, timeout: float = 10) -> Iq:
     iq = peer.client.make_iq_set(ito=full(gw))
     iq["command"]["node"] = node
     iq["command"]["action"] = "execute"
-    return await iq.send(timeout=10)
+    return await iq.send(timeout=timeout)
 
 
 async def step(peer: Peer, gw: RunningGateway, sid: str, values: dict[str, str] | None = None,

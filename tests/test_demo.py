@@ -23,6 +23,7 @@ from gateway.demo import run as demo
 from gateway.config import load
 from gateway.demo.devices import Plug, Thermometer
 from gateway.demo.localservers import Mosquitto
+from gateway.demo.run import second_server_config
 from tests.conftest import XmppServer, gateway_config, start_gateway
 from tests.helpers import until
 
@@ -119,6 +120,23 @@ def test_demo_config_has_every_kind_of_device(tmp_path: Path) -> None:
     # Relative paths are relative to the config file, like state_dir, wherever the gateway runs.
     assert pi.w1_root.resolve() == tmp_path / ".demo" / "sys" / "bus" / "w1" / "devices"
     assert [f.sensor for f in pi.fields] == [f"w1:{Thermometer.SENSOR_ID}"]
+
+
+def test_second_server_config_puts_you_on_the_other_server(tmp_path: Path) -> None:
+    """`make demo SECOND_SERVER=1` runs config/demo.toml rewritten: the gateway on home.example, you elsewhere."""
+    ca = tmp_path / "federation" / "ca" / "ca.pem"
+    ca.parent.mkdir(parents=True)
+    ca.touch()
+    (tmp_path / ".demo").mkdir()
+    path = tmp_path / ".demo" / "second-server.toml"  # where `make demo` writes it, beside its state
+    path.write_text(second_server_config(DEMO_CONFIG.read_text(), ca))
+    config = load(path)
+    assert config.xmpp is not None
+    assert (config.xmpp.jid, config.xmpp.server, config.xmpp.ca_file) == ("gateway@home.example", "127.0.0.2:15222", ca)
+    assert [(c.jid, c.role) for c in config.contacts] == [("you@provider.example", "admin"), ("viewer@home.example", "viewer")]
+    assert config.gateway.state_dir.resolve() == tmp_path / ".demo" / "state"
+    with pytest.raises(ValueError, match="no \"gateway@localhost\" to rewrite"):
+        second_server_config("[xmpp]\n", ca)
 
 
 def test_device_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:

@@ -149,8 +149,11 @@ async def test_readings_are_scaled_as_the_kernel_documents(sysfs: FakeSys, tmp_p
     raw = sysfs.iio / "raw_value"
     raw.write_text("512\n")
     device = kernel_device(sysfs, sensors="auto", fields=[{"name": "adc", "path": str(raw), "scale": 0.5, "unit": "mV"}])
+    names = (W1_ID, "28-00000a1b2c3d", "bme280_pressure", "bme280_humidityrelative", "sht3x_temp1", "sht3x_in0", "adc")
     async with running(tmp_path, device) as gw:
-        await until(lambda: gw.hub.nodes["pi"].health.state is Health.OK, "the first read")
+        # Each sensor is read on its own thread: the node is ok at the first reading, not the last.
+        await until(lambda: all(value(gw, f"pi.{n}") is not None for n in names), "the first read of every sensor")
+        assert gw.hub.nodes["pi"].health.state is Health.OK
         assert value(gw, f"pi.{W1_ID}") == pytest.approx(21.5)
         assert value(gw, "pi.28-00000a1b2c3d") == pytest.approx(-1.25)
         assert value(gw, "pi.bme280_pressure") == pytest.approx(1005.23)

@@ -592,3 +592,25 @@ async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
     finally:
         await gw.stop()
         await victor.stop()
+
+
+async def test_a_routine_start_logs_no_warnings_from_the_omemo_libraries(
+    server: XmppServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """First start (keys published) and a restart: the libraries' routine notices are debug, not warnings."""
+    caplog.set_level(logging.WARNING)
+    for _ in range(2):
+        gw = await start(server, tmp_path)
+        await own_device(gw)
+        await gw.stop()
+    noise = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.name.startswith(("omemo", "slixmpp_omemo"))]
+    assert noise == [], "\n".join(noise)
+
+
+def test_a_library_warning_that_means_something_says_what(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    logging.getLogger("omemo.core").warning("Key exchange replaces existing session.")
+    logging.getLogger("omemo.core").warning("Online bundle data differs from offline bundle data.")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "Key exchange replaces existing session: the contact's app started over (reinstalled or restored)")
+    ]

@@ -5,10 +5,16 @@ and the gateway on config/demo.toml. Ctrl-C stops it all.
 The broker is set up as docs/mqtt.md says a real one should be: no anonymous
 clients, a password per client and the ACL below, which gives the gateway,
 Zigbee2MQTT, Home Assistant and each Tasmota device only their own topics.
-"""
+
+`make demo SECOND_SERVER=1` (`--second-server`): the owner on another server, as
+in most deployments (docs/federation.md). Two federated Prosody servers instead
+of one: the gateway and `viewer` on home.example (127.0.0.2), `you` on
+provider.example (127.0.0.3), s2s between them; the gateway runs on
+config/demo.toml rewritten for them (.demo/second-server.toml)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -19,7 +25,7 @@ import time
 from pathlib import Path
 
 from .devices import DemoDeviceError, Plug, Thermometer
-from .localservers import Mosquitto, Prosody, ServerError
+from .localservers import Federation, Mosquitto, Prosody, ServerError
 
 ROOT = Path(".demo")
 CONFIG = Path("config/demo.toml")
@@ -71,6 +77,9 @@ pattern read cmnd/%u/#
 W1_ROOT = ROOT / "sys" / "bus" / "w1" / "devices"
 PLUG_INTERVAL = 5.0  # seconds between the plug's reports (Tasmota's TelePeriod, 300 by default)
 TICK = 1.0  # seconds between the main loop's looks at the gateway and the thermometer
+HOME, PROVIDER = "home.example", "provider.example"  # --second-server: each on its own loopback address
+SECOND = {HOME: "127.0.0.2", PROVIDER: "127.0.0.3"}
+SECOND_CONFIG = ROOT / "second-server.toml"
 
 
 def _passwords() -> dict[str, str]:
@@ -86,10 +95,42 @@ def _passwords() -> dict[str, str]:
     return pw
 
 
-def main() -> int:
+def second_server_config(text: str, ca_file: Path) -> str:
+    """config/demo.toml's text for `--second-server`: the gateway and viewer on home.example,
+    you on provider.example, the home server's address and CA. ValueError if demo.toml changed
+    so that a line to rewrite is gone."""
+    for old, new in (
+        ('"gateway@localhost"', f'"gateway@{HOME}"'),
+        ('"you@localhost"', f'"you@{PROVIDER}"'),
+        ('"viewer@localhost"', f'"viewer@{HOME}"'),
+        (f'"127.0.0.1:{XMPP_PORT}"', f'"{SECOND[HOME]}:{XMPP_PORT}"'),
+        ('"../.demo/prosody/ca.pem"', f'"{ca_file.resolve()}"'),
+    ):
+        if old not in text:
+            raise ValueError(f"{CONFIG} has no {old} to rewrite for --second-server")
+        text = text.replace(old, new)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
     """Set up the servers, run the gateway in the foreground, tear down on Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--second-server", action="store_true",
+                        help="you on another server than the gateway (two federated servers)")
+    second = parser.parse_args(argv).second_server
     ROOT.mkdir(exist_ok=True)
-    prosody = Prosody(ROOT / "prosody", port=XMPP_PORT)
+    federation = Federation(ROOT / "federation", SECOND) if second else None
+    if federation is not None:
+        home = Prosody(ROOT / HOME, port=XMPP_PORT, domain=HOME, federation=federation)
+        servers = [home, Prosody(ROOT / PROVIDER, port=XMPP_PORT, domain=PROVIDER, uploads=False, federation=federation)]
+        accounts = {"gateway": home, "viewer": home, "you": servers[1]}
+        SECOND_CONFIG.write_text(second_server_config(CONFIG.read_text(), home.ca_file))
+        SECOND_CONFIG.chmod(0o640)
+        config = SECOND_CONFIG
+    else:
+        servers = [Prosody(ROOT / "prosody", port=XMPP_PORT)]
+        accounts = dict.fromkeys(ACCOUNTS, servers[0])
+        config = CONFIG
     pw = _passwords()
     broker = Mosquitto(ROOT / "mosquitto", port=MQTT_PORT, acl=ACL, accounts={u: pw[u] for u in MQTT_ACCOUNTS})
     # config/demo.toml's [mqtt] password_file.
@@ -100,9 +141,12 @@ def main() -> int:
     plug = Plug("127.0.0.1", MQTT_PORT, topic=PLUG_TOPIC, interval=PLUG_INTERVAL, password=pw[PLUG_TOPIC])
     thermometer = Thermometer(W1_ROOT)
     try:
-        for user in ACCOUNTS:
-            prosody.register(user, pw[user])
-        prosody.start()
+        if federation is not None:
+            federation.start()
+        for user, server in accounts.items():
+            server.register(user, pw[user])
+        for server in servers:
+            server.start()
         broker.start()
         # Before the gateway: it finds the plug Online (retained LWT) instead of last run's
         # Offline; its persistent session also keeps the plug's first report for it.
@@ -110,13 +154,13 @@ def main() -> int:
         thermometer.lay_out()
         env = dict(os.environ, IOT_GATEWAY_XMPP_PASSWORD=pw["gateway"])
         gw = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(CONFIG)], env=env
+            [sys.executable, "-m", "gateway", "run", "--config", str(config)], env=env
         )
         time.sleep(1.0)
         if gw.poll() is not None:
             print(f"The gateway exited with code {gw.returncode}; see the messages above.")
             return 1
-        print(_instructions(prosody, broker, pw), flush=True)
+        print(_instructions(accounts, broker, pw, config), flush=True)
         signal.signal(signal.SIGTERM, _interrupt)
         while True:
             try:
@@ -139,8 +183,11 @@ def main() -> int:
         if gw is not None:
             _stop_gateway(gw)
         plug.stop()
-        prosody.stop()
+        for server in servers:
+            server.stop()
         broker.stop()
+        if federation is not None:
+            federation.stop()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -162,16 +209,25 @@ def _stop_gateway(gw: subprocess.Popen) -> None:
         gw.wait()
 
 
-def _instructions(prosody: Prosody, broker: Mosquitto, pw: dict[str, str]) -> str:
-    gw_jid = f"gateway@{prosody.domain}"
+def _instructions(accounts: dict[str, Prosody], broker: Mosquitto, pw: dict[str, str], config: Path) -> str:
+    you, home = accounts["you"], accounts["gateway"]
+    gw_jid = f"gateway@{home.domain}"
+    if you is home:
+        servers = f"""XMPP server   127.0.0.1 port {home.port} (loopback only), domain {home.domain}
+               TLS certificate signed by {home.ca_file}"""
+    else:
+        servers = f"""XMPP servers  {home.domain} at {home.address}: the gateway's
+               {you.domain} at {you.address}: yours (s2s between them)
+               TLS certificates signed by {home.ca_file}
+               (plots link to https://upload.{home.domain}/…: add {home.domain} and
+               upload.{home.domain} as {home.interface} to /etc/hosts to open them)"""
     return f"""
 ================================================================================
- iot-gateway demo is running ({CONFIG})
+ iot-gateway demo is running ({config})
 
- XMPP server   127.0.0.1 port {prosody.port} (loopback only), domain {prosody.domain}
-               TLS certificate signed by {prosody.ca_file}
- Accounts      you@{prosody.domain}     password {pw['you']}   (admin)
-               viewer@{prosody.domain}  password {pw['viewer']}   (viewer: read only)
+ {servers}
+ Accounts      you@{you.domain}     password {pw['you']}   (admin)
+               viewer@{home.domain}  password {pw['viewer']}   (viewer: read only)
                {gw_jid} password {pw['gateway']}   (the gateway itself)
  MQTT broker   {broker.url}   no anonymous clients; accounts {', '.join(MQTT_ACCOUNTS)}
                (passwords in {ROOT}/accounts.json), topics per account in {broker.root}/acl
@@ -181,7 +237,7 @@ def _instructions(prosody: Prosody, broker: Mosquitto, pw: dict[str, str]) -> st
                                   in {W1_ROOT}/{Thermometer.SENSOR_ID}
 
  Connect any XMPP client on this machine (Gajim, Dino, Profanity) as
- you@{prosody.domain} with host 127.0.0.1 and port {prosody.port}; trust the CA above
+ you@{you.domain} with host {you.interface} and port {you.port}; trust the CA above
  or accept the certificate when asked. Add {gw_jid} as a contact and chat:
      help · status · read · read greenhouse.temp · set greenhouse.heater on
      read plug · set plug.relay on · read pi · history pi.soil 5
@@ -190,7 +246,7 @@ def _instructions(prosody: Prosody, broker: Mosquitto, pw: dict[str, str]) -> st
      mosquitto_sub -p {broker.port} -u homeassistant -P {pw['homeassistant']} -v -t 'tele/#' -t 'stat/#'
 
  Without XMPP, the same commands as an admin:
-     .venv/bin/iot-gateway console --config {CONFIG}
+     .venv/bin/iot-gateway console --config {config}
 
  Ctrl-C stops the gateway, Prosody and Mosquitto.
 ================================================================================

@@ -64,6 +64,49 @@ log = logging.getLogger("iot_gateway.omemo")
 for _name in ("omemo", "oldmemo", "twomemo", "doubleratchet", "x3dh", "xeddsa", "slixmpp_omemo"):
     logging.getLogger(_name).setLevel(logging.INFO)
 
+
+class LibraryNotices(logging.Filter):
+    """The OMEMO libraries' warnings, read by a user in `journalctl -p warning`: the routine ones
+    of every start (own device list or bundle published again) become debug; the others get a
+    note saying what they mean for the gateway."""
+
+    ROUTINE = (
+        "Own device id was not included in the online device list",  # added back and published again
+        "Online bundle data differs from offline bundle data",  # published again
+        "Couldn't download own bundle",  # none published yet: first start, or a server that lost it
+        "Device list download failed",  # retried at once without max_items
+        "Sender device is not known",  # the device list is fetched again
+        "Replacing sessions with device",  # the gateway's own repair, which logs its outcome
+    )
+    MEANING = (
+        ("Bundle not available for device", "that device published no keys: messages are not encrypted for it"),
+        ("Bundle download failed for device", "messages are not encrypted for that device until its keys can be fetched"),
+        ("Not including device", "messages are not encrypted for that device until its keys can be fetched"),
+        ("Key exchange replaces existing session", "the contact's app started over (reinstalled or restored)"),
+        ("Malformed device list", "nothing is encrypted for that contact's devices until the list is fixed"),
+        ("Sender device found by the manual device list update",
+         "the server does not push that contact's device list: check that it offers PEP"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Lower a routine warning to debug (dropped unless debug logging is on); annotate the others."""
+        if record.levelno != logging.WARNING:
+            return True
+        text = record.getMessage()
+        if text.startswith(self.ROUTINE):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        for prefix, meaning in self.MEANING:
+            if text.startswith(prefix):
+                record.msg, record.args = f"{text.rstrip('.')}: {meaning}", ()
+        return True
+
+
+# The two loggers the libraries warn on (a filter on a logger does not see its children's records).
+for _name in ("omemo.core", "slixmpp_omemo.xep_0384"):
+    logging.getLogger(_name).addFilter(LibraryNotices())
+
 LEGACY = "eu.siacs.conversations.axolotl"
 OMEMO2 = "urn:xmpp:omemo:2"
 STORE = "omemo.json"

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
 import slixmpp
+from slixmpp.exceptions import IqError, IqTimeout
 from slixmpp.stanza import Iq, Message, Presence
 from slixmpp.xmlstream import StanzaBase
 from slixmpp.xmlstream.handler import Callback
@@ -25,6 +26,7 @@ from slixmpp.xmlstream.matcher import StanzaPath
 from ..auth import Actor
 from ..commands import Aside, Commands, Progress
 from ..config import Config, ConfigError
+from .bounces import TRANSIENT, Bounces, Sent, alert_for
 from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
@@ -91,6 +93,9 @@ class Session:
         self._recent: dict[str, deque[float]] = {}
         self._throttled: set[str] = set()
         self._sub_requests: dict[str, int] = {}
+        # Messages to contacts that bounce (their server down, …): held and sent again (bounces.py).
+        self.bounces = Bounces(self._resend_held, self._tell_delayed, self._ping, self.online.is_set)
+        commands.unreachable = self.bounces.describe
         # Called with (alert, delayed) after an alert went to contacts: rooms post it too.
         self.alert_hooks: list = []
         # Things with a `sinks` list of alert callbacks: watches, timed reverts.
@@ -116,6 +121,7 @@ class Session:
         # XEP-0092 answers contacts only: strangers learn nothing about the software.
         c.remove_handler("Software Version")
         c.register_handler(Callback("Software Version", StanzaPath("iq@type=get/software_version"), self._on_version))
+        c.add_filter("out", self._remember_sent)
         if self.xcfg.ca_file is not None:
             c.ca_certs = self.xcfg.ca_file
         if not self.xcfg.tls_verify:
@@ -132,7 +138,9 @@ class Session:
         c.add_event_handler("session_start", self._on_session_start)
         c.add_event_handler("session_resumed", self._on_session_resumed)
         c.add_event_handler("message", self._on_message)
+        c.add_event_handler("message_error", self._on_bounce)
         c.add_event_handler("presence_subscribe", self._on_subscribe)
+        c.add_event_handler("presence_available", self._on_available)
         c.add_event_handler("disconnected", self._on_disconnected)
         c.add_event_handler("stanza_acked", self._on_acked)
         # Connecting, keepalive, reconnecting and why it is offline.
@@ -144,6 +152,9 @@ class Session:
         self.omemo = _omemo(self)  # end-to-end encryption (gateway/xmpp/omemo.py); None when off
         if self.omemo is not None:
             commands.omemo = self.omemo
+        elif self.xcfg.omemo_unavailable:
+            log.info("%s", self.xcfg.omemo_unavailable)
+            commands.notes.append(self.xcfg.omemo_unavailable)
         self.adhoc = AdHoc(self)
         self.sensordata = SensorData(self)
         self.control = Control(self)
@@ -180,6 +191,7 @@ class Session:
         self.hub.unsubscribe_all(self)
         for front in reversed(self.frontends):
             front.stop()
+        self.bounces.stop()
         if self._presence_task is not None:
             self._presence_task.cancel()
         if self.online.is_set():
@@ -335,12 +347,20 @@ class Session:
         while self._queue and self.online.is_set():
             self._send_alert(self._queue.popleft(), delayed=True)
 
-    def _send_alert(self, alert: Alert, delayed: bool, hooks: bool = True) -> None:
+    def _send_alert(
+        self, alert: Alert, delayed: bool, hooks: bool = True, answer: bool = False, note: bool = False
+    ) -> None:
+        """Send an alert (or, with `answer`, an answer that bounced; with `note`, the note on delayed
+        ones) to each of its contacts, stamped; held instead for a contact whose server is down."""
         sm = self.client.plugin["xep_0198"]
         for jid in alert.to:
+            if self.bounces.holding(jid):
+                self.bounces.hold(jid, alert.text, alert.time, alert=not answer)
+                continue
             # Cleaned here too: OMEMO encrypts the text before the edge filter sees it.
             msg = self.client.make_message(mto=jid, mbody=clean(alert.text), mtype="chat")
             msg["id"] = self.client.new_id()
+            self.bounces.sent(msg["id"], jid, alert.text, alert.time, alert=not answer, note=note)
             # XEP-0203 on every alert, even one sent at once: bytes already handed to a server
             # that then stalls arrive whenever it wakes up, and must still say when it happened.
             _stamp(msg, alert, self.client.boundjid.bare)
@@ -405,6 +425,44 @@ class Session:
         """Handle a chat message as if it had just arrived (OMEMO hands on decrypted bodiless ones)."""
         await self._on_message(msg)
 
+    def _resend_held(self, sent: Sent) -> None:
+        self._send_alert(alert_for(sent), delayed=True, hooks=False, answer=not sent.alert)
+
+    def _tell_delayed(self, jid: str, text: str) -> None:
+        self._send_alert(Alert(text, time.time(), (jid,)), delayed=True, hooks=False, note=True)
+
+    def _remember_sent(self, stanza: StanzaBase) -> StanzaBase:
+        """Outgoing filter: answers to contacts are remembered by id, so one that bounces is sent
+        again (alerts are remembered as they are made). Encrypted ones are not: their text is gone."""
+        if isinstance(stanza, Message) and stanza["type"] in ("chat", "normal") and stanza["body"]:
+            to = stanza["to"].bare.lower()
+            encrypted = any(child.tag.endswith("}encrypted") for child in stanza.xml)
+            if not encrypted and self.config.contact(to) is not None:
+                if not stanza["id"]:
+                    stanza["id"] = self.client.new_id()
+                self.bounces.sent(stanza["id"], to, stanza["body"], time.time(), alert=False)
+        return stanza
+
+    def _on_available(self, pres: Presence) -> None:
+        bare = pres["from"].bare.lower()
+        if self.config.contact(bare) is not None:
+            self.bounces.reachable(bare)
+
+    async def _ping(self, domain: str) -> bool:
+        """Whether `domain`'s server answers (any answer but "cannot reach it" counts)."""
+        try:
+            await self.client.plugin["xep_0199"].send_ping(domain, timeout=10)
+        except IqError as e:
+            return e.iq["error"]["condition"] not in TRANSIENT
+        except IqTimeout:
+            return False
+        return True
+
+    def _on_bounce(self, msg: Message) -> None:
+        """A message of ours came back as an error (the contact's server is down, …): bounces.py decides."""
+        err = msg["error"]
+        self.bounces.bounced(str(msg["from"]), msg["id"], err["condition"], err["type"], err["text"])
+
     async def _on_message(self, msg: Message) -> None:
         if msg["type"] not in ("chat", "normal"):
             return
@@ -429,6 +487,7 @@ class Session:
         if contact is None:
             self._refuse_stranger(msg, sender)
             return
+        self.bounces.reachable(sender)  # they reached us: what was held for them goes out now
         stamp = msg["delay"]["stamp"]
         if stamp is not None and stamp.timestamp() - time.time() > MAX_STAMP_AHEAD:
             # The age of a command stamped in our future cannot be known (a Pi without
