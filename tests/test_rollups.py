@@ -1,0 +1,305 @@
+"""The history store's rollups: exact extremes for any window, a restart or `kill -9` that
+neither loses what was written nor counts it twice, a clock stepped back, a full disk while
+buckets close, and a database from before rollups migrated on first start."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gateway.history as history
+from gateway.history import HistoryStore
+from gateway.hub import FieldSpec, Hub
+from gateway.rollups import BadWindow, Window, parse_window, plan
+from tests.test_history import disk_full, problem_events
+
+ROOT = Path(__file__).resolve().parent.parent
+DAY = 86400.0
+
+
+def make_hub(size: int = 20, kind: str = "numeric") -> Hub:
+    hub = Hub(size)
+    hub.add_node("dev", "dev", "simulated", [FieldSpec("f0", type=kind)])
+    hub.bind(asyncio.get_running_loop())
+    return hub
+
+
+def store_for(hub: Hub, db: Path) -> HistoryStore:
+    """Every reading to the disk, raw readings kept long enough that the brute force has them all."""
+    return HistoryStore(hub, db, per_second=0, raw_rows=1_000_000)
+
+
+def bucket_rows(db: Path) -> dict[int, int]:
+    con = sqlite3.connect(db)
+    try:
+        return dict(con.execute("SELECT res, COUNT(*) FROM rollups GROUP BY res"))
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- exact extremes
+
+
+readings = st.lists(
+    st.tuples(st.floats(0, 3 * DAY), st.floats(-1e6, 1e6, allow_nan=False)), min_size=1, max_size=300
+)
+windows = st.lists(st.tuples(st.floats(-DAY, 3.2 * DAY), st.floats(1, 3.5 * DAY)), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(readings, windows)
+def test_any_window_has_the_min_max_and_count_of_its_readings(
+    rs: list[tuple[float, float]], ws: list[tuple[float, float]]
+) -> None:
+    async def run(folder: Path) -> None:
+        hub = make_hub(size=20)  # memory holds 20: the rest comes from the database's rows and buckets
+        store = store_for(hub, folder / "history.db")
+        await store.start()
+        try:
+            base = math.floor(time.time() / DAY) * DAY - 4 * DAY  # so windows start at all alignments
+            times = sorted(base + t for t, _ in rs)
+            pushed = list(zip(times, (v for _, v in rs)))
+            for t, v in pushed:
+                hub.push("dev", "f0", v, at=t)
+            await store.flush()
+            f = hub.field("dev.f0")
+            for offset, length in ws:
+                a = base + offset
+                b = min(a + length, time.time())
+                if b <= a:
+                    continue
+                got = (await store.answer(f, Window(a, b, "w"), 500)).summary
+                inside = [v for t, v in pushed if a <= t < b]
+                assert got.n == len(inside)
+                if inside:
+                    assert (got.lo, got.hi) == (min(inside), max(inside))
+        finally:
+            await store.stop()
+
+    with tempfile.TemporaryDirectory() as folder:
+        asyncio.run(run(Path(folder)))
+
+
+def test_plan_covers_the_window_in_order_without_overlap() -> None:
+    start, end = 1_000_000.5, 1_000_000.5 + 40 * DAY + 3671.25
+    pieces = plan(start, end, {})
+    assert pieces[0][1] == start and pieces[-1][2] == end
+    assert all(a[2] == b[1] for a, b in zip(pieces, pieces[1:]))
+    assert {r for r, _, _ in pieces} == {0, 60, 3600, 86400}
+    assert len(pieces) <= 7
+
+
+# ---------------------------------------------------------------- restart and kill -9
+
+
+CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from gateway.hub import FieldSpec, Hub
+from gateway.history import HistoryStore
+
+async def main() -> None:
+    hub = Hub(20)
+    hub.add_node("dev", "dev", "simulated", [FieldSpec("f0")])
+    hub.bind(asyncio.get_running_loop())
+    store = HistoryStore(hub, Path(sys.argv[1]), flush_every=3600, per_second=0, raw_rows=1_000_000)
+    await store.start()
+    base = float(sys.argv[2])
+    for i in range(600):  # 50 minutes at one reading every 5 s, a spike at 1234
+        hub.push("dev", "f0", 999.0 if i == 1234 % 600 else float(i % 7), at=base + i * 5)
+    await store.flush()  # acknowledged: everything so far
+    for i in range(600, 700):  # never flushed: lost with the process
+        hub.push("dev", "f0", -5.0, at=base + i * 5)
+    print("flushed", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_9_loses_no_written_reading_and_a_restart_counts_nothing_twice(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    base = math.floor(time.time() / 3600) * 3600 - 5 * 3600 + 17  # mid-minute, hours ago
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(db), repr(base)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == -signal.SIGKILL and "flushed" in child.stdout, child.stderr
+    whole = Window(base - 60, time.time(), "all")
+    for attempt in range(2):  # the first restart rebuilds the open buckets and writes them; the second reads them back
+        hub = make_hub()
+        store = store_for(hub, db)
+        await store.start()
+        try:
+            f = hub.field("dev.f0")
+            got = (await store.answer(f, whole, 500)).summary
+            assert got.n == 600, attempt
+            assert (got.lo, got.hi) == (0.0, 999.0)
+            by_hour = await store.answer(f, Window(base - 17, base - 17 + 4 * 3600, "4h", 3600), 500)
+            assert sum(b.n for b in by_hour.rows) == 600
+        finally:
+            await store.stop()
+    # Every bucket written once: 600 readings over 50 minutes, from 17 s into one, touch 51 one-minute buckets.
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("SELECT SUM(n), COUNT(*) FROM rollups WHERE res = 60").fetchone() == (600, 51)
+        assert con.execute("SELECT SUM(n) FROM rollups WHERE res = 3600").fetchone() == (600,)
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- faults
+
+
+async def test_a_clock_stepped_back_neither_reorders_nor_rewrites_buckets(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    hub = make_hub()
+    store = store_for(hub, db)
+    await store.start()
+    try:
+        base = math.floor(time.time() / 3600) * 3600 - 3600  # the last whole hour
+        for i in range(5):
+            hub.push("dev", "f0", 1.0, at=base + 60 * i)
+        hub.push("dev", "f0", 50.0, at=base + 60 * 4 + 5)
+        await store.flush()  # its time over, the hour is closed and written with its minutes
+        hub.push("dev", "f0", 77.0, at=base - 3600)  # the clock stepped back an hour
+        hub.push("dev", "f0", 2.0, at=base + 60 * 6)  # and still behind the closed hour
+        await store.flush()
+        con = sqlite3.connect(db)
+        rows = con.execute("SELECT t, n, hi FROM rollups WHERE res = 60 ORDER BY t").fetchall()
+        hours = con.execute("SELECT t, n, hi FROM rollups WHERE res = 3600 ORDER BY t").fetchall()
+        con.close()
+        starts = [t for t, _, _ in rows]
+        assert starts == sorted(set(starts))  # no bucket twice, none before another it followed
+        # The late readings open the minute after the closed hour; nothing written is rewritten.
+        assert rows[:5] == [(base + 60 * i, 2 if i == 4 else 1, 50.0 if i == 4 else 1.0) for i in range(5)]
+        assert rows[5:] == [(base + 3600, 2, 77.0)]
+        assert hours[0] == (base, 6, 50.0)
+        got = (await store.answer(hub.field("dev.f0"), Window(base - 7200, time.time(), "w"), 500)).summary
+        assert got.n == 8 and got.hi == 77.0
+    finally:
+        await store.stop()
+
+
+async def test_a_full_disk_while_buckets_close_is_reported_and_they_are_written_after(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    hub = make_hub()
+    events = problem_events(hub)
+    store = store_for(hub, db)
+    await store.start()
+    try:
+        base = math.floor(time.time() / 3600) * 3600 - 3 * 3600
+        await disk_full(store)
+        for i in range(360):  # 3 hours at one reading every 30 s: minutes and hours close
+            hub.push("dev", "f0", float(i), at=base + 30 * i)
+        await store.flush()
+        assert hub.problems["history"].message.startswith("not saved:")
+        assert [e for e in events if e[0] == "history"][0][1].startswith("not saved:")
+        await disk_full(store, full=False)
+        await store.flush()
+        assert "history" not in hub.problems
+        assert bucket_rows(db)[60] == 180 and bucket_rows(db)[3600] == 3
+        got = (await store.answer(hub.field("dev.f0"), Window(base, time.time(), "w"), 500)).summary
+        assert (got.n, got.lo, got.hi) == (360, 0.0, 359.0)
+    finally:
+        await store.stop()
+
+
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS readings (ref TEXT NOT NULL, t REAL NOT NULL, v TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS readings_ref_t ON readings (ref, t);
+"""  # history.db as made by the gateway before rollups
+
+
+async def test_a_database_from_before_rollups_is_rolled_up_on_first_start(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    con = sqlite3.connect(db)
+    con.executescript(OLD_SCHEMA)
+    base = math.floor(time.time() / DAY) * DAY - 5 * DAY  # older than the 2 days readings are kept
+    with con:
+        con.executemany(
+            "INSERT INTO readings VALUES ('dev.f0', ?, ?)",
+            [(base + 600 * i, json.dumps(500.0 if i == 100 else float(i % 10))) for i in range(600)],
+        )
+    con.close()
+    hub = make_hub()
+    store = HistoryStore(hub, db, raw_rows=1000)
+    await store.start()
+    try:
+        await store.flush()
+        got = (await store.answer(hub.field("dev.f0"), Window(base - DAY, time.time(), "w"), 500)).summary
+        assert (got.n, got.hi) == (600, 500.0)
+        assert bucket_rows(db)[60] == 600
+        store._expire()  # the next sweep: the old readings go, their buckets stay
+        con = sqlite3.connect(db)
+        assert con.execute("SELECT COUNT(*) FROM readings WHERE t < ?", (time.time() - 2 * DAY,)).fetchone() == (0,)
+        con.close()
+        got = (await store.answer(hub.field("dev.f0"), Window(base - DAY, time.time(), "w"), 500)).summary
+        assert (got.n, got.hi) == (600, 500.0)
+    finally:
+        await store.stop()
+
+
+async def test_on_off_fields_count_time_in_each_state_and_changes(tmp_path: Path) -> None:
+    hub = make_hub(kind="boolean")
+    store = store_for(hub, tmp_path / "history.db")
+    await store.start()
+    try:
+        base = math.floor(time.time() / 3600) * 3600 - 2 * 3600
+        for i, v in enumerate([True, True, False, True]):  # 15 min each
+            hub.push("dev", "f0", v, at=base + 900 * i)
+        hub.push("dev", "f0", False, at=base + 3600)
+        await store.flush()
+        ans = await store.answer(hub.field("dev.f0"), Window(base, base + 3600, "1h", 3600), 10)
+        hour = ans.rows[0]
+        assert hour.changes == 2 and hour.states == {"true": 2700.0, "false": 900.0}
+    finally:
+        await store.stop()
+
+
+# ---------------------------------------------------------------- the window grammar
+
+
+NOW = 1_780_000_000.0  # 2026-05-28
+
+
+@pytest.mark.parametrize(
+    ("words", "span"),
+    [(["30m"], 1800), (["7d"], 7 * DAY), (["3w"], 21 * DAY), (["6mo"], 180 * DAY), (["1y"], 365 * DAY)],
+)
+def test_durations_from_minutes_to_years(words: list[str], span: float) -> None:
+    w = parse_window(words, NOW)
+    assert (w.end - w.start, w.end) == (span, NOW)
+
+
+def test_dates_and_ranges_are_utc_days_both_included() -> None:
+    w = parse_window(["2026-03-01..2026-03-07", "by", "day"], NOW)
+    assert (w.start, w.end - w.start, w.by) == (1772323200.0, 7 * DAY, 86400)
+    assert parse_window(["since", "2026-03-01"], NOW).start == 1772323200.0
+
+
+@pytest.mark.parametrize(
+    ("words", "why"),
+    [
+        (["7x"], "is not a window; use 30m"),
+        (["since", "2027-01-01"], "starts in the future"),
+        (["2026-03-07..2026-03-01"], "ends before it starts"),
+        (["2026-02-30..2026-03-01"], "is not a date"),
+        (["7d", "by", "week"], "say by minute, by hour or by day"),
+    ],
+)
+def test_bad_windows_are_refused_with_the_grammar(words: list[str], why: str) -> None:
+    with pytest.raises(BadWindow, match=why):
+        parse_window(words, NOW)
