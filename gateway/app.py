@@ -70,6 +70,7 @@ class Gateway:
         )
         self.commands = Commands(self.hub, config.gateway.name, self.watches, self.reverts)
         self.commands.plots.cache_dir = self.state.path / "matplotlib"
+        self.commands.store = self.history
         self.drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.homeassistant: HomeAssistant | None = None  # [homeassistant]: MQTT discovery out, commands in

@@ -457,6 +457,11 @@ class HistoryStore:
         since = min([*stored.values(), mem_start, *(b.t for b in shown)], default=math.inf)
         return Answer(res, shown, summary, since)
 
+    def kept_from(self, now: float) -> float:
+        """The oldest time anything is kept from, by the config."""
+        cap = math.inf if self.retention is None else self.retention
+        return now - min(max(self.keep.values()), cap)
+
     def _stored_span(self, ref: str) -> dict[int, float]:
         """The oldest stored time per resolution (0: readings) for a field."""
         db = self._db

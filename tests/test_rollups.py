@@ -303,3 +303,84 @@ def test_dates_and_ranges_are_utc_days_both_included() -> None:
 def test_bad_windows_are_refused_with_the_grammar(words: list[str], why: str) -> None:
     with pytest.raises(BadWindow, match=why):
         parse_window(words, NOW)
+
+
+# ---------------------------------------------------------------- through the real stack
+
+
+SIM = [
+    {
+        "id": "sim",
+        "driver": "simulated",
+        "interval": 3600,  # one reading at start: the stored month is the series
+        "fields": [{"name": "temp", "unit": "°C", "decimals": 1, "base": 20, "amplitude": 0, "noise": 0}],
+    }
+]
+
+
+def month_in_old_db(tmp_path: Path) -> tuple[float, float]:
+    """history.db as today's main left it (readings only): sim.temp every 10 minutes for 30 days,
+    20 °C with one reading of 99 °C; returns (the first reading's time, the spike's time)."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    con = sqlite3.connect(state / "history.db")
+    con.executescript(OLD_SCHEMA)
+    first = math.floor(time.time() / DAY) * DAY - 30 * DAY
+    spike = first + 17 * DAY + 3 * 3600 + 600
+    with con:
+        con.executemany(
+            "INSERT INTO readings VALUES ('sim.temp', ?, ?)",
+            [(t, "99.0" if t == spike else "20.0") for t in (first + 600 * i for i in range(30 * 144))],
+        )
+    con.close()
+    return first, spike
+
+
+async def test_chat_history_and_plot_of_a_month_show_the_spike_at_the_resolution_that_answered(
+    xmpp_server: Any, tmp_path: Path, peers: dict[str, Any]
+) -> None:
+    from PIL import Image
+
+    from gateway.plot import COLORS
+    from tests.conftest import gateway_config, start_gateway
+    from tests.test_plot import fetch, oob_url, pixels
+
+    first, spike = month_in_old_db(tmp_path)
+    gw = await start_gateway(gateway_config(xmpp_server, tmp_path, devices=SIM), xmpp_server.passwords["gateway"])
+    victor = peers["victor"]
+    try:
+        day = time.strftime("%Y-%m-%d", time.gmtime(first))
+        reply = await victor.ask_for(gw.jid, "history sim.temp 30d by day", "sim.temp: 30d")
+        lines = reply.splitlines()
+        assert lines[0] == f"sim.temp: 30d at 1-day resolution, 31 rows; data since {day}"
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(spike))
+        assert f"max 99.0 at {when}" in lines
+        rows = [line for line in lines if line[:4].isdigit()]
+        assert len(rows) == 31 and all(len(line) <= 40 for line in lines[lines.index("```") + 1:])
+        spike_day = time.strftime("%Y-%m-%d", time.gmtime(spike))
+        assert [line.split() for line in rows if line.startswith(spike_day)] == [[spike_day, "20.0", "20.5", "99.0"]]  # mean (143 × 20 + 99) / 144
+        reply = await victor.ask_for(gw.jid, "history sim.temp 1y", "sim.temp: 1y")
+        assert reply.startswith(f"sim.temp: 1y at 1-day resolution, 31 rows; data since {day}")
+        assert f"max 99.0 at {when}" in reply
+        reply = await victor.ask_for(gw.jid, "history sim.temp 20y", "sim.temp: 20y")
+        assert "(nothing is kept from before " in reply
+        reply = await victor.ask_for(gw.jid, "history sim.temp 3x", "Error:")
+        assert reply.startswith("Error: '3x' is not a window; use 30m, 6h, 7d, 3w, 6mo, 1y, since")
+        reply = await victor.ask_for(gw.jid, "history sim.temp since 2999-01-01", "Error:")
+        assert reply == "Error: since 2999-01-01 starts in the future."
+        victor.client.send_message(mto=gw.jid, mbody="plot sim.temp 30d", mtype="chat")
+        msg = await victor.message_from(gw.jid, timeout=30, match=lambda b: b.startswith(("https://", "No picture")))
+    finally:
+        await gw.stop()
+    url = oob_url(msg)
+    assert url and msg["body"] == url, msg["body"]
+    png = await asyncio.to_thread(fetch, url, xmpp_server.prosody.ca_file)
+    (tmp_path / "plot-30d.png").write_bytes(png)
+    import io
+
+    img = Image.open(io.BytesIO(png))
+    w, h = img.size
+    drawn = pixels(img, COLORS[0], tolerance=120)
+    # The spike (99 against 20) reaches the top part of the axes, about 17/30 of the way across.
+    top = [x for x, y in drawn if y < 0.35 * h]
+    assert top and all(0.45 * w < x < 0.7 * w for x in top), sorted(set(top))[:20]
