@@ -163,6 +163,8 @@ class Commands:
         # `history: not saved: …`; the state folder's trouble is the NOT saving line above.
         lines.extend(p.describe() for p in self.hub.problems.values() if p.component != "state" or not unsaved)
         lines.extend(self.hub.noise.lines())
+        if self.store is not None and actor.role == "admin":
+            lines.append(self.store.disk())
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .hub import Field, History, Hub, NodeEvent, Reading
-from .rollups import COLUMNS, RES, UPSERT, Bucket, Roller, Window, choose, plan
+from .rollups import COLUMNS, NAMES, RES, UPSERT, Bucket, Roller, Window, choose, plan
 from .rollups import SCHEMA as ROLLUP_SCHEMA
 from .values import Value
 
@@ -62,6 +62,9 @@ ROLLED_MAX = 100_000  # closed buckets kept for the database while it cannot be 
 KEEP = {0: 2 * 86400.0, 60: 7 * 86400.0, 3600: 365 * 86400.0, 86400: 3650 * 86400.0}  # default keep times
 RAW_ROWS = 20_000  # default readings kept on disk per field (history_raw_rows)
 VERSION = 2  # PRAGMA user_version: 2 has rollups
+# Bytes a row takes in history.db, index included (measured: bench/history.py prints them).
+RAW_BYTES = 66
+BUCKET_BYTES = 97
 SHARED_VALUES = 10_000  # distinct stored values a load keeps, so equal readings share one object
 PROBLEM = "history"  # the component name in the hub's problems
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
@@ -457,6 +460,17 @@ class HistoryStore:
         since = min([*stored.values(), mem_start, *(b.t for b in shown)], default=math.inf)
         return Answer(res, shown, summary, since)
 
+    def disk(self) -> str:
+        """history.db's size now and when full for the fields it holds (status, for admins)."""
+        try:
+            now = sum(os.path.getsize(self.path.with_name(self.path.name + s)) for s in ("", "-wal")
+                      if self.path.with_name(self.path.name + s).exists())
+        except OSError as e:
+            return f"history.db: size unknown ({e.strerror or e})"
+        fields = max(1, len(self.rollers))
+        full = sum(expected(self.keep, self.raw_rows, self.per_second).values()) * fields
+        return f"history.db: {megabytes(now)} now; at most about {megabytes(full)} when full ({fields} fields at 1/s)"
+
     def kept_from(self, now: float) -> float:
         """The oldest time anything is kept from, by the config."""
         cap = math.inf if self.retention is None else self.retention
@@ -684,6 +698,32 @@ class HistoryStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def expected(keep: dict[int, float], raw_rows: int, per_second: int, rate: float = 1.0) -> dict[int, float]:
+    """Bytes one field takes in history.db once every resolution is full, per resolution (0:
+    readings), at `rate` readings per second: the readings written (thinned to `per_second`,
+    up to 1.5 × `raw_rows` before a trim) and one bucket per resolution step with a reading."""
+    written = min(rate, per_second) if per_second else rate
+    out = {0: min(1.5 * raw_rows, keep[0] * written) * RAW_BYTES}
+    for res in RES:
+        out[res] = keep[res] * min(rate, 1.0 / res) * BUCKET_BYTES
+    return out
+
+
+def megabytes(n: float) -> str:
+    """Bytes as `12.3 MB` (decimal megabytes, as disks are sold)."""
+    return f"{n / 1e6:.3g} MB" if n < 1e9 else f"{n / 1e9:.3g} GB"
+
+
+def disk_use(keep: dict[int, float], raw_rows: int, per_second: int, rates: list[float]) -> str:
+    """The expected size of history.db for fields at these rates, on one line: the total, then per
+    field and resolution at 1 reading per second."""
+    total = sum(sum(expected(keep, raw_rows, per_second, r).values()) for r in rates)
+    one = expected(keep, raw_rows, per_second)
+    parts = ", ".join(f"{'readings' if res == 0 else NAMES[res]} {megabytes(b)}" for res, b in one.items())
+    return (f"history.db: about {megabytes(total)} when full for {len(rates)} field{'s' if len(rates) != 1 else ''};"
+            f" a field at 1 reading/s: {megabytes(sum(one.values()))} ({parts})")
 
 
 @dataclass

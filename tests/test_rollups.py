@@ -384,3 +384,36 @@ async def test_chat_history_and_plot_of_a_month_show_the_spike_at_the_resolution
     # The spike (99 against 20) reaches the top part of the axes, about 17/30 of the way across.
     top = [x for x, y in drawn if y < 0.35 * h]
     assert top and all(0.45 * w < x < 0.7 * w for x in top), sorted(set(top))[:20]
+
+
+async def test_admins_see_history_db_size_now_and_when_full_in_status(
+    xmpp_server: Any, tmp_path: Path, peers: dict[str, Any]
+) -> None:
+    from tests.conftest import gateway_config, start_gateway
+
+    gw = await start_gateway(gateway_config(xmpp_server, tmp_path, devices=SIM), xmpp_server.passwords["gateway"])
+    try:
+        await gw.gateway.history.flush()
+        status = await peers["alice"].ask_for(gw.jid, "status", "Test GW")  # an admin
+        line = [s for s in status.splitlines() if s.startswith("history.db: ")]
+        assert len(line) == 1 and " MB now; at most about " in line[0] and line[0].endswith("when full (1 fields at 1/s)")
+        status = await peers["victor"].ask_for(gw.jid, "status", "Test GW")  # a viewer
+        assert "history.db" not in status
+    finally:
+        await gw.stop()
+
+
+def test_check_prints_the_expected_size_of_history_db(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(
+        f'[gateway]\nstate_dir = "{tmp_path}"\nhistory_days = "1y"\n'
+        '[[devices]]\nid = "sim"\ndriver = "simulated"\ninterval = 1\n'
+        '  [[devices.fields]]\n  name = "a"\n  [[devices.fields]]\n  name = "b"\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    # 2 fields at 1/s: readings 30,000 × 66 B, minutes 10,080, hours 8,760 and days 365 buckets × 97 B, each.
+    each = 30_000 * 66 + (10_080 + 8_760 + 365) * 97
+    line = next(s for s in out.stdout.splitlines() if s.startswith("history.db:"))
+    assert line.startswith(f"history.db: about {2 * each / 1e6:.3g} MB when full for 2 fields;"), line
