@@ -417,3 +417,32 @@ def test_check_prints_the_expected_size_of_history_db(tmp_path: Path) -> None:
     each = 30_000 * 66 + (10_080 + 8_760 + 365) * 97
     line = next(s for s in out.stdout.splitlines() if s.startswith("history.db:"))
     assert line.startswith(f"history.db: about {2 * each / 1e6:.3g} MB when full for 2 fields;"), line
+
+
+# ---------------------------------------------------------------- XEP-0323 historical read-outs
+
+
+async def test_historical_readout_older_than_memory_comes_from_the_buckets(xmpp_server: Any, tmp_path: Path,
+                                                                          peers: dict[str, Any]) -> None:
+    from tests.test_sensordata import stamp
+    from tests.xep_helpers import Inbox, iq, running, values
+
+    first, spike = month_in_old_db(tmp_path)
+    async with running(xmpp_server, tmp_path) as xgw:
+        xgw.session.commands.store = xgw.gateway.history
+        alice = peers["alice"]
+        inbox = Inbox(alice)
+        # Two hours around the spike: 1-minute buckets (one reading every 10 minutes: 12 of them).
+        await iq(alice, xgw.jid, "<req xmlns='urn:xmpp:iot:sensordata' seqnr='40' historical='true' "
+                 f"from='{stamp(spike - 3600)}' to='{stamp(spike + 3599)}'><node nodeId='sim'/><field name='temp'/></req>")
+        got = values(await inbox.readout(40))
+        assert [v.timestamp for v in got] == [stamp(spike - 3600 + 600 * i) for i in range(12)]
+        assert [v.value for v in got] == ["20.00"] * 6 + ["99.00"] + ["20.00"] * 5
+        assert all(v.flags() == {"historicalMinute", "computed"} for v in got)
+        # The whole month: more minutes than a read-out may hold, so 1-hour buckets (their means).
+        await iq(alice, xgw.jid, "<req xmlns='urn:xmpp:iot:sensordata' seqnr='41' historical='true' "
+                 f"from='{stamp(first)}' to='{stamp(first + 30 * DAY - 1)}'><node nodeId='sim'/><field name='temp'/></req>")
+        got = values(await inbox.readout(41))
+        assert len(got) == 30 * 24 and {v.flags() == {"historicalHour", "computed"} for v in got} == {True}
+        hour = stamp(spike - spike % 3600)
+        assert [v.value for v in got if v.timestamp == hour] == [f"{(5 * 20 + 99) / 6:.2f}"]
