@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from .audit import Entry
 from .auth import Actor, Forbidden, Permission, allowed, require
 from .hub import Field, Hub, HubError, Node, Written
-from .plot import MAX_FIELDS, SPARK_WIDTH, Picture, PlotError, Plots, Series, check_fields, history_spark, spark
+from .plot import MAX_FIELDS, SPARK_WIDTH, NoPicture, Picture, PlotError, Plots, Series, check_fields, history_spark, spark
 from .reverts import Reverts
 from .rollups import NAMES, BadWindow, Bucket, Window, is_window, parse_window
 from .values import BadValue, Value, age, coerce, fmt, parse_duration
@@ -41,6 +41,8 @@ PLOT_MAX = 10 * 365 * 86400.0  # longest `plot` window
 HISTORY_ROWS = 100  # rows a `by` history lists at most
 STORE_ROWS = 2000  # rows a history summary reads at most (the summary itself is exact whatever the rows)
 PLOT_ROWS = 720  # buckets a long plot draws (about one per pixel column)
+EXPORT_ROWS = 50_000  # rows an export holds at most (about 2.5 MB of CSV)
+EXPORT_INLINE = 20  # CSV rows shown in the chat when no file can be sent
 WIDTH = 40  # characters a phone shows on one line of a preformatted block (status, read, list)
 PROGRESS_AFTER = 1.0  # seconds a set may take before the contact hears "sent, waiting for the device"
 
@@ -396,6 +398,44 @@ class Commands:
                       False, f.spec.decimals, lows=[b.lo for b in rows], highs=[b.hi for b in rows],
                       gap=ans.res * 1.5)
 
+    async def export(self, args: list[str], actor: Actor) -> str:
+        """A field's readings (or buckets) over a window as a CSV file, through the plot's upload path."""
+        if len(args) < 2:
+            raise UsageError("Say which field and which window")
+        f = self.hub.field(args[0])
+        now = time.time()
+        w = parse_window(args[1:], now)
+        if self.store is None or (_in_memory(f, w) and w.by is None):
+            times, vals = f.history.since(w.start)
+            rows = [f"{_iso(t)},{_csv(v)}" for t, v in zip(times, vals) if t < w.end][-EXPORT_ROWS:]
+            head, what = "time,value", "readings"
+        else:
+            ans = await self.store.answer(f, w, EXPORT_ROWS)
+            buckets = [b for b in ans.rows if b.n][-EXPORT_ROWS:]
+            if any(b.mean is not None for b in buckets):
+                head = "time,count,min,mean,max"
+                rows = [f"{_iso(b.t)},{b.n},{_csv(b.lo)},{_csv(b.mean)},{_csv(b.hi)}" for b in buckets if b.mean is not None]
+            else:
+                head = "time,count,changes,last"
+                rows = [f"{_iso(b.t)},{b.n},{b.changes},{_csv(b.last)}" for b in buckets]
+            what = f"{NAMES[ans.res]} rows"
+        if not rows:
+            return f"{f.ref}: no readings in {w.label}."
+        aside = _aside.get()
+        if aside is not None:
+            aside()
+        data = "\n".join([head, *rows, ""]).encode()
+        try:
+            if self.plots.uploads is None:
+                raise NoPicture(self.plots.no_uploads)
+            await self.plots.uploads.ready()
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+            return await self.plots.uploads.upload(data, f"{f.ref}-{stamp}.csv", "text/csv")
+        except NoPicture as e:
+            shown = rows[-EXPORT_INLINE:]
+            more = f", the last {len(shown)} of {len(rows)}" if len(rows) > len(shown) else ""
+            return "\n".join([f"No file: {str(e).rstrip('.')}. {f.ref}, {w.label}, {what}{more}:", head, *shown])
+
     async def watch(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None
         w = self.watches.add(self.watches.parse(actor.jid, args))
@@ -519,6 +559,23 @@ def _day(t: float) -> str:
 def _stamp(t: float, res: int) -> str:
     """A bucket's start as short as its resolution allows (UTC): `2026-11-05`, `11-05 14:03`."""
     return time.strftime("%Y-%m-%d" if res >= 86400 else "%m-%d %H:%M", time.gmtime(t))
+
+
+def _iso(t: float) -> str:
+    """ISO 8601 UTC, to the second (CSV)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _csv(v: Value) -> str:
+    """A value in a CSV cell: numbers as they are, text quoted when it needs to be."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if isinstance(v, float) else str(v)
+    text = "" if v is None else str(v)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        text = "'" + text  # a device's text is not a spreadsheet formula
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
 
 
 def _when(t: float) -> str:
@@ -714,6 +771,13 @@ COMMANDS: dict[str, Command] = {
             f"a chart of the last {PLOT_DEFAULT} (or the window), fields of one unit together;"
             " a text sparkline where pictures cannot be sent",
             Commands.plot,
+        ),
+        Command(
+            "export",
+            Permission.SET,
+            "export device.field WINDOW [by day|hour|minute]",
+            "the readings (or min/mean/max per minute, hour or day) as a CSV file; times in UTC",
+            Commands.export,
         ),
         Command(
             "watch",

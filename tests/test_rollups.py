@@ -446,3 +446,51 @@ async def test_historical_readout_older_than_memory_comes_from_the_buckets(xmpp_
         assert len(got) == 30 * 24 and {v.flags() == {"historicalHour", "computed"} for v in got} == {True}
         hour = stamp(spike - spike % 3600)
         assert [v.value for v in got if v.timestamp == hour] == [f"{(5 * 20 + 99) / 6:.2f}"]
+
+
+# ---------------------------------------------------------------- export
+
+
+async def test_export_of_a_month_is_a_csv_file_for_operators_only(
+    xmpp_server: Any, tmp_path: Path, peers: dict[str, Any]
+) -> None:
+    import ssl
+    import urllib.request
+
+    from tests.conftest import gateway_config, start_gateway
+    from tests.test_plot import oob_url
+
+    first, spike = month_in_old_db(tmp_path)
+    gw = await start_gateway(gateway_config(xmpp_server, tmp_path, devices=SIM), xmpp_server.passwords["gateway"])
+    try:
+        refused = await peers["victor"].ask_for(gw.jid, "export sim.temp 30d by day", "Refused")
+        assert refused.startswith("Refused:"), refused
+        olive = peers["olive"]  # an operator
+        olive.client.send_message(mto=gw.jid, mbody="export sim.temp 30d by day", mtype="chat")
+        msg = await olive.message_from(gw.jid, timeout=30, match=lambda b: b.startswith(("https://", "No file")))
+        url = oob_url(msg)
+        assert url and msg["body"] == url, msg["body"]
+        ctx = ssl.create_default_context(cafile=str(xmpp_server.prosody.ca_file))
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, context=ctx, timeout=10).read().decode())
+        lines = body.splitlines()
+        assert lines[0] == "time,count,min,mean,max" and len(lines) == 1 + 30
+        day = time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(spike))
+        assert [line for line in lines if line.startswith(day)] == [f"{day},144,20.0,{(143 * 20 + 99) / 144!r},99.0"]
+        assert lines[1].startswith(time.strftime("%Y-%m-%dT00:00:00Z,144,", time.gmtime(first)))
+    finally:
+        await gw.stop()
+
+
+async def test_export_without_uploads_shows_the_last_rows_and_defuses_formulas() -> None:
+    from gateway.auth import Actor
+    from gateway.commands import Commands
+
+    hub = make_hub(size=100, kind="string")
+    now = time.time()
+    for i in range(30):
+        hub.push("dev", "f0", '=HYPERLINK("x")' if i == 29 else f"mode {i}", at=now - 300 + i)
+    reply = await Commands(hub).run("export dev.f0 1h", Actor("o@x", "operator", "chat"), styled=False)
+    lines = reply.splitlines()
+    assert lines[0] == "No file: this interface shows text only. dev.f0, 1h, readings, the last 20 of 30:"
+    assert lines[1] == "time,value" and len(lines) == 22
+    assert lines[-1].endswith(""",\"'=HYPERLINK(\"\"x\"\")\"""")
