@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 from .fleet import fleet_20
+from .history import history_year
 from .footprint import gateway_200, scale_10k_fields, startup_and_rss
 from .idle import idle_cpu
 from .ingest import mqtt_ingest, serial_ingest
@@ -43,6 +44,7 @@ NAMES = (
     "fleet_20",
     "sd_writes",
     "omemo",
+    "history_year",
 )
 ON_G200 = NAMES[2:7]  # the benchmarks that share the 200-field gateway process
 
@@ -69,6 +71,8 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         await step("serial_ingest", results, serial_ingest(lab, work))
     if wanted("sd_writes"):
         await step("sd_writes", results, sd_writes(work))
+    if wanted("history_year"):
+        await step("history_year", results, history_year(work))
     if wanted("fleet_20"):
         await step("fleet_20", results, fleet_20(lab, work))
     if wanted("omemo"):

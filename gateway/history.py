@@ -91,6 +91,14 @@ DELETE FROM readings WHERE ref = ?1 AND rowid IN (
     SELECT rowid FROM readings WHERE ref = ?1 ORDER BY rowid DESC LIMIT -1 OFFSET ?2)
 """
 
+# The distinct fields of a table, one index probe each (a skip scan) rather than a scan of all rows.
+REFS = """
+WITH RECURSIVE r(ref) AS (
+    SELECT min(ref) FROM {table}
+    UNION ALL SELECT (SELECT min(ref) FROM {table} WHERE ref > r.ref) FROM r WHERE r.ref IS NOT NULL)
+SELECT ref FROM r WHERE ref IS NOT NULL
+"""
+
 
 class HistoryStore:
     """Mirrors the hub's readings to SQLite; all database work runs on one worker thread."""
@@ -199,8 +207,12 @@ class HistoryStore:
         self._release(int(now))
         rolled = self._rolled
         out: list[Bucket] = []
+        # A field's next reading closes its buckets; one gone quiet has them closed once they are
+        # half the raw keep time old (so a restart can still rebuild them from stored readings).
+        # Not sooner: readings stamped by a device (or replayed) may come late.
+        quiet = now - self.keep[0] / 2
         for ref, roller in self.rollers.items():
-            roller.due(now, out)
+            roller.due(quiet, out)
             rolled.extend((ref, b) for b in out)
             out.clear()
         if not self._pending and not rolled:
@@ -435,10 +447,8 @@ class HistoryStore:
                 buckets[b.res][b.t] = b
         roller = self.rollers.get(f.ref)
         if roller is not None:
-            for b in roller.open:
-                if b is not None:
-                    c = b.copy()
-                    buckets[c.res][c.t] = c
+            for b in roller.snapshot():
+                buckets[b.res][b.t] = b
         summary = Bucket(window.start, 0)
         for r, a, b in pieces:
             if r == 0:
@@ -567,7 +577,7 @@ class HistoryStore:
             db.execute(f"PRAGMA user_version = {VERSION}")
             if not old:  # an older database's readings are rolled up first, then expired by the next sweep
                 self._expire(db)
-            refs = [r[0] for r in db.execute("SELECT DISTINCT ref FROM readings")]
+            refs = sorted({r[0] for table in ("readings", "rollups") for r in db.execute(REFS.format(table=table))})
         except BaseException:
             db.close()
             raise
@@ -671,16 +681,12 @@ class HistoryStore:
             added[ref] = 0
 
     def _prune(self, db: sqlite3.Connection) -> None:
-        """Every field down to raw_rows rows."""
+        """Every field down to raw_rows rows (a count per field from the index, then one DELETE per
+        field over its limit: no window over the whole table, which holds millions of rows)."""
+        over = [ref for ref, n in db.execute("SELECT ref, COUNT(*) FROM readings GROUP BY ref") if n > self.raw_rows]
         with db:
-            # Keep at most raw_rows rows per field: drop all but the last N inserted.
-            db.execute(
-                """DELETE FROM readings WHERE rowid IN (
-                     SELECT rowid FROM (
-                       SELECT rowid, ROW_NUMBER() OVER (PARTITION BY ref ORDER BY rowid DESC) AS n
-                       FROM readings) WHERE n > ?)""",
-                (self.raw_rows,),
-            )
+            for ref in over:
+                db.execute(TRIM_FIELD, (ref, self.raw_rows))
 
     def _expire(self, db: sqlite3.Connection | None = None) -> None:
         """Drop readings and buckets older than their keep time (and the retention window)."""
@@ -689,10 +695,13 @@ class HistoryStore:
             return
         now = time.time()
         cap = math.inf if self.retention is None else self.retention
-        with db:
-            db.execute("DELETE FROM readings WHERE t < ?", (now - min(self.keep[0], cap),))
-            for res in RES:
-                db.execute("DELETE FROM rollups WHERE res = ? AND t < ?", (res, now - min(self.keep[res], cap)))
+        refs = {r[0] for table in ("readings", "rollups") for r in db.execute(REFS.format(table=table))}
+        with db:  # per field, so each DELETE is a range of the (ref, …) index, not a scan
+            for ref in refs:
+                db.execute("DELETE FROM readings WHERE ref = ? AND t < ?", (ref, now - min(self.keep[0], cap)))
+                for res in RES:
+                    db.execute("DELETE FROM rollups WHERE ref = ? AND res = ? AND t < ?",
+                               (ref, res, now - min(self.keep[res], cap)))
 
     def _close(self) -> None:
         if self._db is not None:

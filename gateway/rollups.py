@@ -264,8 +264,29 @@ class Roller:
             t += step
         self.since = max(self.since, until)
 
+    def snapshot(self) -> list[Bucket]:
+        """Copies of the open buckets as they would be closed now: each coarser one with the finer
+        open ones merged in (a query's view; nothing here changes)."""
+        out: list[Bucket] = []
+        finer: Bucket | None = None
+        for level, res in enumerate(RES):
+            b = self.open[level]
+            copy = b.copy() if b is not None else None
+            if finer is not None:
+                key = max(finer.t - finer.t % res, *self.floor[level:])
+                if copy is None or key > copy.t:
+                    if copy is not None:
+                        out.append(copy)
+                    copy = Bucket(key, res)
+                copy.merge(finer)
+            if copy is not None:
+                out.append(copy)
+            finer = copy
+        return out
+
     def due(self, now: float, out: list[Bucket]) -> None:
-        """Close the buckets whose time is over."""
+        """Close the buckets whose time was over by `now` (the store passes a time well behind the
+        clock: a reading closes its field's earlier buckets itself; this is for fields gone quiet)."""
         for level in range(len(RES)):
             b = self.open[level]
             if level and b is not None:

@@ -151,11 +151,12 @@ async def test_kill_9_loses_no_written_reading_and_a_restart_counts_nothing_twic
             assert sum(b.n for b in by_hour.rows) == 600
         finally:
             await store.stop()
-    # Every bucket written once: 600 readings over 50 minutes, from 17 s into one, touch 51 one-minute buckets.
+    # Every bucket written once: 600 readings over 50 minutes, from 17 s into one, touch 51 one-minute
+    # buckets; the last (3 readings) is still open (no reading closed it), rebuilt from the stored readings.
     con = sqlite3.connect(db)
     try:
-        assert con.execute("SELECT SUM(n), COUNT(*) FROM rollups WHERE res = 60").fetchone() == (600, 51)
-        assert con.execute("SELECT SUM(n) FROM rollups WHERE res = 3600").fetchone() == (600,)
+        assert con.execute("SELECT SUM(n), COUNT(*) FROM rollups WHERE res = 60").fetchone() == (597, 50)
+        assert con.execute("SELECT COUNT(*) FROM rollups WHERE res = 3600").fetchone() == (0,)  # the hour, open
     finally:
         con.close()
 
@@ -169,24 +170,21 @@ async def test_a_clock_stepped_back_neither_reorders_nor_rewrites_buckets(tmp_pa
     store = store_for(hub, db)
     await store.start()
     try:
-        base = math.floor(time.time() / 3600) * 3600 - 3600  # the last whole hour
+        base = math.floor(time.time() / 60) * 60 - 600
         for i in range(5):
             hub.push("dev", "f0", 1.0, at=base + 60 * i)
         hub.push("dev", "f0", 50.0, at=base + 60 * 4 + 5)
-        await store.flush()  # its time over, the hour is closed and written with its minutes
+        await store.flush()  # minutes 0–3 closed and written; minute 4 open
         hub.push("dev", "f0", 77.0, at=base - 3600)  # the clock stepped back an hour
-        hub.push("dev", "f0", 2.0, at=base + 60 * 6)  # and still behind the closed hour
+        hub.push("dev", "f0", 2.0, at=base + 60 * 6)
         await store.flush()
         con = sqlite3.connect(db)
         rows = con.execute("SELECT t, n, hi FROM rollups WHERE res = 60 ORDER BY t").fetchall()
-        hours = con.execute("SELECT t, n, hi FROM rollups WHERE res = 3600 ORDER BY t").fetchall()
         con.close()
         starts = [t for t, _, _ in rows]
         assert starts == sorted(set(starts))  # no bucket twice, none before another it followed
-        # The late readings open the minute after the closed hour; nothing written is rewritten.
-        assert rows[:5] == [(base + 60 * i, 2 if i == 4 else 1, 50.0 if i == 4 else 1.0) for i in range(5)]
-        assert rows[5:] == [(base + 3600, 2, 77.0)]
-        assert hours[0] == (base, 6, 50.0)
+        # The stepped-back reading counts in the open minute, at its start; nothing written is rewritten.
+        assert rows == [(base + 60 * i, 1, 1.0) for i in range(4)] + [(base + 240, 3, 77.0)]
         got = (await store.answer(hub.field("dev.f0"), Window(base - 7200, time.time(), "w"), 500)).summary
         assert got.n == 8 and got.hi == 77.0
     finally:
@@ -210,7 +208,8 @@ async def test_a_full_disk_while_buckets_close_is_reported_and_they_are_written_
         await disk_full(store, full=False)
         await store.flush()
         assert "history" not in hub.problems
-        assert bucket_rows(db)[60] == 180 and bucket_rows(db)[3600] == 3
+        # The last minute and hour stay open until a reading closes them (or the field is quiet for a day).
+        assert bucket_rows(db)[60] == 179 and bucket_rows(db)[3600] == 2
         got = (await store.answer(hub.field("dev.f0"), Window(base, time.time(), "w"), 500)).summary
         assert (got.n, got.lo, got.hi) == (360, 0.0, 359.0)
     finally:
@@ -473,7 +472,7 @@ async def test_export_of_a_month_is_a_csv_file_for_operators_only(
         ctx = ssl.create_default_context(cafile=str(xmpp_server.prosody.ca_file))
         body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, context=ctx, timeout=10).read().decode())
         lines = body.splitlines()
-        assert lines[0] == "time,count,min,mean,max" and len(lines) == 1 + 30
+        assert lines[0] == "time,count,min,mean,max" and len(lines) == 1 + 31  # 30 stored days and today
         day = time.strftime("%Y-%m-%dT00:00:00Z", time.gmtime(spike))
         assert [line for line in lines if line.startswith(day)] == [f"{day},144,20.0,{(143 * 20 + 99) / 144!r},99.0"]
         assert lines[1].startswith(time.strftime("%Y-%m-%dT00:00:00Z,144,", time.gmtime(first)))
