@@ -8,8 +8,9 @@ fill the disk), by the `raw` keep time (`history_raw`), and by the optional `ret
 
 Beside the readings, every reading the hub gets (thinned or not) is rolled up into
 1-minute, 1-hour and 1-day buckets (gateway/rollups.py), each resolution kept for its own
-time (`history_minutes`, `history_hours`, `history_days`). A bucket is written when it
-closes, with the next batch: no write per reading. What a restart or `kill -9` keeps is
+time (`history_minutes`, `history_hours`, `history_days`). A bucket is written after it
+closes, with a batch of readings (every ROLLUP_EVERY-th one: each that carries buckets
+dirties a page more): no write per reading. What a restart or `kill -9` keeps is
 what the last batch wrote (the readings and the closed buckets, in one transaction); the
 open buckets are rebuilt at start from what is stored: the open day from the stored hours
 after the last stored day, the open hour from the stored minutes after the last stored
@@ -59,6 +60,10 @@ PRUNE_EVERY = 300.0  # seconds between retention sweeps
 REOPEN_EVERY = 30.0  # seconds between attempts to open a database that could not be opened
 PENDING_MAX = 20_000  # readings kept for the database while it cannot be written; the oldest go first
 ROLLED_MAX = 100_000  # closed buckets kept for the database while it cannot be written
+# Closed buckets go with every ROLLUP_EVERY-th periodic batch (30 minutes at the default
+# history_flush): each batch that carries some dirties a page of the rollups table. A kill loses
+# none of them: they are rebuilt at start from the readings written meanwhile (see the docstring).
+ROLLUP_EVERY = 30
 KEEP = {0: 2 * 86400.0, 60: 7 * 86400.0, 3600: 365 * 86400.0, 86400: 3650 * 86400.0}  # default keep times
 RAW_ROWS = 20_000  # default readings kept on disk per field (history_raw_rows)
 VERSION = 2  # PRAGMA user_version: 2 has rollups
@@ -128,6 +133,7 @@ class HistoryStore:
         self.raw_rows = hub.history_size if raw_rows is None else raw_rows
         self.rollers: dict[str, Roller] = {}
         self._rolled: list[tuple[str, Bucket]] = []  # closed buckets not yet written
+        self._batches = 0  # periodic batches so far (ROLLUP_EVERY)
         self.thinned = 0  # readings kept in memory only, past `per_second`
         # ref -> [second, readings written in it, the latest reading held back in it]
         self._slots: dict[str, list] = {}
@@ -195,14 +201,16 @@ class HistoryStore:
         await loop.run_in_executor(self._pool, self._close)
         self._pool.shutdown(wait=True)
 
-    async def flush(self) -> None:
-        """Write pending readings in one transaction; on failure keep them (bounded) for the next try."""
+    async def flush(self, everything: bool = True) -> None:
+        """Write pending readings and closed buckets in one transaction (without `everything`, the
+        buckets only every ROLLUP_EVERY-th time, as the periodic batches do); on failure keep them
+        (bounded) for the next try."""
         if self._side:  # a rename or a late load first, so the database is as of now
             await asyncio.gather(*list(self._side), return_exceptions=True)
         async with self._lock:
-            await self._flush()
+            await self._flush(everything)
 
-    async def _flush(self) -> None:
+    async def _flush(self, everything: bool = False) -> None:
         now = time.time()
         self._release(int(now))
         rolled = self._rolled
@@ -215,14 +223,17 @@ class HistoryStore:
             roller.due(quiet, out)
             rolled.extend((ref, b) for b in out)
             out.clear()
+        self._batches += 1
+        if not everything and self._batches % ROLLUP_EVERY and len(rolled) < ROLLED_MAX // 2:
+            rolled = []  # not yet: a page of the rollups table less in most commits
         if not self._pending and not rolled:
             return
         if self._db is None:  # memory only until the database opens again
             del self._pending[:-PENDING_MAX]
-            del rolled[:-ROLLED_MAX]
+            del self._rolled[:-ROLLED_MAX]
             return
         batch, self._pending = self._pending, []
-        self._rolled = []
+        self._rolled = self._rolled[len(rolled):]
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._pool, self._insert, batch, rolled)
@@ -231,6 +242,7 @@ class HistoryStore:
             del self._pending[:-PENDING_MAX]
             self._rolled[:0] = rolled
             del self._rolled[:-ROLLED_MAX]
+            self._batches = -1  # the next batch tries them again
             await self._failed(e)
         else:
             self._worked()
@@ -264,7 +276,7 @@ class HistoryStore:
             slot[1] += 1
         self._pending.append((ref, r.time, encode(r.value)))
         if len(self._pending) == FLUSH_AT:  # once: until the flush runs, more readings only queue up
-            asyncio.ensure_future(self.flush())
+            asyncio.ensure_future(self.flush(everything=False))
 
     # ------------------------------------------------------------ devices that come and go
 

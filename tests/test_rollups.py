@@ -493,3 +493,28 @@ async def test_export_without_uploads_shows_the_last_rows_and_defuses_formulas()
     assert lines[0] == "No file: this interface shows text only. dev.f0, 1h, readings, the last 20 of 30:"
     assert lines[1] == "time,value" and len(lines) == 22
     assert lines[-1].endswith(""",\"'=HYPERLINK(\"\"x\"\")\"""")
+
+
+async def test_buckets_not_yet_written_at_a_crash_are_rebuilt_from_the_readings_written(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    hub = make_hub()
+    store = store_for(hub, db)
+    await store.start()
+    base = math.floor(time.time() / 3600) * 3600 - 2 * 3600
+    for i in range(240):  # an hour at one reading every 15 s, a spike in minute 33
+        hub.push("dev", "f0", 500.0 if i == 133 else float(i % 4), at=base + 15 * i)
+    await store.flush(everything=False)  # a periodic batch: the readings, not yet the buckets
+    assert bucket_rows(db) == {}
+    await asyncio.get_running_loop().run_in_executor(store._pool, store._close)  # the process dies here
+    assert store._task is not None
+    store._task.cancel()
+    hub = make_hub()
+    store = store_for(hub, db)
+    await store.start()
+    try:
+        got = (await store.answer(hub.field("dev.f0"), Window(base, time.time(), "w"), 500)).summary
+        assert (got.n, got.lo, got.hi) == (240, 0.0, 500.0)
+        await store.flush()
+        assert bucket_rows(db) == {60: 59}  # the 60th minute stays open: no reading has closed it
+    finally:
+        await store.stop()
