@@ -447,7 +447,9 @@ class HistoryStore:
         mem_start = mem_times[0] if mem_times else math.inf
         avail = {res: t for res, t in stored.items()}
         avail[0] = min(avail.get(0, math.inf), mem_start)
-        res = choose(window.start, window.end, avail, rows, window.by)
+        now = time.time()
+        cap = math.inf if self.retention is None else self.retention
+        res = choose(window.start, window.end, {r: now - min(self.keep[r], cap) for r in RES}, rows, window.by)
         pieces = plan(window.start, window.end, avail)
         async with self._lock:
             found = await loop.run_in_executor(self._pool, self._fetch, f.ref, pieces, res, window, mem_start)
@@ -654,14 +656,15 @@ class HistoryStore:
         return floors, hours, minutes, raw
 
     def _load(self, ref: str) -> list[tuple[float, str]]:
-        """The last `history_size` readings of one field stored (insertion order, whatever their stamps), oldest first."""
+        """The last `history_size` readings of one field stored (insertion order, whatever their
+        stamps), oldest first. The rowids are sorted from the index alone: a field holds up to
+        history_raw_rows readings, and reading every row of each to sort them made a start take seconds."""
         assert self._db is not None
-        rows = self._db.execute(
-            "SELECT t, v FROM readings WHERE ref = ? ORDER BY rowid DESC LIMIT ?",
+        return self._db.execute(
+            """SELECT t, v FROM readings WHERE rowid IN (
+                 SELECT rowid FROM readings WHERE ref = ? ORDER BY rowid DESC LIMIT ?) ORDER BY rowid""",
             (ref, self.hub.history_size),
         ).fetchall()
-        rows.reverse()
-        return rows
 
     def _insert(self, batch: list[tuple[str, float, str]], rolled: list[tuple[str, Bucket]] = []) -> None:
         db = self._db

@@ -398,12 +398,13 @@ def plan(start: float, end: float, avail: dict[int, float]) -> list[tuple[int, f
     return cover(start, end, 0)
 
 
-def choose(start: float, end: float, avail: dict[int, float], rows: int, by: int | None = None) -> int:
-    """The finest resolution with at most about `rows` rows for the window and data kept back to its start."""
+def choose(start: float, end: float, kept: dict[int, float], rows: int, by: int | None = None) -> int:
+    """The finest resolution with at most about `rows` rows for the window and kept (`kept[res]`:
+    the oldest time the config keeps it from) back to its start."""
     if by is not None:
         return by
     span = end - start
     for r in (60, 3600, 86400):
-        if span / r <= rows and start >= avail.get(r, -math.inf):
+        if span / r <= rows and start >= kept.get(r, -math.inf):
             return r
     return 86400
