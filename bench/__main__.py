@@ -26,7 +26,7 @@ from .lab import Lab
 from .latency import alert_latency, chat_latency, readout_latency
 from .omemo import omemo_cost
 from .plot import plot_cost
-from .results import RESULTS, Result, table, write
+from .results import RESULTS, Result, cpu_model, table, write
 from .sdwrites import sd_writes
 
 NAMES = (
@@ -110,14 +110,7 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
 
 def machine() -> str:
     """One line about where the numbers come from."""
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     system = f"{platform.system()} {platform.release()}"
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {system}"
 

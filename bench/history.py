@@ -16,13 +16,12 @@ import asyncio
 import json
 import math
 import os
-import platform
 import sqlite3
 import statistics
 import time
 from pathlib import Path
 
-from .results import Result, Target
+from .results import Result, Target, cpu_model
 
 FIELDS = 200
 ROUNDS = 5
@@ -31,17 +30,6 @@ MINUTES = 7 * 1440
 HOURS = 365 * 24
 DAYS = 3650
 MB = 1_000_000
-
-
-def cpu() -> str:
-    """The CPU model, as /proc/cpuinfo names it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _fill(db: Path, now: float) -> tuple[int, int]:
@@ -156,7 +144,7 @@ async def history_year(work: Path) -> list[Result]:
     folder = work / "history-year"
     folder.mkdir(exist_ok=True)
     got = await _year(folder)
-    model = cpu()
+    model = cpu_model()
     print(f"\n  CPU: {model}; store opened in {got['start']:.2f} s; a day of 1 Hz readings pushed in"
           f" {got['push']:.1f} s ({got['day_n']:.0f} counted in {got['day_rows']:.0f} buckets)", flush=True)
     buckets = got["full_size"] - got["raw_size"]
