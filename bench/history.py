@@ -72,6 +72,14 @@ def _fill(db: Path, now: float) -> tuple[int, int]:
     return raw_size, os.path.getsize(db)
 
 
+def _rss() -> float:
+    """This process's resident memory in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1000
+    return 0.0
+
+
 async def _timed(work) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     await work
@@ -95,6 +103,7 @@ async def _year(folder: Path) -> dict[str, float]:
     hub.add_node("pushed", "pushed", "simulated", [FieldSpec("temp")])
     hub.bind(asyncio.get_running_loop())
     store = HistoryStore(hub, db, flush_every=3600, raw_rows=RAW)
+    rss_before = _rss()
     started = time.perf_counter()
     await store.start()
     start_s = time.perf_counter() - started
@@ -120,6 +129,7 @@ async def _year(folder: Path) -> dict[str, float]:
     memory = [await _timed(commands.run("history dev01.field0 1h", viewer)) for _ in range(ROUNDS)]
     d30 = [await _timed(commands.run(f"history {f} 30d", viewer)) for _ in range(ROUNDS)]
     y1 = [await _timed(commands.run(f"history {f} 1y", viewer)) for _ in range(ROUNDS)]
+    rss_after = _rss()  # before the first plot imports matplotlib
 
     async def plot() -> None:
         w = parse_window(["1y"])
@@ -134,7 +144,7 @@ async def _year(folder: Path) -> dict[str, float]:
         "raw_size": raw_size, "full_size": full_size, "start": start_s, "push": push_s,
         "day_rows": float(len(day.rows)), "day_n": float(day.summary.n),
         "memory": statistics.median(memory), "d30": statistics.median(d30), "y1": statistics.median(y1),
-        "first_plot": first_plot, "plot": statistics.median(plots),
+        "first_plot": first_plot, "rss_before": rss_before, "rss_after": rss_after, "plot": statistics.median(plots),
         "size_after": float(os.path.getsize(db) + (os.path.getsize(str(db) + "-wal") if os.path.exists(str(db) + "-wal") else 0)),
     }
 
@@ -158,6 +168,9 @@ async def history_year(work: Path) -> list[Result]:
                f"1-hour and 1-day buckets of one field per year ({per_bucket:.0f} B a bucket)"),
         Result("history_30d", got["d30"] * 1000, "ms", base, got["memory"] * 1000, Target("<", 100)),
         Result("history_1y", got["y1"] * 1000, "ms", base, got["memory"] * 1000, Target("<", 100)),
+        Result("history_rss", got["rss_after"], "MB",
+               "the same process before the store opened (after: with memory's readings loaded back)",
+               got["rss_before"], Target("over<=", 10)),
         Result("plot_1y", got["plot"] * 1000, "ms", f"first plot {got['first_plot'] * 1000:.0f} ms ({model})",
                None, Target("<", 300)),
     ]
