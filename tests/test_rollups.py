@@ -529,3 +529,23 @@ async def test_buckets_not_yet_written_at_a_crash_are_rebuilt_from_the_readings_
         assert bucket_rows(db) == {60: 59}  # the 60th minute stays open: no reading has closed it
     finally:
         await store.stop()
+
+
+async def test_buckets_count_the_readings_thinned_away_from_the_disk(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    hub = make_hub(size=2)  # memory holds 2: the minute is answered by its bucket
+    store = HistoryStore(hub, db, per_second=2)  # the first and the last of each second reach the disk
+    await store.start()
+    try:
+        minute = math.floor(time.time() / 60) * 60 - 600
+        for i in range(10):  # ten readings in one second, the spike in the middle
+            hub.push("dev", "f0", 999.0 if i == 5 else 1.0, at=minute + 10 + i / 10)
+        hub.push("dev", "f0", 1.0, at=minute + 70)
+        await store.flush()
+        con = sqlite3.connect(db)
+        assert "999.0" not in [v for (v,) in con.execute("SELECT v FROM readings")]  # thinned away
+        con.close()
+        got = (await store.answer(hub.field("dev.f0"), Window(minute, minute + 60, "1m"), 10)).summary
+        assert (got.n, got.hi) == (10, 999.0)
+    finally:
+        await store.stop()
