@@ -485,7 +485,8 @@ class HistoryStore:
         return Answer(res, shown, summary, since)
 
     def disk(self) -> str:
-        """history.db's size now and when full for the fields it holds (status, for admins)."""
+        """history.db's size now, and when full for the fields it holds at one reading per second
+        (status, for admins)."""
         try:
             now = sum(os.path.getsize(self.path.with_name(self.path.name + s)) for s in ("", "-wal")
                       if self.path.with_name(self.path.name + s).exists())
@@ -493,7 +494,7 @@ class HistoryStore:
             return f"history.db: size unknown ({e.strerror or e})"
         fields = max(1, len(self.rollers))
         full = sum(expected(self.keep, self.raw_rows, self.per_second).values()) * fields
-        return f"history.db: {megabytes(now)} now; at most about {megabytes(full)} when full ({fields} fields at 1/s)"
+        return f"history.db: {megabytes(now)} (full: ~{megabytes(full)})"  # 40 columns: a phone's line
 
     def kept_from(self, now: float) -> float:
         """The oldest time anything is kept from, by the config."""
