@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .federation import federation
 from .fleet import fleet_20
+from .history import history_year
 from .footprint import gateway_200, scale_10k_fields, startup_and_rss
 from .idle import idle_cpu
 from .ingest import mqtt_ingest, serial_ingest
@@ -26,7 +27,7 @@ from .lab import Lab
 from .latency import alert_latency, chat_latency, readout_latency
 from .omemo import omemo_cost
 from .plot import plot_cost
-from .results import RESULTS, Result, table, write
+from .results import RESULTS, Result, cpu_model, table, write
 from .sdwrites import sd_writes
 
 NAMES = (
@@ -45,6 +46,7 @@ NAMES = (
     "sd_writes",
     "omemo",
     "federation",
+    "history_year",
 )
 ON_G200 = NAMES[2:7]  # the benchmarks that share the 200-field gateway process
 
@@ -71,6 +73,8 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         await step("serial_ingest", results, serial_ingest(lab, work))
     if wanted("sd_writes"):
         await step("sd_writes", results, sd_writes(work))
+    if wanted("history_year"):
+        await step("history_year", results, history_year(work))
     if wanted("fleet_20"):
         await step("fleet_20", results, fleet_20(lab, work))
     if wanted("federation"):
@@ -110,14 +114,7 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
 
 def machine() -> str:
     """One line about where the numbers come from."""
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     system = f"{platform.system()} {platform.release()}"
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {system}"
 

@@ -12,6 +12,19 @@ from typing import Any, Literal
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
+
+def cpu_model() -> str:
+    """The CPU model, as /proc/cpuinfo names it (the machine's architecture without one)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
 Kind = Literal["ratio>=", "ratio<=", "over<=", "<"]
 
 

@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .results import Result
@@ -53,7 +54,7 @@ async def _hour(folder: Path, flush_every: float, sync: str, per_second: int) ->
     await store.flush()
     before = _io_write_bytes()
     raw = 0
-    t0 = 1_700_000_000.0
+    t0 = float(int(time.time()) // 60 * 60 - SECONDS)  # the last hour: buckets close as readings come, as in real time
     next_flush = flush_every
     for s in range(SECONDS):
         for d in range(DEVICES):
@@ -63,7 +64,7 @@ async def _hour(folder: Path, flush_every: float, sync: str, per_second: int) ->
         if s + 1 >= next_flush:
             next_flush += flush_every
             store._release(None)  # the stamps are not now: release what the second held back
-            await store.flush()
+            await store.flush(everything=False)  # as the periodic batches do
     await store.stop()
     return {"written": _io_write_bytes() - before, "raw": raw}
 

@@ -65,9 +65,12 @@ class Gateway:
             flush_every=g.history_flush,
             sync=g.history_sync,
             per_second=g.history_per_second,
+            keep=g.history_keep,
+            raw_rows=max(g.history_raw_rows, g.history_size),  # memory's readings come back after a restart
         )
         self.commands = Commands(self.hub, config.gateway.name, self.watches, self.reverts)
         self.commands.plots.cache_dir = self.state.path / "matplotlib"
+        self.commands.store = self.history
         self.drivers: dict[str, Driver] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.homeassistant: HomeAssistant | None = None  # [homeassistant]: MQTT discovery out, commands in

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import PASSWORD_ENV, Config, ConfigError, load
 from .plot import PLOT_INSTALL
+from .history import disk_use
 from .state import StateDir, StateLocked
 from .xmpp.redact import SaslRedactor
 
@@ -196,6 +197,8 @@ def summary(path: Path, config: Config) -> str:
     """The one-screen summary `check` prints."""
     g = config.gateway
     lines = [f"{path}: OK", f'Gateway "{g.name}": {g.history_size} readings kept per field, state in {g.state_dir}']
+    rates = [1.0 / d.interval if getattr(d, "interval", 0) else 1.0 for d in config.devices for _ in d.fields]
+    lines.append(disk_use(g.history_keep, max(g.history_raw_rows, g.history_size), g.history_per_second, rates))
     if config.xmpp:
         x = config.xmpp
         where = x.server or "its domain (SRV)"

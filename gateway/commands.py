@@ -16,15 +16,20 @@ import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .audit import Entry
 from .auth import Actor, Forbidden, Permission, allowed, require
 from .hub import Field, Hub, HubError, Node, Written
-from .plot import MAX_FIELDS, Picture, PlotError, Plots, check_fields, history_spark
+from .export import buckets as csv_buckets, readings as csv_readings
+from .plot import MAX_FIELDS, SPARK_WIDTH, NoPicture, Picture, PlotError, Plots, Series, check_fields, history_spark, spark
 from .reverts import Reverts
+from .rollups import NAMES, BadWindow, Bucket, Window, is_window, parse_window
 from .values import BadValue, Value, age, clip, coerce, fmt, parse_duration
 from .watches import Watches, WatchError
+
+if TYPE_CHECKING:
+    from .history import HistoryStore
 
 MAX_COMMAND = 1024
 QUOTED = 31  # characters of an unknown word or a bad value quoted back
@@ -34,7 +39,12 @@ HISTORY_SHOWN = 5  # readings listed under a windowed history summary
 LOG_DEFAULT = 10
 MAX_TIMED = 7 * 86400.0  # longest `set ... for D`
 PLOT_DEFAULT = "24h"
-PLOT_MAX = 31 * 86400.0  # longest `plot` window
+PLOT_MAX = 10 * 365 * 86400.0  # longest `plot` window
+HISTORY_ROWS = 100  # rows a `by` history lists at most
+STORE_ROWS = 2000  # rows a history summary reads at most (the summary itself is exact whatever the rows)
+PLOT_ROWS = 720  # buckets a long plot draws (about one per pixel column)
+EXPORT_ROWS = 50_000  # rows an export holds at most (about 2.5 MB of CSV)
+EXPORT_INLINE = 20  # CSV rows shown in the chat when no file can be sent
 WIDTH = 40  # characters a phone shows on one line of a preformatted block (status, read, list)
 PROGRESS_AFTER = 1.0  # seconds a set may take before the contact hears "sent, waiting for the device"
 
@@ -94,6 +104,7 @@ class Commands:
         # Contacts the XMPP session cannot reach (their server down, …), one line each: for admins.
         self.unreachable: Callable[[], list[str]] | None = None
         self.notes: list[str] = []  # `status` ends with these: the GPIO pin factory, features off for want of a package
+        self.store: "HistoryStore | None" = None  # history.db's readings and rollups, for long windows
 
     async def run(
         self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None, aside: Aside | None = None
@@ -166,6 +177,8 @@ class Commands:
         if self.unreachable is not None and actor.role == "admin":
             lines.extend(self.unreachable())
         lines.extend(self.notes)
+        if self.store is not None and actor.role == "admin":
+            lines.append(self.store.disk())
         return "\n".join(lines)
 
     async def list(self, args: list[str], actor: Actor) -> str:
@@ -272,14 +285,20 @@ class Commands:
             raise
 
     async def history(self, args: list[str], actor: Actor) -> str:
-        if not args or len(args) > 2:
+        if not args or len(args) > 4:
             raise UsageError("Say which field")
         f = self.hub.field(args[0])
         now = time.time()
         unit = f" {f.spec.unit}" if f.spec.unit else ""
         d = f.spec.decimals
-        if len(args) == 2 and not args[1].isdigit():
-            window = parse_duration(args[1])
+        if len(args) >= 2 and not args[1].isdigit():
+            w = parse_window(args[1:], now)
+            plain = len(args) == 2 and ".." not in args[1]  # the last 15m, 6h, …: memory may hold it all
+            if self.store is not None and not (plain and _in_memory(f, w)):
+                return await self._history_stored(f, w, now)
+            if not plain:
+                raise UsageError(f"{' '.join(args[1:])[:40]} needs history.db (a gateway with a state folder)")
+            window = w.end - w.start
             readings = [r for r in f.history if r.time >= now - window]
             if not readings:
                 return f"{f.ref}: no readings in the last {args[1]}."
@@ -312,16 +331,58 @@ class Commands:
             lines.append(f"{fmt(r.value, d):>10}{unit}  {age(now - r.time)} ago")
         return "\n".join(lines)
 
+    async def _history_stored(self, f: Field, w: Window, now: float) -> str:
+        """A window answered from history.db: which resolution, the real span, the exact summary, rows."""
+        assert self.store is not None
+        ans = await self.store.answer(f, w, HISTORY_ROWS if w.by else STORE_ROWS)
+        s = ans.summary
+        d = f.spec.decimals
+        unit = f" {f.spec.unit}" if f.spec.unit else ""
+        if s.n == 0:
+            return f"{f.ref}: no readings in {w.label}" + (f"; data since {_day(ans.since)}." if ans.since < now else ".")
+        lines = [f"{f.ref}: {w.label} at {NAMES[ans.res]} resolution, {len(ans.rows)} rows;"
+                 f" data since {_day(max(ans.since, s.t_first))}"]
+        kept = self.store.kept_from(now)
+        if w.start < kept:
+            lines.append(f"(nothing is kept from before {_day(kept)})")
+        means = [(b.t, b.mean) for b in ans.rows if b.mean is not None]
+        if len(means) >= 2:
+            line = spark([t for t, _ in means], [m for _, m in means], ans.rows[0].t, w.end,
+                         min(SPARK_WIDTH, len(means)), gap=ans.res * 1.5)
+            lines.append(line)
+        if s.mean is not None:
+            lines.append(f"min {fmt(s.lo, d)} at {_when(s.t_lo)}")
+            lines.append(f"max {fmt(s.hi, d)} at {_when(s.t_hi)}")
+            lines.append(f"mean {fmt(s.mean, d)}, last {fmt(s.last, d)}{unit}; {s.n} readings")
+        else:
+            lines.append(f"{s.n} readings, {s.changes} changes, last {fmt(s.last, d)}{_share(s)}")
+        shown = ans.rows if w.by else ans.rows[-HISTORY_SHOWN:]
+        if w.by and len(shown) > HISTORY_ROWS:
+            lines.append(f"the last {HISTORY_ROWS} of {len(shown)} rows:")
+            shown = shown[-HISTORY_ROWS:]
+        if shown and s.mean is not None:
+            lines.append(f"{'UTC':<11}{'min':>9}{'mean':>9}{'max':>9}")
+            for b in reversed(shown):
+                lines.append(f"{_stamp(b.t, ans.res):<11}{fmt(b.lo, d):>9}{fmt(b.mean, d):>9}{fmt(b.hi, d):>9}")
+        else:
+            for b in reversed(shown):
+                lines.append(f"{_stamp(b.t, ans.res):<11} {b.n:>5} read, last {fmt(b.last, d)}"[:WIDTH])
+        return "\n".join(lines)
+
     async def plot(self, args: list[str], actor: Actor) -> str:
-        label = PLOT_DEFAULT
-        if args and args[-1][:1].isdigit() and not _is_field(args[-1]):
+        words = [PLOT_DEFAULT]
+        if len(args) >= 2 and args[-2].lower() == "since":
+            words, args = args[-2:], args[:-2]
+        elif args and (".." in args[-1] or args[-1][:1].isdigit() and not _is_field(args[-1])):
             if args[-1].replace(".", "").isdigit():
                 raise UsageError("Give the window with its unit, like 15m, 6h or 2d")
-            label = args[-1].lower()
-            args = args[:-1]
-        window = parse_duration(label)
-        if not 60 <= window <= PLOT_MAX:
-            raise UsageError("The window must be from 1m to 31d")
+            words, args = args[-1:], args[:-1]
+        now = time.time()
+        w = parse_window(words, now)
+        label = w.label
+        window = w.end - w.start
+        if not 60 <= window <= PLOT_MAX and w.end == now:
+            raise UsageError("The window must be from 1m to 10y")
         if not args:
             raise UsageError("Say which field")
         refs = list(dict.fromkeys(args))
@@ -329,7 +390,56 @@ class Commands:
             raise UsageError(f"At most {MAX_FIELDS} fields in one plot")
         fields = [self.hub.field(ref) for ref in refs]
         check_fields(fields)
-        return await self.plots.answer(fields, window, label, actor, self.watches, _aside.get())
+        series = None
+        if self.store is not None and (w.end < now or not all(_in_memory(f, w) for f in fields)):
+            series = [await self._buckets(f, w) for f in fields]
+        return await self.plots.answer(fields, window, label, actor, self.watches, _aside.get(), series, w.end)
+
+    async def _buckets(self, f: Field, w: Window) -> Series:
+        """A field's rollups over a window, as a plot's mean line and min–max band."""
+        assert self.store is not None
+        ans = await self.store.answer(f, w, PLOT_ROWS)
+        rows = [b for b in ans.rows if b.n]
+        boolean = f.spec.type == "boolean"
+        if boolean:
+            rows = [b for b in rows if b.states]
+            on = [b.states.get("true", 0.0) / (sum(b.states.values()) or 1.0) for b in rows]  # type: ignore[union-attr]
+            return Series(f.ref, f.spec.unit, [b.t for b in rows], on, True, f.spec.decimals, gap=ans.res * 1.5)
+        rows = [b for b in rows if b.mean is not None]
+        return Series(f.ref, f.spec.unit, [b.t + ans.res / 2 for b in rows], [b.level for b in rows],  # type: ignore[misc]
+                      False, f.spec.decimals, lows=[b.lo for b in rows], highs=[b.hi for b in rows],
+                      gap=ans.res * 1.5)
+
+    async def export(self, args: list[str], actor: Actor) -> str:
+        """A field's readings (or buckets) over a window as a CSV file, through the plot's upload path."""
+        if len(args) < 2:
+            raise UsageError("Say which field and which window")
+        f = self.hub.field(args[0])
+        now = time.time()
+        w = parse_window(args[1:], now)
+        if self.store is None or (_in_memory(f, w) and w.by is None):
+            head, rows = csv_readings(*f.history.since(w.start), w.end)
+            rows, what = rows[-EXPORT_ROWS:], "readings"
+        else:
+            ans = await self.store.answer(f, w, EXPORT_ROWS)
+            head, rows = csv_buckets([b for b in ans.rows if b.n][-EXPORT_ROWS:])
+            what = f"{NAMES[ans.res]} rows"
+        if not rows:
+            return f"{f.ref}: no readings in {w.label}."
+        aside = _aside.get()
+        if aside is not None:
+            aside()
+        data = "\n".join([head, *rows, ""]).encode()
+        try:
+            if self.plots.uploads is None:
+                raise NoPicture(self.plots.no_uploads)
+            await self.plots.uploads.ready()
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+            return await self.plots.uploads.upload(data, f"{f.ref}-{stamp}.csv", "text/csv")
+        except NoPicture as e:
+            shown = rows[-EXPORT_INLINE:]
+            more = f", the last {len(shown)} of {len(rows)}" if len(rows) > len(shown) else ""
+            return "\n".join([f"No file: {str(e).rstrip('.')}. {f.ref}, {w.label}, {what}{more}:", head, *shown])
 
     async def watch(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None
@@ -438,6 +548,33 @@ def block(reply: str) -> str:
     if len(lines) < 3:
         return reply
     return lines[0] + "\n```\n" + "\n".join(lines[1:]) + "\n```"
+
+
+def _in_memory(f: Field, w: Window) -> bool:
+    """Whether the readings in memory reach back to the window's start (then they answer it, every one)."""
+    return bool(f.history) and f.history[0].time <= w.start
+
+
+def _day(t: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def _stamp(t: float, res: int) -> str:
+    """A bucket's start as short as its resolution allows (UTC): `2026-11-05`, `11-05 14:03`."""
+    return time.strftime("%Y-%m-%d" if res >= 86400 else "%m-%d %H:%M", time.gmtime(t))
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t))
+
+
+def _share(b: Bucket) -> str:
+    """For on/off fields: the share of the time spent on."""
+    if not b.states:
+        return ""
+    total = sum(b.states.values())
+    on = b.states.get("true", 0.0)
+    return f"; on {on / total:.0%} of the time" if total and set(b.states) <= {"true", "false"} else ""
 
 
 def _is_field(word: str) -> bool:
@@ -606,8 +743,9 @@ COMMANDS: dict[str, Command] = {
         Command(
             "history",
             Permission.READ,
-            "history device.field [n | 15m | 6h | 2d]",
-            f"the last n readings (default {HISTORY_DEFAULT}), or a time window, with min/avg/max",
+            "history device.field [n | 15m | 7d | 1y | since 2026-03-01 | 2026-11-01..2026-11-07] [by day]",
+            f"the last n readings (default {HISTORY_DEFAULT}), or any window with exact min/mean/max;"
+            " `by day|hour|minute` lists one row each",
             Commands.history,
             repeatable=True,
             device=True,
@@ -615,11 +753,19 @@ COMMANDS: dict[str, Command] = {
         Command(
             "plot",
             Permission.READ,
-            "plot device.field [device.field ...] [15m | 6h | 2d | 7d]",
+            "plot device.field [device.field ...] [15m | 7d | 1y | since 2026-03-01 | 2026-11-01..2026-11-07]",
             f"a chart of the last {PLOT_DEFAULT} (or the window), fields of one unit together;"
             " a text sparkline where pictures cannot be sent",
             Commands.plot,
             repeatable=True,
+            device=True,
+        ),
+        Command(
+            "export",
+            Permission.SET,
+            "export device.field WINDOW [by day|hour|minute]",
+            "the readings (or min/mean/max per minute, hour or day) as a CSV file; times in UTC",
+            Commands.export,
             device=True,
         ),
         Command(

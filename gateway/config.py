@@ -29,6 +29,7 @@ from devices.registry import device_models, driver_names
 
 from .configbase import Strict
 from .values import parse_duration
+from .rollups import duration
 
 OMEMO_INSTALL = "pip install 'iot-gateway[omemo]'"
 
@@ -143,6 +144,13 @@ class GatewaySection(Strict):
     history_flush: float | None = Field(None, ge=1, le=3600)
     history_sync: Literal["normal", "full"] = "full"
     history_per_second: int = Field(2, ge=0, le=1000)
+    # history.db's keep times (docs/history.md): readings for `history_raw` (and at most
+    # `history_raw_rows` per field), then 1-minute, 1-hour and 1-day rollups.
+    history_raw: str = "2d"
+    history_raw_rows: int = Field(20_000, ge=1, le=10_000_000)
+    history_minutes: str = "7d"
+    history_hours: str = "1y"
+    history_days: str = "10y"
     # Seconds a device's new health must last before contacts are told (0: at once, no flap summaries).
     health_debounce: float = Field(10.0, ge=0, le=3600)
     # Watches one contact may have (admins: watches_per_admin); the gateway holds MAX_WATCHES in all.
@@ -158,6 +166,32 @@ class GatewaySection(Strict):
             except ValueError as e:
                 raise ValueError(str(e)) from None
         return v
+
+    @field_validator("history_raw", "history_minutes", "history_hours", "history_days")
+    @classmethod
+    def _keep(cls, v: str) -> str:
+        try:
+            duration(v)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _keeps_grow(self) -> "GatewaySection":
+        keep = self.history_keep
+        names = {0: "history_raw", 60: "history_minutes", 3600: "history_hours", 86400: "history_days"}
+        order = sorted(keep)
+        for finer, coarser in zip(order, order[1:]):
+            if keep[coarser] < keep[finer]:
+                raise ValueError(f"{names[coarser]} ({getattr(self, names[coarser])}) is shorter than"
+                                 f" {names[finer]} ({getattr(self, names[finer])}): keep coarser rollups at least as long")
+        return self
+
+    @property
+    def history_keep(self) -> dict[int, float]:
+        """Seconds kept per resolution (0: readings, 60, 3600, 86400: rollups)."""
+        return {0: duration(self.history_raw), 60: duration(self.history_minutes),
+                3600: duration(self.history_hours), 86400: duration(self.history_days)}
 
     @model_validator(mode="after")
     def _default_id(self) -> "GatewaySection":

@@ -4,7 +4,18 @@ The hub keeps the live history in memory; this store mirrors it to
 `state_dir/history.db` in batches (a busy field costs one INSERT per batch, not
 one transaction per reading), and loads it back at start. Rows are bounded by
 `history_size` per field (trimmed as batches are written, so a flood cannot
-fill the disk) and by the optional `retention` window.
+fill the disk), by the `raw` keep time (`history_raw`), and by the optional `retention` window.
+
+Beside the readings, every reading the hub gets (thinned or not) is rolled up into
+1-minute, 1-hour and 1-day buckets (gateway/rollups.py), each resolution kept for its own
+time (`history_minutes`, `history_hours`, `history_days`). A bucket is written after it
+closes, with a batch of readings (every ROLLUP_EVERY-th one: each that carries buckets
+dirties a page more): no write per reading. What a restart or `kill -9` keeps is
+what the last batch wrote (the readings and the closed buckets, in one transaction); the
+open buckets are rebuilt at start from what is stored: the open day from the stored hours
+after the last stored day, the open hour from the stored minutes after the last stored
+hour, the open minute from the stored readings after the last stored minute. A bucket
+row is keyed by (field, resolution, start), so writing it again never counts twice.
 
 An SD card wears with small frequent writes, so the batches are far apart
 (FLUSH_EVERY, `[gateway] history_flush`): every commit rewrites whole 4 KiB
@@ -29,12 +40,16 @@ import os
 import sqlite3
 import time
 from collections import Counter
+from bisect import bisect_left, bisect_right
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from .hub import Field, History, Hub, NodeEvent, Reading
+from .rollups import COLUMNS, NAMES, RES, UPSERT, Bucket, Roller, Window, choose, plan
+from .rollups import SCHEMA as ROLLUP_SCHEMA
 from .values import Value
 
 log = logging.getLogger("iot_gateway.history")
@@ -44,6 +59,17 @@ FLUSH_AT = 1000  # pending readings
 PRUNE_EVERY = 300.0  # seconds between retention sweeps
 REOPEN_EVERY = 30.0  # seconds between attempts to open a database that could not be opened
 PENDING_MAX = 20_000  # readings kept for the database while it cannot be written; the oldest go first
+ROLLED_MAX = 100_000  # closed buckets kept for the database while it cannot be written
+# Closed buckets go with every ROLLUP_EVERY-th periodic batch (30 minutes at the default
+# history_flush): each batch that carries some dirties a page of the rollups table. A kill loses
+# none of them: they are rebuilt at start from the readings written meanwhile (see the docstring).
+ROLLUP_EVERY = 30
+KEEP = {0: 2 * 86400.0, 60: 7 * 86400.0, 3600: 365 * 86400.0, 86400: 3650 * 86400.0}  # default keep times
+RAW_ROWS = 20_000  # default readings kept on disk per field (history_raw_rows)
+VERSION = 2  # PRAGMA user_version: 2 has rollups
+# Bytes a row takes in history.db, index included (measured: bench/history.py prints them).
+RAW_BYTES = 66
+BUCKET_BYTES = 97
 SHARED_VALUES = 10_000  # distinct stored values a load keeps, so equal readings share one object
 PROBLEM = "history"  # the component name in the hub's problems
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
@@ -70,6 +96,14 @@ DELETE FROM readings WHERE ref = ?1 AND rowid IN (
     SELECT rowid FROM readings WHERE ref = ?1 ORDER BY rowid DESC LIMIT -1 OFFSET ?2)
 """
 
+# The distinct fields of a table, one index probe each (a skip scan) rather than a scan of all rows.
+REFS = """
+WITH RECURSIVE r(ref) AS (
+    SELECT min(ref) FROM {table}
+    UNION ALL SELECT (SELECT min(ref) FROM {table} WHERE ref > r.ref) FROM r WHERE r.ref IS NOT NULL)
+SELECT ref FROM r WHERE ref IS NOT NULL
+"""
+
 
 class HistoryStore:
     """Mirrors the hub's readings to SQLite; all database work runs on one worker thread."""
@@ -82,16 +116,24 @@ class HistoryStore:
         flush_every: float | None = None,
         sync: str = "full",
         per_second: int = 0,
+        keep: dict[int, float] | None = None,
+        raw_rows: int | None = None,
     ):
         """`flush_every`: seconds between batches (None: FLUSH_EVERY); `sync`: SQLite's synchronous
         (`full`: a committed batch survives a power cut); `per_second`: readings per field per second
-        written (0: all)."""
+        written (0: all); `keep`: seconds kept per resolution (0: raw readings; default KEEP);
+        `raw_rows`: readings kept on disk per field (default: the hub's history_size)."""
         self.hub = hub
         self.path = Path(path)
         self.retention = retention
         self.flush_every = flush_every
         self.sync = sync
         self.per_second = per_second
+        self.keep = dict(KEEP if keep is None else keep)
+        self.raw_rows = hub.history_size if raw_rows is None else raw_rows
+        self.rollers: dict[str, Roller] = {}
+        self._rolled: list[tuple[str, Bucket]] = []  # closed buckets not yet written
+        self._batches = 0  # periodic batches so far (ROLLUP_EVERY)
         self.thinned = 0  # readings kept in memory only, past `per_second`
         # ref -> [second, readings written in it, the latest reading held back in it]
         self._slots: dict[str, list] = {}
@@ -110,8 +152,8 @@ class HistoryStore:
 
     @property
     def slack(self) -> int:
-        """Rows a field may gain over history_size before it is trimmed: the table stays under 1.5×."""
-        return max(1, self.hub.history_size // 2)
+        """Rows a field may gain over raw_rows before it is trimmed: the table stays under 1.5×."""
+        return max(1, self.raw_rows // 2)
 
     async def start(self) -> None:
         """Open the database, load stored readings into the hub, and start mirroring.
@@ -122,6 +164,8 @@ class HistoryStore:
         self._next_open = time.monotonic() + REOPEN_EVERY
         try:
             refs = await loop.run_in_executor(self._pool, self._open, None)
+            for ref in refs:
+                self._rebuild(ref, *await loop.run_in_executor(self._pool, self._open_buckets, ref))
             # Field by field: a full history (200 fields of 1000 readings) fetched at once
             # would leave its rows' memory behind, fragmented, for the life of the process.
             shared: dict[str, Value] = {}
@@ -157,34 +201,65 @@ class HistoryStore:
         await loop.run_in_executor(self._pool, self._close)
         self._pool.shutdown(wait=True)
 
-    async def flush(self) -> None:
-        """Write pending readings in one transaction; on failure keep them (bounded) for the next try."""
+    async def flush(self, everything: bool = True) -> None:
+        """Write pending readings and closed buckets in one transaction (without `everything`, the
+        buckets only every ROLLUP_EVERY-th time, as the periodic batches do); on failure keep them
+        (bounded) for the next try."""
         if self._side:  # a rename or a late load first, so the database is as of now
             await asyncio.gather(*list(self._side), return_exceptions=True)
         async with self._lock:
-            await self._flush()
+            await self._flush(everything)
 
-    async def _flush(self) -> None:
-        self._release(int(time.time()))
-        if not self._pending:
+    async def _flush(self, everything: bool = False) -> None:
+        now = time.time()
+        self._release(int(now))
+        rolled = self._rolled
+        out: list[Bucket] = []
+        # A field's next reading closes its buckets; one gone quiet has them closed once they are
+        # half the raw keep time old (so a restart can still rebuild them from stored readings).
+        # Not sooner: readings stamped by a device (or replayed) may come late.
+        quiet = now - self.keep[0] / 2
+        for ref, roller in self.rollers.items():
+            roller.due(quiet, out)
+            rolled.extend((ref, b) for b in out)
+            out.clear()
+        self._batches += 1
+        if not everything and self._batches % ROLLUP_EVERY and len(rolled) < ROLLED_MAX // 2:
+            rolled = []  # not yet: a page of the rollups table less in most commits
+        if not self._pending and not rolled:
             return
         if self._db is None:  # memory only until the database opens again
             del self._pending[:-PENDING_MAX]
+            del self._rolled[:-ROLLED_MAX]
             return
         batch, self._pending = self._pending, []
+        self._rolled = self._rolled[len(rolled):]
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._pool, self._insert, batch)
+            await loop.run_in_executor(self._pool, self._insert, batch, rolled)
         except (sqlite3.Error, OSError) as e:
             self._pending[:0] = batch
             del self._pending[:-PENDING_MAX]
+            self._rolled[:0] = rolled
+            del self._rolled[:-ROLLED_MAX]
+            self._batches = -1  # the next batch tries them again
             await self._failed(e)
         else:
             self._worked()
 
     def _on_reading(self, f: Field, r: Reading) -> None:
+        ref = f.ref
+        roller = self.rollers.get(ref)
+        if roller is None:
+            roller = self.rollers[ref] = Roller()
+        m = roller.open[0]
+        if m is not None and m.t <= r.time < m.t + 60:
+            m.add(r.value, r.time)  # the common case, without a call more
+        else:
+            out: list[Bucket] = []
+            roller.add(r.value, r.time, out)
+            self._rolled.extend((ref, b) for b in out)
         if self.per_second:
-            ref = f.ref
             second = int(r.time)
             slot = self._slots.get(ref)
             if slot is None or slot[0] != second:
@@ -199,9 +274,9 @@ class HistoryStore:
                 slot[2] = r
                 return
             slot[1] += 1
-        self._pending.append((f.ref, r.time, encode(r.value)))
+        self._pending.append((ref, r.time, encode(r.value)))
         if len(self._pending) == FLUSH_AT:  # once: until the flush runs, more readings only queue up
-            asyncio.ensure_future(self.flush())
+            asyncio.ensure_future(self.flush(everything=False))
 
     # ------------------------------------------------------------ devices that come and go
 
@@ -212,6 +287,8 @@ class HistoryStore:
             old, new = event.old_id + ".", event.node.id + "."
             self._pending = [((new + r[len(old):]) if r.startswith(old) else r, t, v) for r, t, v in self._pending]
             self._slots = {(new + r[len(old):]) if r.startswith(old) else r: s for r, s in self._slots.items()}
+            self.rollers = {(new + r[len(old):]) if r.startswith(old) else r: s for r, s in self.rollers.items()}
+            self._rolled = [((new + r[len(old):]) if r.startswith(old) else r, b) for r, b in self._rolled]
             self._later(self._rename(event.old_id, event.node.id), "history-rename")
         elif event.kind in ("added", "changed") and event.new:
             fields = [event.node.fields[n] for n in event.new if n in event.node.fields]
@@ -277,11 +354,7 @@ class HistoryStore:
                     if self._db is None and time.monotonic() >= self._next_open:
                         await self._reopen()
                     await self._flush()
-                    if (
-                        self.retention is not None
-                        and self._db is not None
-                        and time.monotonic() - last_prune > PRUNE_EVERY
-                    ):
+                    if self._db is not None and time.monotonic() - last_prune > PRUNE_EVERY:
                         last_prune = time.monotonic()
                         try:
                             await loop.run_in_executor(self._pool, self._expire)
@@ -343,6 +416,132 @@ class HistoryStore:
             return f"{where}: {e.strerror or e}"
         return str(e) or type(e).__name__
 
+    def _rebuild(self, ref: str, floors: list[float], hours: list[Bucket], minutes: list[Bucket],
+                 raw: list[tuple[float, str]]) -> None:
+        """A field's open buckets from what is stored (see the module's docstring); buckets this
+        closes (the gateway was off when they ended) go out with the next batch."""
+        roller = Roller()
+        roller.floor = list(floors)
+        out: list[Bucket] = []
+        for b in hours:
+            roller.feed(2, b, out)
+        for b in minutes:
+            roller.feed(1, b, out)
+        for t, v in raw:
+            try:
+                roller.add(json.loads(v), t, out)
+            except ValueError:
+                continue
+        self.rollers[ref] = roller
+        self._rolled.extend((ref, b) for b in out)
+
+    # ---------------------------------------------------------- answering windows
+
+    async def answer(self, f: Field, window: Window, rows: int) -> "Answer":
+        """What `f` did in `window`: the exact summary, and rows at the finest resolution
+        giving at most about `rows` (or the window's `by`)."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            stored = await loop.run_in_executor(self._pool, self._stored_span, f.ref)
+        mem_times, mem_values = f.history.since(-math.inf)
+        mem_start = mem_times[0] if mem_times else math.inf
+        avail = {res: t for res, t in stored.items()}
+        avail[0] = min(avail.get(0, math.inf), mem_start)
+        now = time.time()
+        cap = math.inf if self.retention is None else self.retention
+        res = choose(window.start, window.end, {r: now - min(self.keep[r], cap) for r in RES}, rows, window.by)
+        pieces = plan(window.start, window.end, avail)
+        async with self._lock:
+            found = await loop.run_in_executor(self._pool, self._fetch, f.ref, pieces, res, window, mem_start)
+        buckets: dict[int, dict[float, Bucket]] = {r: {} for r in RES}
+        for r, b in found[0]:
+            buckets[r][b.t] = b
+        for ref, b in self._rolled:  # closed, not yet written
+            if ref == f.ref:
+                buckets[b.res][b.t] = b
+        roller = self.rollers.get(f.ref)
+        if roller is not None:
+            for b in roller.snapshot():
+                buckets[b.res][b.t] = b
+        summary = Bucket(window.start, 0)
+        for r, a, b in pieces:
+            if r == 0:
+                part = Bucket(a, max(0, math.ceil(b - a)))  # a bucket as long as the piece: no clamping
+                for t, v in found[1]:  # the stored readings up to the oldest one in memory, memory's after it
+                    if a <= t < b and t <= mem_start:
+                        part.add(v, t)
+                i = bisect_left(mem_times, a) if a > mem_start else bisect_right(mem_times, mem_start)
+                j = bisect_left(mem_times, b)
+                for t, v in zip(mem_times[i:j], mem_values[i:j]):
+                    part.add(v, t)
+                summary.merge(part)
+            else:
+                for t in sorted(buckets[r]):
+                    if a <= t < b:
+                        summary.merge(buckets[r][t])
+        first = math.floor(window.start / res) * res
+        shown = [buckets[res][t] for t in sorted(buckets[res]) if first <= t < window.end]
+        since = min([*stored.values(), mem_start, *(b.t for b in shown)], default=math.inf)
+        return Answer(res, shown, summary, since)
+
+    def disk(self) -> str:
+        """history.db's size now, and when full for the fields it holds at one reading per second
+        (status, for admins)."""
+        try:
+            now = sum(os.path.getsize(self.path.with_name(self.path.name + s)) for s in ("", "-wal")
+                      if self.path.with_name(self.path.name + s).exists())
+        except OSError as e:
+            return f"history.db: size unknown ({e.strerror or e})"
+        fields = max(1, len(self.rollers))
+        full = sum(expected(self.keep, self.raw_rows, self.per_second).values()) * fields
+        return f"history.db: {megabytes(now)} (full: ~{megabytes(full)})"  # 40 columns: a phone's line
+
+    def kept_from(self, now: float) -> float:
+        """The oldest time anything is kept from, by the config."""
+        cap = math.inf if self.retention is None else self.retention
+        return now - min(max(self.keep.values()), cap)
+
+    def _stored_span(self, ref: str) -> dict[int, float]:
+        """The oldest stored time per resolution (0: readings) for a field."""
+        db = self._db
+        if db is None:
+            return {}
+        out = {}
+        t = db.execute("SELECT min(t) FROM readings WHERE ref = ?", (ref,)).fetchone()[0]
+        if t is not None:
+            out[0] = t
+        for res in RES:
+            t = db.execute("SELECT min(t) FROM rollups WHERE ref = ? AND res = ?", (ref, res)).fetchone()[0]
+            if t is not None:
+                out[res] = t
+        return out
+
+    def _fetch(self, ref: str, pieces: list[tuple[int, float, float]], res: int, window: Window,
+               mem_start: float) -> tuple[list[tuple[int, Bucket]], list[tuple[float, Value]]]:
+        """Stored buckets for the pieces and the shown rows, and stored readings older than memory."""
+        db = self._db
+        if db is None:
+            return [], []
+        spans = [(r, a, b) for r, a, b in pieces if r] + [(res, math.floor(window.start / res) * res, window.end)]
+        buckets = []
+        for r, a, b in spans:
+            for row in db.execute(
+                f"SELECT {COLUMNS} FROM rollups WHERE ref = ? AND res = ? AND t >= ? AND t < ? ORDER BY t",
+                (ref, r, a, b),
+            ):
+                buckets.append((r, Bucket.from_row(row)))
+        raw = []
+        for r, a, b in pieces:
+            if r == 0 and a <= mem_start:
+                for t, v in db.execute(
+                    "SELECT t, v FROM readings WHERE ref = ? AND t >= ? AND t < ? AND t <= ? ORDER BY t", (ref, a, b, mem_start)
+                ):
+                    try:
+                        raw.append((t, json.loads(v)))
+                    except ValueError:
+                        continue
+        return buckets, raw
+
     def _restore(self, f: Field, rows: list[tuple[float, str]], shared: dict[str, Value]) -> None:
         for t, v in rows:
             value = shared.get(v)
@@ -385,8 +584,15 @@ class HistoryStore:
             db.executescript(SCHEMA)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
-            self._prune(db)
-            refs = [r[0] for r in db.execute("SELECT DISTINCT ref FROM readings")]
+            self._prune(db)  # first: it reads every row, so a corrupt database is found before it is written
+            old = db.execute("PRAGMA user_version").fetchone()[0] < VERSION
+            # A database of an older version gains its rollups table here; its readings are rolled
+            # up as the open buckets are rebuilt (no bucket stored yet: from the first reading on).
+            db.executescript(ROLLUP_SCHEMA)
+            db.execute(f"PRAGMA user_version = {VERSION}")
+            if not old:  # an older database's readings are rolled up first, then expired by the next sweep
+                self._expire(db)
+            refs = sorted({r[0] for table in ("readings", "rollups") for r in db.execute(REFS.format(table=table))})
         except BaseException:
             db.close()
             raise
@@ -421,24 +627,47 @@ class HistoryStore:
             raise sqlite3.OperationalError("database closed")
         o, n = old + ".", new + "."
         with db:
-            db.execute("DELETE FROM readings WHERE substr(ref, 1, ?) = ?", (len(n), n))
-            db.execute(
-                "UPDATE readings SET ref = ? || substr(ref, ?) WHERE substr(ref, 1, ?) = ?",
-                (n, len(o) + 1, len(o), o),
-            )
+            for table in ("readings", "rollups"):
+                db.execute(f"DELETE FROM {table} WHERE substr(ref, 1, ?) = ?", (len(n), n))
+                db.execute(
+                    f"UPDATE {table} SET ref = ? || substr(ref, ?) WHERE substr(ref, 1, ?) = ?",
+                    (n, len(o) + 1, len(o), o),
+                )
         self._added = {(n + r[len(o):]) if r.startswith(o) else r: c for r, c in self._added.items()}
 
-    def _load(self, ref: str) -> list[tuple[float, str]]:
-        """The last `history_size` readings of one field stored (insertion order, whatever their stamps), oldest first."""
+    def _open_buckets(self, ref: str) -> tuple[list[float], list[Bucket], list[Bucket], list[tuple[float, str]]]:
+        """What a field's open buckets are rebuilt from: the end of the last stored bucket per
+        resolution, the stored hours and minutes after them, the stored readings after the last minute."""
         assert self._db is not None
-        rows = self._db.execute(
-            "SELECT t, v FROM readings WHERE ref = ? ORDER BY rowid DESC LIMIT ?",
+        db = self._db
+        floors = []
+        for res in RES:
+            t = db.execute("SELECT max(t) FROM rollups WHERE ref = ? AND res = ?", (ref, res)).fetchone()[0]
+            floors.append(-math.inf if t is None else t + res)
+
+        def rows(res: int, since: float) -> list[Bucket]:
+            return [Bucket.from_row(r) for r in db.execute(
+                f"SELECT {COLUMNS} FROM rollups WHERE ref = ? AND res = ? AND t >= ? ORDER BY t", (ref, res, since))]
+
+        hours = rows(3600, floors[2])
+        minutes = rows(60, floors[1])
+        raw = db.execute(
+            "SELECT t, v FROM readings WHERE ref = ? AND t >= ? ORDER BY rowid", (ref, floors[0])
+        ).fetchall()
+        return floors, hours, minutes, raw
+
+    def _load(self, ref: str) -> list[tuple[float, str]]:
+        """The last `history_size` readings of one field stored (insertion order, whatever their
+        stamps), oldest first. The rowids are sorted from the index alone: a field holds up to
+        history_raw_rows readings, and reading every row of each to sort them made a start take seconds."""
+        assert self._db is not None
+        return self._db.execute(
+            """SELECT t, v FROM readings WHERE rowid IN (
+                 SELECT rowid FROM readings WHERE ref = ? ORDER BY rowid DESC LIMIT ?) ORDER BY rowid""",
             (ref, self.hub.history_size),
         ).fetchall()
-        rows.reverse()
-        return rows
 
-    def _insert(self, batch: list[tuple[str, float, str]]) -> None:
+    def _insert(self, batch: list[tuple[str, float, str]], rolled: list[tuple[str, Bucket]] = []) -> None:
         db = self._db
         if db is None:
             raise sqlite3.OperationalError("database closed")
@@ -454,41 +683,83 @@ class HistoryStore:
             # One statement for the whole batch: sqlite3 lets go of the GIL around every step,
             # and executemany steps once per row, so a busy event loop thread would have to
             # win the GIL back a thousand times per flush.
-            db.execute(INSERT_BATCH, (json.dumps(batch),))
+            if batch:
+                db.execute(INSERT_BATCH, (json.dumps(batch),))
+            if rolled:
+                db.executemany(UPSERT, [b.row(ref) for ref, b in rolled])
             # A field trimmed only once it has gained `slack` rows: one DELETE of a run of rows
             # then, instead of a few rows every batch.
             for ref in full:
-                db.execute(TRIM_FIELD, (ref, self.hub.history_size))
+                db.execute(TRIM_FIELD, (ref, self.raw_rows))
         for ref, n in counts.items():
             added[ref] = added.get(ref, 0) + n
         for ref in full:
             added[ref] = 0
 
     def _prune(self, db: sqlite3.Connection) -> None:
-        """Every field down to history_size rows, and rows past the retention window gone."""
+        """Every field down to raw_rows rows (a count per field from the index, then one DELETE per
+        field over its limit: no window over the whole table, which holds millions of rows)."""
+        over = [ref for ref, n in db.execute("SELECT ref, COUNT(*) FROM readings GROUP BY ref") if n > self.raw_rows]
         with db:
-            if self.retention is not None:
-                db.execute("DELETE FROM readings WHERE t < ?", (time.time() - self.retention,))
-            # Keep at most history_size rows per field: drop all but the last N inserted.
-            db.execute(
-                """DELETE FROM readings WHERE rowid IN (
-                     SELECT rowid FROM (
-                       SELECT rowid, ROW_NUMBER() OVER (PARTITION BY ref ORDER BY rowid DESC) AS n
-                       FROM readings) WHERE n > ?)""",
-                (self.hub.history_size,),
-            )
+            for ref in over:
+                db.execute(TRIM_FIELD, (ref, self.raw_rows))
 
-    def _expire(self) -> None:
-        """Drop readings older than the retention window."""
-        if self._db is None or self.retention is None:
+    def _expire(self, db: sqlite3.Connection | None = None) -> None:
+        """Drop readings and buckets older than their keep time (and the retention window)."""
+        db = db or self._db
+        if db is None:
             return
-        with self._db:
-            self._db.execute("DELETE FROM readings WHERE t < ?", (time.time() - self.retention,))
+        now = time.time()
+        cap = math.inf if self.retention is None else self.retention
+        refs = {r[0] for table in ("readings", "rollups") for r in db.execute(REFS.format(table=table))}
+        with db:  # per field, so each DELETE is a range of the (ref, …) index, not a scan
+            for ref in refs:
+                db.execute("DELETE FROM readings WHERE ref = ? AND t < ?", (ref, now - min(self.keep[0], cap)))
+                for res in RES:
+                    db.execute("DELETE FROM rollups WHERE ref = ? AND res = ? AND t < ?",
+                               (ref, res, now - min(self.keep[res], cap)))
 
     def _close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def expected(keep: dict[int, float], raw_rows: int, per_second: int, rate: float = 1.0) -> dict[int, float]:
+    """Bytes one field takes in history.db once every resolution is full, per resolution (0:
+    readings), at `rate` readings per second: the readings written (thinned to `per_second`,
+    up to 1.5 × `raw_rows` before a trim) and one bucket per resolution step with a reading."""
+    written = min(rate, per_second) if per_second else rate
+    out = {0: min(1.5 * raw_rows, keep[0] * written) * RAW_BYTES}
+    for res in RES:
+        out[res] = keep[res] * min(rate, 1.0 / res) * BUCKET_BYTES
+    return out
+
+
+def megabytes(n: float) -> str:
+    """Bytes as `12.3 MB` (decimal megabytes, as disks are sold)."""
+    return f"{n / 1e6:.3g} MB" if n < 1e9 else f"{n / 1e9:.3g} GB"
+
+
+def disk_use(keep: dict[int, float], raw_rows: int, per_second: int, rates: list[float]) -> str:
+    """The expected size of history.db for fields at these rates, on one line: the total, then per
+    field and resolution at 1 reading per second."""
+    total = sum(sum(expected(keep, raw_rows, per_second, r).values()) for r in rates)
+    one = expected(keep, raw_rows, per_second)
+    parts = ", ".join(f"{'readings' if res == 0 else NAMES[res]} {megabytes(b)}" for res, b in one.items())
+    return (f"history.db: about {megabytes(total)} when full for {len(rates)} field{'s' if len(rates) != 1 else ''};"
+            f" a field at 1 reading/s: {megabytes(sum(one.values()))} ({parts})")
+
+
+@dataclass
+class Answer:
+    """What a field did in a window: `rows` at resolution `res` (seconds), the exact `summary`
+    (count, min, max with their times, mean) and the oldest time anything is stored from."""
+
+    res: int
+    rows: list[Bucket]
+    summary: Bucket
+    since: float
 
 
 def private(path: Path, create: bool = True) -> None:

@@ -9,6 +9,11 @@ The hub's history keeps readings, not device health, so an offline or stale
 stretch shows as a gap between readings: the line is broken wherever two
 consecutive readings are further apart than max(3 × the median interval, the
 device's `stale_after`).
+
+A window longer than the readings in memory is drawn from history.db's rollups
+(gateway/history.py): per bucket the mean as the line and the min–max as a band
+around it, so a spike shows however long the window; a missing bucket (the device
+was offline) breaks both.
 """
 
 from __future__ import annotations
@@ -73,6 +78,21 @@ class Series:
     boolean: bool = False
     decimals: int | None = None
     stale_after: float | None = None
+    # Rollup buckets instead of readings: each one's min and max (the band), and the spacing
+    # beyond which two buckets have a gap between them.
+    lows: list[float] | None = None
+    highs: list[float] | None = None
+    gap: float | None = None
+
+    @property
+    def lo(self) -> float:
+        """The lowest value (of the band, when there is one)."""
+        return min(self.lows) if self.lows else min(self.values)
+
+    @property
+    def hi(self) -> float:
+        """The highest value (of the band, when there is one)."""
+        return max(self.highs) if self.highs else max(self.values)
 
     def fmt(self, value: float) -> str:
         """A value as the field shows it, without unit."""
@@ -138,14 +158,17 @@ class Plots:
         self._waiting = 0
 
     async def answer(self, fields: list[Field], window: float, label: str, actor: Actor,
-                     watches: "Watches | None", aside: Callable[[], None] | None = None) -> str:
-        """The reply to `plot` for these fields over the last `window` seconds. Once the readings
-        are taken, `aside` is called: drawing and uploading may run beside the contact's next commands."""
-        end = time.time()
-        chart = Chart([_series(f, end - window) for f in fields], end - window, end, label,
-                      _thresholds(watches, actor, fields))
+                     watches: "Watches | None", aside: Callable[[], None] | None = None,
+                     series: list[Series] | None = None, end: float | None = None) -> str:
+        """The reply to `plot` for these fields over the `window` seconds before `end` (now), from
+        `series` when given (rollups), else the readings in memory. Once the readings are taken,
+        `aside` is called: drawing and uploading may run beside the contact's next commands."""
+        end = time.time() if end is None else end
+        if series is None:
+            series = [_series(f, end - window) for f in fields]
+        chart = Chart(series, end - window, end, label, _thresholds(watches, actor, fields))
         if not any(s.values for s in chart.series):
-            return f"{', '.join(f.ref for f in fields)}: no readings in the last {label}."
+            return f"{', '.join(f.ref for f in fields)}: no readings in {_title(label)}."
         if aside is not None:
             aside()
         try:
@@ -156,7 +179,9 @@ class Plots:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(end))
             return await self.uploads.upload(png, f"plot-{stamp}.png", "image/png")
         except NoPicture as e:
-            title = f"No picture: {str(e).rstrip('.')}. Over the last {label}:"
+            over = _title(label)
+            over = f"Over {over}" if over.startswith("the") else over[:1].upper() + over[1:]
+            title = f"No picture: {str(e).rstrip('.')}. {over}:"
             return "\n".join([title, *sparklines(chart)])
 
     async def _render(self, chart: Chart) -> bytes:
@@ -274,7 +299,15 @@ def spark(times: Sequence[float], values: Sequence[float], start: float, end: fl
 def series_spark(s: Series, start: float, end: float, width: int = SPARK_WIDTH) -> str:
     """A series' sparkline, breaking at its gaps; booleans run from off (▁) to on (█)."""
     lo, hi = (0.0, 1.0) if s.boolean else (None, None)
-    return spark(s.times, s.values, start, end, width, gap_after(s.times, s.stale_after), lo, hi)
+    gap = s.gap if s.gap is not None else gap_after(s.times, s.stale_after)
+    return spark(s.times, s.values, start, end, width, gap, lo, hi)
+
+
+def _title(label: str) -> str:
+    """`the last 7d` for a duration, the words as typed for dates."""
+    if label[:1].isdigit() and ".." not in label:
+        return f"the last {label}"
+    return label if label.startswith("since") else f"from {label.replace('..', ' to ')}"
 
 
 def sparklines(chart: Chart) -> list[str]:
@@ -287,7 +320,7 @@ def sparklines(chart: Chart) -> list[str]:
             continue
         unit = f" {s.unit}" if s.unit else ""
         line = series_spark(s, chart.start, chart.end)
-        lines.append(f"{s.ref:<{width}}  {line}  min {s.fmt(min(s.values))}, max {s.fmt(max(s.values))}{unit}")
+        lines.append(f"{s.ref:<{width}}  {line}  min {s.fmt(s.lo)}, max {s.fmt(s.hi)}{unit}")
     return lines
 
 
@@ -317,7 +350,12 @@ def render(chart: Chart) -> bytes:
         label = f"{s.ref}: {_stats(s)}"
         few = len(s.values) <= 60
         lw = 2 if len(x) < columns else 1  # a dense line drawn thick would be a solid band
-        if s.boolean:
+        if s.lows is not None and s.highs is not None:
+            lo, hi = _band(np, s)
+            ax.fill_between(days, lo, hi, color=color, alpha=0.3, linewidth=0)
+            ax.plot(days, hi, color=color, linewidth=0.6, alpha=0.7)  # a one-bucket spike is a line, not a sliver
+            ax.plot(days, y, color=color, linewidth=1.5, label=label)
+        elif s.boolean:
             ax.step(days, y, where="post", color=color, linewidth=2, label=label)
         else:
             ax.plot(days, y, color=color, linewidth=lw, label=label, marker="o" if few else None, markersize=3)
@@ -339,9 +377,9 @@ def render(chart: Chart) -> bytes:
     ax.grid(True, alpha=0.3)
     if len(chart.series) == 1:
         s = chart.series[0]
-        ax.set_title(f"{s.ref}, last {chart.window}\n{_stats(s)}", fontsize=11)
+        ax.set_title(f"{s.ref}, {_title(chart.window)}\n{_stats(s)}", fontsize=11)
     else:
-        ax.set_title(f"last {chart.window}", fontsize=11)
+        ax.set_title(_title(chart.window), fontsize=11)
         ax.legend(loc="upper left", fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
@@ -372,7 +410,8 @@ def _points(np, s: Series, start: float, end: float, columns: int):  # type: ign
     order = np.argsort(x, kind="stable")
     x, y = x[order], y[order]
     steps = np.diff(x)
-    gap = max(3 * float(np.median(steps)) if len(steps) else 0.0, s.stale_after or 0.0) or math.inf
+    gap = s.gap if s.gap is not None else (
+        max(3 * float(np.median(steps)) if len(steps) else 0.0, s.stale_after or 0.0) or math.inf)
     segment = np.concatenate(([0], np.cumsum(steps > gap)))
     if len(x) > 4 * columns:
         col = np.clip(((x - start) / max(end - start, 1e-9) * columns).astype(np.int64), 0, columns - 1)
@@ -392,13 +431,22 @@ def _points(np, s: Series, start: float, end: float, columns: int):  # type: ign
     return x, y
 
 
+def _band(np, s: Series):  # type: ignore[no-untyped-def]
+    """A rollup series' min and max, broken (NaN) where `_points` breaks the line."""
+    x = np.asarray(s.times, dtype=float)
+    lo = np.asarray(s.lows, dtype=float)
+    hi = np.asarray(s.highs, dtype=float)
+    breaks = np.flatnonzero(np.diff(x) > (s.gap or math.inf)) + 1
+    return np.insert(lo, breaks, np.nan), np.insert(hi, breaks, np.nan)
+
+
 def _stats(s: Series) -> str:
     unit = f" {s.unit}" if s.unit else ""
     if s.boolean:
-        on = sum(1 for v in s.values if v >= 0.5) / len(s.values)
-        return f"on {on:.0%} of readings, now {s.fmt(s.values[-1])}"
+        on = math.fsum(s.values) / len(s.values)
+        return f"on {on:.0%} of {'the time' if s.gap else 'readings'}, now {s.fmt(s.values[-1])}"
     avg = math.fsum(s.values) / len(s.values)
-    return f"min {s.fmt(min(s.values))} · avg {s.fmt(avg)} · max {s.fmt(max(s.values))}{unit}"
+    return f"min {s.fmt(s.lo)} · avg {s.fmt(avg)} · max {s.fmt(s.hi)}{unit}"
 
 
 def _zone_name(zone: object, at: float) -> str:

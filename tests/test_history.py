@@ -182,8 +182,10 @@ async def test_flood_keeps_each_field_under_twice_history_size(tmp_path: Path) -
 async def test_mqtt_flood_keeps_history_db_bounded(mosquitto: Mosquitto, tmp_path: Path) -> None:
     size, messages = 100, 3000
     config = parse({
-        # Every reading to disk (history_per_second = 0): this is about trimming, not thinning.
-        "gateway": {"name": "Flood", "state_dir": str(tmp_path / "state"), "history_size": size, "history_per_second": 0},
+        # Every reading to disk (history_per_second = 0): this is about trimming, not thinning;
+        # the readings on disk are bounded by history_raw_rows (memory's by history_size).
+        "gateway": {"name": "Flood", "state_dir": str(tmp_path / "state"), "history_size": size,
+                    "history_raw_rows": size, "history_per_second": 0},
         "mqtt": {"url": mosquitto.url, "client_id": "history-flood"},
         "devices": [{"id": "flood", "driver": "mqtt", "fields": [{"name": "n", "topic": "hist/flood", "type": "integer"}]}],
     })

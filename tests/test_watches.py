@@ -247,13 +247,14 @@ async def test_history_persists_across_restart_and_windows(tmp_path: Path) -> No
         # The stored five (5..9) come back, then the simulated device's first reading (20).
         values = [r.value for r in g2.hub.field("sim.temp").history]
         assert values == [6.0, 7.0, 8.0, 9.0, 20.0]
+        # Memory holds 5, not the hour: history.db answers, with every reading (issue 24).
         reply = await run(g2, "history sim.temp 1h")
         lines = reply.split("\n")
-        assert lines[0].startswith("sim.temp over the last 1h: 5 readings")
-        assert lines[1].strip() and set(lines[1].strip()) <= set("▁▂▃▄▅▆▇█")  # the sparkline
-        assert lines[2].startswith("min ")
-        assert await run(g2, "history sim.temp 0") == "The count must be a whole number from 1 to 100. Usage: history device.field [n | 15m | 6h | 2d]"
-        assert await run(g2, "history sim.temp 5x") == "Error: '5x' is not a duration (use 30s, 15m, 6h, 2d)."
+        assert lines[0].startswith("sim.temp: 1h at 1-minute resolution, 1 rows; data since ")
+        assert "min 0 at " in reply and "max 20 at " in reply and "; 12 readings" in reply  # 10 + 20 at each start
+        assert (await run(g2, "history sim.temp 0")).startswith(
+            "The count must be a whole number from 1 to 100. Usage: history device.field [n | 15m | 7d | 1y")
+        assert (await run(g2, "history sim.temp 5x")).startswith("Error: '5x' is not a window; use 30m, 6h, 7d")
     finally:
         await g2.stop()
 

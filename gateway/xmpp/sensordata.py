@@ -30,7 +30,8 @@ from slixmpp.xmlstream.matcher import MatchXPath
 from slixmpp.xmlstream.tostring import tostring
 
 from ..auth import Permission, allowed
-from ..hub import FieldSpec, Health, Hub, Node, NodeEvent, Reading
+from ..hub import Field, FieldSpec, Health, Hub, Node, NodeEvent, Reading
+from ..rollups import Window
 from ..values import Value, clean
 from .frontend import Door, FrontEnd
 from .xsd import format_datetime, format_duration, format_number, integer_kind, parse_boolean, parse_datetime, parse_integer
@@ -45,6 +46,7 @@ MAX_CHILDREN = 256  # <node/> and <field/> elements in one request
 FIELDS_PER_MESSAGE = 100  # a bigger read-out is split over several messages
 MAX_BYTES = 31 * 1024  # bytes of fields per message, unless the session knows the server's limit (edge.py)
 MAX_HISTORY = 10_000  # historical values in one read-out
+HISTORICAL_BY_RES = {60: "historicalMinute", 3600: "historicalHour", 86400: "historicalDay"}  # history.db's buckets
 MAX_DELAY = 86_400.0  # how far ahead `when` may lie, in seconds
 WHEN_SLACK = 0.5  # a `when` closer than this is read out at once
 MAX_QUEUED_PER_CLIENT = 10
@@ -354,21 +356,25 @@ class Readout:
     errors: list[NodeError] = field(default_factory=list)
 
 
-def read(req: ReadoutRequest, now: float | None = None) -> Readout:
-    """Gather the values `req` asks for from the hub's nodes.
+# A field's historical values from history.db's buckets: (bucket start, value, historical* type).
+Stored = dict[str, list[tuple[float, Value, str]]]
+
+
+def read(req: ReadoutRequest, now: float | None = None, stored: Stored | None = None) -> Readout:
+    """Gather the values `req` asks for from the hub's nodes; the historical values of the fields
+    in `stored` come from there (history.db's buckets), the others' from memory.
 
     Raises Refused (not-acceptable) when the historical part is larger than MAX_HISTORY.
     """
     now = time.time() if now is None else now
+    stored = stored or {}
     wanted = (lambda n: True) if req.fields is None else req.fields.__contains__
     if req.historical:
         count = sum(
-            1
+            len(stored[f.ref]) if f.ref in stored else sum(1 for r in f.history if _in_range(r, req))
             for node in req.nodes
             for f in node.fields.values()
             if wanted(f.name)
-            for r in f.history
-            if _in_range(r, req)
         )
         if count > MAX_HISTORY:
             raise Refused(
@@ -379,7 +385,7 @@ def read(req: ReadoutRequest, now: float | None = None) -> Readout:
             )
     out = Readout()
     for node in req.nodes:
-        _read_node(node, req, wanted, now, out)
+        _read_node(node, req, wanted, now, out, stored)
     return out
 
 
@@ -392,7 +398,8 @@ def _put(blocks: dict[str, list[str]], t: float, el: str) -> None:
     blocks.setdefault(stamp(t), []).append(el)
 
 
-def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], now: float, out: Readout) -> None:
+def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], now: float, out: Readout,
+               stored: Stored) -> None:
     state = node.health.state
     broken = state in (Health.ERROR, Health.OFFLINE)
     quality = ("error",) if broken else ("warning",) if state is Health.STALE else ()
@@ -413,14 +420,15 @@ def _read_node(node: Node, req: ReadoutRequest, wanted: Callable[[str], bool], n
                 _put(momentary, f.latest.time, value_xml(f.spec, f.latest.value, read_out + writable))
                 values += 1
     if req.historical:
+        past = flags("historicalOther", "automaticReadout")
         readings = sorted(
-            ((f, r) for f in fields for r in f.history if _in_range(r, req)),
-            key=lambda item: item[1].time,
+            [(r.time, f, r.value, past) for f in fields if f.ref not in stored for r in f.history if _in_range(r, req)]
+            + [(t, f, v, flags(kind, "computed")) for f in fields for t, v, kind in stored.get(f.ref, ())],
+            key=lambda item: item[0],
         )
         values += len(readings)
-        past = flags("historicalOther", "automaticReadout")
-        for f, r in readings:
-            _put(historical, r.time, value_xml(f.spec, r.value, past))
+        for t, f, v, attrs in readings:
+            _put(historical, t, value_xml(f.spec, v, attrs))
     if broken and ("momentary" in req.types or req.historical) and values == 0 and fields:
         # Nothing was ever read, or nothing in range, from a device that is down.
         out.errors.append(NodeError(node.id, f"{node.id} is {node.health.describe()}", node.health.since))
@@ -563,6 +571,7 @@ class SensorData(FrontEnd):
         super().__init__(session)
         self.per_message = FIELDS_PER_MESSAGE
         self._queued: dict[tuple[str, int], Queued] = {}
+        self._stored_tasks: set[asyncio.Future[None]] = set()  # read-outs waiting for history.db
         c = self.client
         ns = c.default_ns
         c.register_handler(Callback("XEP-0323 req", MatchXPath(f"{{{ns}}}iq/{{{NS}}}req"), self._on_req))
@@ -636,6 +645,14 @@ class SensorData(FrontEnd):
             raise bad_request("send <req/> in an IQ of type get")
         req = parse_req(iq.xml.find(f"{{{NS}}}req"), self.hub)
         now = time.time()
+        if req.historical and req.start is not None and (req.when is None or req.when <= now + WHEN_SLACK):
+            beyond = [f for f in self._wanted(req) if not f.history or f.history[0].time > req.start]
+            store = self.session.commands.store
+            if beyond and store is not None:  # older than memory: history.db's buckets answer
+                task = asyncio.ensure_future(self._serve_stored(iq, requester, req, beyond, now))
+                self._stored_tasks.add(task)
+                task.add_done_callback(self._stored_tasks.discard)
+                return
         accepted = ET.Element(f"{{{NS}}}accepted")
         accepted.set(req.seq_attr, str(req.seqnr))
         if req.when is not None and req.when > now + WHEN_SLACK:
@@ -650,6 +667,33 @@ class SensorData(FrontEnd):
         reply.append(accepted)
         reply.send()
         self._send(requester, req, readout)
+
+    def _wanted(self, req: ReadoutRequest) -> list[Field]:
+        return [f for node in req.nodes for f in node.fields.values() if req.fields is None or f.name in req.fields]
+
+    async def _serve_stored(self, iq: Iq, requester: JID, req: ReadoutRequest, fields: list[Field], now: float) -> None:
+        """A historical read-out reaching back past memory: the fields' buckets over from/to, at the
+        finest resolution that keeps the read-out within MAX_HISTORY values."""
+        store = self.session.commands.store
+        assert store is not None and req.start is not None
+        end = min(now, req.end if req.end is not None else now)
+        with answering(iq, "read-out request"):
+            stored: Stored = {}
+            if end > req.start:
+                window = Window(req.start, end + 1e-6, "read-out")  # `to` is inclusive
+                per_field = max(1, MAX_HISTORY // len(fields))
+                for f in fields:
+                    ans = await store.answer(f, window, per_field)
+                    kind = HISTORICAL_BY_RES[ans.res]
+                    stored[f.ref] = [(b.t, b.last if b.mean is None else b.mean, kind)
+                                     for b in ans.rows if b.n and b.t >= req.start]
+            readout = read(req, now, stored)  # may refuse: before anything is accepted
+            accepted = ET.Element(f"{{{NS}}}accepted")
+            accepted.set(req.seq_attr, str(req.seqnr))
+            reply = iq.reply()
+            reply.append(accepted)
+            reply.send()
+            self._send(requester, req, readout)
 
     def _queue(self, requester: JID, req: ReadoutRequest, delay: float) -> None:
         if delay > MAX_DELAY:
