@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from slixmpp import JID
+from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
 
 from gateway import bounces as bounces_module
@@ -428,3 +428,51 @@ async def test_an_error_from_one_of_the_contacts_clients_holds_nothing() -> None
     b.bounced("olive@home.example/phone", "m2", "remote-server-not-found", "cancel")  # her server: counts
     assert b.holding("olive@home.example")
     b.stop()
+
+
+async def test_a_remote_server_that_floods_is_held_to_a_budget_per_domain(
+    federated: Federated, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Contacts on provider.example may send 2 commands each per window, 3 all together; its
+    strangers get at most 3 refusal lines a window, however many JIDs it has. hana, on the
+    gateway's own server, is still answered; alice is answered again once the window has passed."""
+    window = 6.0
+    gateway = {"name": "Test GW", "state_dir": str(tmp_path / "state"), "health_debounce": 0,
+               "rate_limit": 2, "domain_rate_limit": 3, "rate_window": window}
+    provider = federated.provider
+    strangers = [provider.prosody.register(f"flood{i}", provider.passwords["mallory"]) for i in range(4)]
+    gw = await start_gateway(federated.config(tmp_path, devices=SIM, gateway=gateway),
+                             federated.home.passwords["gateway"])
+    refused: list[str] = []
+
+    def count_refusals(stanza: object) -> object:
+        if isinstance(stanza, Message) and stanza["body"] == STRANGER_REPLY:
+            refused.append(stanza["to"].bare)
+        return stanza
+
+    gw.session.client.add_filter("out", count_refusals)
+    peers = [await provider.peer(u).start() for u in ("alice", "victor", "mallory")]
+    alice, victor, mallory = peers
+    for jid in strangers:
+        peer = Peer(jid, provider.passwords["mallory"], provider.prosody.address, provider.prosody.ca_file)
+        peers.append(await peer.start())
+    hana = await federated.home.peer("hana").start()
+    try:
+        await subscribed(alice, gw)
+        for peer in (alice, alice, victor):  # 3 commands from provider.example: its whole budget
+            assert (await peer.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 20")
+        assert (await victor.ask(gw.jid, "read sim.temp")).startswith(
+            "Slow down: the accounts on provider.example together sent more than 3 commands in 6 s.")
+        assert (await hana.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 20")  # the own server: no such budget
+        for stranger in [mallory, *peers[3:]]:  # 5 strangers, at once
+            stranger.client.send_message(mto=gw.jid, mbody="read", mtype="chat")
+        await asyncio.sleep(window)  # the window passes; alice's server sends her next command after the strangers'
+        assert (await alice.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 20")
+        assert len(refused) == 3 and len(set(refused)) == 3
+        floods = [r for r in caplog.records if r.name == "iot_gateway.floods"]
+        assert [r.getMessage() for r in floods] == [
+            "strangers from provider.example: more than 3 in 6 s; ignoring them unanswered until it passes"]
+    finally:
+        for peer in [*peers, hana]:
+            await peer.stop()
+        await gw.stop()
