@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
 
 from gateway import bounces as bounces_module
-from gateway.localservers import Mosquitto, Prosody
+from gateway.localservers import S2S_TIMEOUT, Mosquitto, Prosody
 from gateway.watches import Alert
 from gateway import xmpp as xmpp_module
 from gateway.xmpp import STRANGER_REPLY
@@ -476,3 +479,83 @@ async def test_a_remote_server_that_floods_is_held_to_a_budget_per_domain(
         for peer in [*peers, hana]:
             await peer.stop()
         await gw.stop()
+
+
+@contextlib.contextmanager
+def stalled(prosody: Prosody) -> Iterator[None]:
+    """The server frozen (SIGSTOP): its sockets stay open, nothing is read or answered; SIGCONT after."""
+    assert prosody.proc is not None
+    os.kill(prosody.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(prosody.proc.pid, signal.SIGCONT)
+
+
+async def test_alerts_sent_while_the_contacts_server_stalls_arrive_in_order_and_stamped(
+    federated: Federated, fed_gateway: RunningGateway, remote_contact: Peer
+) -> None:
+    """provider.example freezes with the s2s link up: the gateway's server writes the alerts into the
+    link (the kernel buffers them), nothing bounces; hana on the gateway's own server is answered
+    meanwhile; once the server wakes, alice gets the three alerts in order, each stamped."""
+    gw, alice = fed_gateway, remote_contact
+    await subscribed(alice, gw)
+    assert (await alice.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
+    hana = await federated.home.peer("hana").start()
+    try:
+        with stalled(federated.provider.prosody):
+            texts = []
+            for value in (31, 29, 32):
+                await asyncio.sleep(0.2)  # past the watch's interval
+                gw.gateway.hub.push("sim", "temp", value)
+                texts.append(await hana.reply_from(gw.jid))
+            assert [t.split(" ")[0] for t in texts] == ["ALERT", "CLEARED", "ALERT"]
+            assert (await hana.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 32")
+            assert "cannot reach" not in await hana.ask(gw.jid, "status")
+        late = [await alice.message_from(gw.jid, match=lambda b: b.split(" ")[0] in ("ALERT", "CLEARED"))
+                for _ in texts]
+        assert [m["body"] for m in late] == texts
+        stamps = [m["delay"]["stamp"] for m in late]
+        assert all(s is not None for s in stamps) and stamps == sorted(stamps)
+        assert gw.session.bounces.unreachable == {}
+    finally:
+        await hana.stop()
+
+
+async def test_alerts_to_a_server_that_stalls_before_the_link_is_up_bounce_and_come_late(
+    federated: Federated, fed_gateway: RunningGateway, remote_contact: Peer
+) -> None:
+    """provider.example restarts and freezes at once: the gateway's server opens a new s2s link, the
+    kernel takes the connection, nothing answers. After `s2s_timeout` (localservers.S2S_TIMEOUT)
+    the alerts bounce and are held; hana is answered meanwhile; once the server wakes and alice
+    logs in, she gets the note and the alerts, in order, stamped."""
+    gw, alice = fed_gateway, remote_contact
+    await subscribed(alice, gw)
+    assert (await alice.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
+    await alice.stop()
+    hana = await federated.home.peer("hana").start()
+    provider, bounces = federated.provider.prosody, gw.session.bounces
+    try:
+        provider.stop()  # the gateway's server's link to it closes
+        provider.start()
+        with stalled(provider):
+            texts = []
+            for value in (31, 29, 32):
+                await asyncio.sleep(0.2)  # past the watch's interval
+                gw.gateway.hub.push("sim", "temp", value)
+                texts.append(await hana.reply_from(gw.jid))
+            await until(lambda: alice.jid in bounces.unreachable and len(bounces.unreachable[alice.jid].held) == 3,
+                        "the three alerts to alice to bounce", timeout=S2S_TIMEOUT + 15)
+            status = await hana.ask(gw.jid, "status")
+            assert f"cannot reach {alice.jid} since" in status
+            assert "(Server-to-server connection failed: connection-timeout); 3 held" in status
+        alice = await federated.provider.peer("alice").start()  # her presence says she is back
+        note = await alice.message_from(gw.jid, timeout=15)
+        assert "3 alerts follow, each stamped" in note["body"]
+        late = [await alice.message_from(gw.jid) for _ in texts]
+        assert [m["body"] for m in late] == texts
+        stamps = [m["delay"]["stamp"] for m in late]
+        assert all(s is not None for s in stamps) and stamps == sorted(stamps)
+    finally:
+        await hana.stop()
+        await alice.stop()
