@@ -26,32 +26,31 @@ MEMORY = 1000  # keys (JIDs, domains) remembered by a window; the least recently
 
 
 class Window:
-    """Sliding-window counters: at most `limit` events per `seconds` for each key."""
+    """Sliding-window event counters by key, for the `MEMORY` keys seen last."""
 
-    def __init__(self, limit: int, seconds: float, memory: int = MEMORY):
-        self.limit = limit
-        self.seconds = seconds
+    def __init__(self, memory: int = MEMORY):
         self.memory = memory
         self._events: OrderedDict[str, deque[float]] = OrderedDict()
 
-    def _recent(self, key: str, now: float) -> deque[float]:
+    def used(self, key: str, now: float, seconds: float) -> int:
+        """Events counted for `key` in the `seconds` before `now` (time.monotonic())."""
+        q = self._events.get(key)
+        if q is None:
+            return 0
+        self._events.move_to_end(key)
+        while q and now - q[0] > seconds:
+            q.popleft()
+        return len(q)
+
+    def count(self, key: str, now: float) -> None:
+        """Count one event for `key` at `now`."""
         q = self._events.get(key)
         if q is None:
             q = self._events[key] = deque()
             while len(self._events) > self.memory:
                 self._events.popitem(last=False)
         self._events.move_to_end(key)
-        while q and now - q[0] > self.seconds:
-            q.popleft()
-        return q
-
-    def full(self, key: str, now: float) -> bool:
-        """Whether `key` has used its budget for the window ending at `now` (time.monotonic())."""
-        return len(self._recent(key, now)) >= self.limit
-
-    def count(self, key: str, now: float) -> None:
-        """Count one event for `key` at `now`."""
-        self._recent(key, now).append(now)
+        q.append(now)
 
 
 def domain_of(jid: str) -> str:
@@ -67,21 +66,20 @@ class Floods:
     def __init__(self, g: GatewaySection, own: str):
         self.g = g
         self.own = own.lower()
-        self.contacts = Window(g.rate_limit, g.rate_window)
-        self.domains = Window(g.domain_limit, g.rate_window)
-        self.strangers = Window(g.domain_limit, g.rate_window)
+        # Limits are read from `g` at each use: a config changed while running (tests) takes effect.
+        self.contacts = Window()
+        self.domains = Window()
+        self.strangers = Window()
         self._silenced: dict[str, int] = {}  # domain → strangers ignored unanswered in this episode
 
     def allow(self, jid: str) -> str | None:
         """Count a contact's command: None if within the limits, else the notice to send (once)."""
-        now = time.monotonic()
-        domain = domain_of(jid)
-        if self.contacts.full(jid, now):
-            return f"Slow down: at most {self.g.rate_limit} commands per {self.g.rate_window:g} s. " \
-                   "Ignoring your messages until then."
-        if domain != self.own and self.domains.full(domain, now):
-            return f"Slow down: the accounts on {domain} together sent more than {self.g.domain_limit} " \
-                   f"commands in {self.g.rate_window:g} s. Ignoring messages from {domain} until then."
+        now, domain, g = time.monotonic(), domain_of(jid), self.g
+        if self.contacts.used(jid, now, g.rate_window) >= g.rate_limit:
+            return f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. Ignoring your messages until then."
+        if domain != self.own and self.domains.used(domain, now, g.rate_window) >= g.domain_limit:
+            return (f"Slow down: the accounts on {domain} together sent more than {g.domain_limit} commands in "
+                    f"{g.rate_window:g} s. Ignoring messages from {domain} until then.")
         self.contacts.count(jid, now)
         if domain != self.own:
             self.domains.count(domain, now)
@@ -90,7 +88,7 @@ class Floods:
     def refuse_stranger(self, jid: str) -> bool:
         """Whether a refusal may be sent to stranger `jid` now (counted), or they are ignored silently."""
         now, domain = time.monotonic(), domain_of(jid)
-        if self.strangers.full(domain, now):
+        if self.strangers.used(domain, now, self.g.rate_window) >= self.g.domain_limit:
             ignored = self._silenced.get(domain, 0)
             if not ignored:
                 log.warning("strangers from %s: more than %d in %g s; ignoring them unanswered until it passes",
