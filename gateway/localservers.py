@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 START_TIMEOUT = 15.0
-S2S_TIMEOUT = 10  # seconds a federated test server waits for a new s2s link to come up
+S2S_TIMEOUT = 10  # seconds a federated server here (tests, demo, bench) waits for a new s2s link to come up
 
 
 class ServerError(RuntimeError):
