@@ -336,6 +336,19 @@ async def test_omemo_across_servers_and_an_encrypted_alert_that_bounced(
                     "the encrypted alert to bounce", timeout=15)
     finally:
         provider.start()
+    # The note's look-up of her devices is the slower one (as it was once under load): the alert
+    # behind it must still wait its turn.
+    manager = await gw.session.omemo.manager()
+    lookup = manager.get_device_information
+
+    async def slow_first(bare: str) -> object:
+        if not slowed:
+            slowed.append(bare)
+            await asyncio.sleep(0.5)
+        return await lookup(bare)
+
+    slowed: list[str] = []
+    manager.get_device_information = slow_first
     try:
         alice.drain()
         alice.client.connect(*alice.address)  # the same phone (device) logs in again
