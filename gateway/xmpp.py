@@ -107,7 +107,8 @@ class Session:
         self._throttled: set[str] = set()
         self._sub_requests: dict[str, int] = {}
         # Messages to contacts that bounce (their server down, …): held and sent again (bounces.py).
-        self.bounces = Bounces(self._resend_held, self._tell_delayed, self._ping, self.online.is_set)
+        self.bounces = Bounces(self._resend_held, self._tell_delayed, self._ping, self.online.is_set,
+                               lambda jid: bool(self.client.client_roster[jid].resources))
         commands.unreachable = self.bounces.describe
         # Called with (alert, delayed) after an alert went to contacts: rooms post it too.
         self.alert_hooks: list = []

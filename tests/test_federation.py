@@ -453,6 +453,22 @@ async def test_an_error_from_one_of_the_contacts_clients_holds_nothing() -> None
     b.stop()
 
 
+async def test_an_expired_session_bouncing_from_the_bare_jid_holds_nothing_while_the_contact_is_online() -> None:
+    """Prosody bounces what an expired hibernated session held as an error reply to the message,
+    so one sent to the bare JID comes back from the bare JID (`recipient-unavailable`). While a
+    client of hers is online (and got the message too), nothing is held; with none, it is."""
+    online = {"olive@home.example"}
+    b = bounces_module.Bounces(lambda s: None, lambda j, t: None, _never, lambda: True, lambda jid: jid in online)
+    b.sent("m1", "olive@home.example", "ALERT #1", 1.0, alert=True)
+    b.bounced("olive@home.example", "m1", "recipient-unavailable", "cancel")
+    assert b.unreachable == {} and not b.holding("olive@home.example")
+    online.clear()
+    b.sent("m2", "olive@home.example", "ALERT #2", 2.0, alert=True)
+    b.bounced("olive@home.example", "m2", "recipient-unavailable", "cancel")
+    assert b.holding("olive@home.example")
+    b.stop()
+
+
 async def test_a_remote_server_that_floods_is_held_to_a_budget_per_domain(
     federated: Federated, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
