@@ -17,7 +17,7 @@ from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
 
 from gateway import bounces as bounces_module
-from gateway.localservers import S2S_TIMEOUT, Mosquitto, Prosody
+from gateway.localservers import Mosquitto, Prosody
 from gateway.watches import Alert
 from gateway import xmpp as xmpp_module
 from gateway.xmpp import STRANGER_REPLY
@@ -554,7 +554,7 @@ async def test_alerts_to_a_server_that_stalls_before_the_link_is_up_bounce_and_c
     federated: Federated, fed_gateway: RunningGateway, remote_contact: Peer
 ) -> None:
     """provider.example restarts and freezes at once: the gateway's server opens a new s2s link, the
-    kernel takes the connection, nothing answers. After `s2s_timeout` (localservers.S2S_TIMEOUT)
+    kernel takes the connection, nothing answers. After `s2s_timeout` (S2S_TIMEOUT in localservers)
     the alerts bounce and are held; hana is answered meanwhile; once the server wakes and alice
     logs in, she gets the note and the alerts, in order, stamped."""
     gw, alice = fed_gateway, remote_contact
@@ -569,7 +569,7 @@ async def test_alerts_to_a_server_that_stalls_before_the_link_is_up_bounce_and_c
         with stalled(provider):
             texts = await fire(gw, hana)
             await until(lambda: alice.jid in bounces.unreachable and len(bounces.unreachable[alice.jid].held) == 3,
-                        "the three alerts to alice to bounce", timeout=S2S_TIMEOUT + 15)
+                        "the three alerts to alice to bounce", timeout=25)  # s2s_timeout is 10 s
             status = await hana.ask(gw.jid, "status")
             assert f"cannot reach {alice.jid} since" in status
             assert "(Server-to-server connection failed: connection-timeout); 3 held" in status
