@@ -30,8 +30,8 @@ from .config import Config, ConfigError
 from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
+from .floods import Floods  # the rate limits (gateway/floods.py)
 from .edge import Edge
-from .floods import Floods
 from .hub import HealthState, Hub, Node, Problem
 from .link import Link
 from .phone import Phone
