@@ -138,6 +138,9 @@ class GatewaySection(Strict):
     retention: str | None = None
     rate_limit: int = Field(20, ge=1, le=10_000)
     rate_window: float = Field(10.0, gt=0, le=3600)
+    # Commands the contacts on one remote server may send together per rate_window, and refusals
+    # its strangers may get (gateway/floods.py); default: 5 × rate_limit.
+    domain_rate_limit: int | None = Field(None, ge=1, le=100_000)
     # history.db writes (docs/faults.md): seconds between batches (default 60; a power cut loses at
     # most that much), SQLite's `synchronous`, and readings per field per second that reach the
     # disk (the first ones and the last of each second; 0: every reading).
@@ -198,6 +201,20 @@ class GatewaySection(Strict):
         if self.id is None:
             self.id = slug(self.name)
         return self
+
+    @model_validator(mode="after")
+    def _domain_rate(self) -> "GatewaySection":
+        if self.domain_rate_limit is not None and self.domain_rate_limit < self.rate_limit:
+            raise ValueError(
+                f"domain_rate_limit ({self.domain_rate_limit}) is below rate_limit ({self.rate_limit}): "
+                "one contact could not use its own budget; raise it or leave it out (5 × rate_limit)"
+            )
+        return self
+
+    @property
+    def domain_limit(self) -> int:
+        """Commands per window for all contacts on one remote domain together (`domain_rate_limit`)."""
+        return self.domain_rate_limit if self.domain_rate_limit is not None else 5 * self.rate_limit
 
     @property
     def retention_seconds(self) -> float | None:

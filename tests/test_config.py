@@ -144,6 +144,8 @@ def test_every_driver_module_declares_its_config_model() -> None:
         ('server = "127.0.0.1:5222"', 'server = "127.0.0.1"', "xmpp.server: must be host:port"),
         ('[mqtt]\nurl = "mqtt://127.0.0.1:1883"\n', "", "devices: mqtt devices (plug) need an [mqtt] section"),
         ('history_size = 1000', 'history_size = 0', "gateway.history_size: Input should be greater than or equal to 1"),
+        ('history_size = 1000', 'history_size = 1000\nrate_limit = 10\ndomain_rate_limit = 5',
+         "gateway: domain_rate_limit (5) is below rate_limit (10)"),
     ],
 )
 def test_broken_config_names_the_key(tmp_path: Path, old: str, new: str, expected: str) -> None:

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from slixmpp import JID
+from slixmpp import JID, Message
 from slixmpp.exceptions import IqError
 
 from gateway.xmpp import bounces as bounces_module
@@ -48,6 +51,26 @@ async def subscribed(peer: Peer, gateway: RunningGateway) -> None:
     """Wait until the gateway is subscribed to `peer`'s presence (the subscription went through s2s)."""
     roster = gateway.session.client.client_roster
     await until(lambda: bool(roster[peer.jid]["to"]), f"the gateway's subscription to {peer.jid}", timeout=15)
+
+
+async def fire(gw: RunningGateway, hana: Peer, temps: tuple[float, ...] = (31, 29, 32)) -> list[str]:
+    """Push each of `temps` to sim.temp past the watch's interval; the alert texts hana (an admin
+    on the gateway's server who gets every alert) received, in order."""
+    texts = []
+    for value in temps:
+        await asyncio.sleep(0.2)  # past the watch's interval
+        gw.gateway.hub.push("sim", "temp", value)
+        texts.append(await hana.reply_from(gw.jid))
+    return texts
+
+
+async def came_late_in_order(peer: Peer, gw: RunningGateway, texts: list[str]) -> None:
+    """`peer` gets the alerts `texts` from the gateway, in that order, each stamped (XEP-0203) in order."""
+    late = [await peer.message_from(gw.jid, match=lambda b: b.split(" ")[0] in ("ALERT", "CLEARED"))
+            for _ in texts]
+    assert [m["body"] for m in late] == texts  # in order, the same words as hana's
+    stamps = [m["delay"]["stamp"] for m in late]
+    assert all(s is not None for s in stamps) and stamps == sorted(stamps)
 
 
 async def test_chat_by_role_across_servers(federated: Federated, fed_gateway: RunningGateway,
@@ -110,11 +133,7 @@ async def test_alerts_bounced_by_a_down_server_come_late_in_order_and_stamped(
     try:
         await alice.stop()
         provider.stop()
-        texts = []
-        for value in (31, 29, 32):
-            await asyncio.sleep(0.2)  # past the watch's interval
-            gw.gateway.hub.push("sim", "temp", value)
-            texts.append(await hana.reply_from(gw.jid))
+        texts = await fire(gw, hana)
         assert [t.split(" ")[0] for t in texts] == ["ALERT", "CLEARED", "ALERT"]
         alice_jid = federated.provider.jid("alice")
         bounces = gw.session.bounces
@@ -130,10 +149,7 @@ async def test_alerts_bounced_by_a_down_server_come_late_in_order_and_stamped(
         note = await alice.message_from(gw.jid, timeout=15)
         assert note["body"].startswith("Delayed: your server could not be reached from here since")
         assert "3 alerts follow" in note["body"]
-        late = [await alice.message_from(gw.jid) for _ in texts]
-        assert [m["body"] for m in late] == texts  # in order, the same words as hana's
-        stamps = [m["delay"]["stamp"] for m in late]
-        assert all(s is not None for s in stamps) and stamps == sorted(stamps)
+        await came_late_in_order(alice, gw, texts)
         assert bounces.unreachable == {}
         assert "cannot reach" not in await hana.ask(gw.jid, "status")
     finally:
@@ -182,10 +198,7 @@ async def test_a_contact_who_blocked_the_gateway_is_not_retried(
         assert (await victor.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
         assert (await iq(victor, victor.jid, blocking, "set"))["type"] == "result"
         bounces = gw.session.bounces
-        for value in (31, 29):
-            await asyncio.sleep(0.2)
-            gw.gateway.hub.push("sim", "temp", value)
-            await hana.reply_from(gw.jid)
+        await fire(gw, hana, (31, 29))
         await until(lambda: victor.jid in bounces.unreachable and bounces.unreachable[victor.jid].dropped == 2,
                     "both alerts to victor to bounce", timeout=15)
         assert bounces.unreachable[victor.jid].held == [] and not bounces.holding(victor.jid)
@@ -213,10 +226,7 @@ async def test_a_server_with_a_wrong_certificate_is_refused_and_named_once(
     try:
         assert (await hana.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
         bounces = gw.session.bounces
-        for value in (31, 29):
-            await asyncio.sleep(0.2)
-            gw.gateway.hub.push("sim", "temp", value)
-            await hana.reply_from(gw.jid)
+        await fire(gw, hana, (31, 29))
         await until(lambda: bob in bounces.unreachable and len(bounces.unreachable[bob].held) == 2,
                     "both alerts to bob to bounce", timeout=15)
         status = await hana.ask(gw.jid, "status")
@@ -326,6 +336,19 @@ async def test_omemo_across_servers_and_an_encrypted_alert_that_bounced(
                     "the encrypted alert to bounce", timeout=15)
     finally:
         provider.start()
+    # The note's look-up of her devices is the slower one (as it was once under load): the alert
+    # behind it must still wait its turn.
+    manager = await gw.session.omemo.manager()
+    lookup = manager.get_device_information
+
+    async def slow_first(bare: str) -> object:
+        if not slowed:
+            slowed.append(bare)
+            await asyncio.sleep(0.5)
+        return await lookup(bare)
+
+    slowed: list[str] = []
+    manager.get_device_information = slow_first
     try:
         alice.drain()
         alice.client.connect(*alice.address)  # the same phone (device) logs in again
@@ -428,3 +451,132 @@ async def test_an_error_from_one_of_the_contacts_clients_holds_nothing() -> None
     b.bounced("olive@home.example/phone", "m2", "remote-server-not-found", "cancel")  # her server: counts
     assert b.holding("olive@home.example")
     b.stop()
+
+
+async def test_an_expired_session_bouncing_from_the_bare_jid_holds_nothing_while_the_contact_is_online() -> None:
+    """Prosody bounces what an expired hibernated session held as an error reply to the message,
+    so one sent to the bare JID comes back from the bare JID (`recipient-unavailable`). While a
+    client of hers is online (and got the message too), nothing is held; with none, it is."""
+    online = {"olive@home.example"}
+    b = bounces_module.Bounces(lambda s: None, lambda j, t: None, _never, lambda: True, lambda jid: jid in online)
+    b.sent("m1", "olive@home.example", "ALERT #1", 1.0, alert=True)
+    b.bounced("olive@home.example", "m1", "recipient-unavailable", "cancel")
+    assert b.unreachable == {} and not b.holding("olive@home.example")
+    online.clear()
+    b.sent("m2", "olive@home.example", "ALERT #2", 2.0, alert=True)
+    b.bounced("olive@home.example", "m2", "recipient-unavailable", "cancel")
+    assert b.holding("olive@home.example")
+    b.stop()
+
+
+async def test_a_remote_server_that_floods_is_held_to_a_budget_per_domain(
+    federated: Federated, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Contacts on provider.example may send 2 commands each per window, 3 all together; its
+    strangers get at most 3 refusal lines a window, however many JIDs it has. hana, on the
+    gateway's own server, is still answered; alice is answered again once the window has passed."""
+    window = 6.0
+    gateway = {"name": "Test GW", "state_dir": str(tmp_path / "state"), "health_debounce": 0,
+               "rate_limit": 2, "domain_rate_limit": 3, "rate_window": window}
+    provider = federated.provider
+    strangers = [provider.prosody.register(f"flood{i}", provider.passwords["mallory"]) for i in range(4)]
+    gw = await start_gateway(federated.config(tmp_path, devices=SIM, gateway=gateway),
+                             federated.home.passwords["gateway"])
+    refused: list[str] = []
+
+    def count_refusals(stanza: object) -> object:
+        if isinstance(stanza, Message) and stanza["body"] == STRANGER_REPLY:
+            refused.append(stanza["to"].bare)
+        return stanza
+
+    gw.session.client.add_filter("out", count_refusals)
+    peers = [await provider.peer(u).start() for u in ("alice", "victor", "mallory")]
+    alice, victor, mallory = peers
+    for jid in strangers:
+        peer = Peer(jid, provider.passwords["mallory"], provider.prosody.address, provider.prosody.ca_file)
+        peers.append(await peer.start())
+    hana = await federated.home.peer("hana").start()
+    try:
+        await subscribed(alice, gw)
+        for peer in (alice, alice, victor):  # 3 commands from provider.example: its whole budget
+            assert (await peer.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 20")
+        assert (await victor.ask(gw.jid, "read sim.temp")).startswith(
+            "Slow down: the accounts on provider.example together sent more than 3 commands in 6 s.")
+        assert (await hana.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 20")  # the own server: no such budget
+        for stranger in [mallory, *peers[3:]]:  # 5 strangers, at once
+            stranger.client.send_message(mto=gw.jid, mbody="read", mtype="chat")
+        await asyncio.sleep(window)  # the window passes; alice's server sends her next command after the strangers'
+        assert (await alice.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 20")
+        assert len(refused) == 3 and len(set(refused)) == 3
+        floods = [r for r in caplog.records if r.name == "iot_gateway.floods"]
+        assert [r.getMessage() for r in floods] == [
+            "strangers from provider.example: more than 3 in 6 s; ignoring them unanswered until it passes"]
+    finally:
+        for peer in [*peers, hana]:
+            await peer.stop()
+        await gw.stop()
+
+
+@contextlib.contextmanager
+def stalled(prosody: Prosody) -> Iterator[None]:
+    """The server frozen (SIGSTOP): its sockets stay open, nothing is read or answered; SIGCONT after."""
+    assert prosody.proc is not None
+    os.kill(prosody.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(prosody.proc.pid, signal.SIGCONT)
+
+
+async def test_alerts_sent_while_the_contacts_server_stalls_arrive_in_order_and_stamped(
+    federated: Federated, fed_gateway: RunningGateway, remote_contact: Peer
+) -> None:
+    """provider.example freezes with the s2s link up: the gateway's server writes the alerts into the
+    link (the kernel buffers them), nothing bounces; hana on the gateway's own server is answered
+    meanwhile; once the server wakes, alice gets the three alerts in order, each stamped."""
+    gw, alice = fed_gateway, remote_contact
+    await subscribed(alice, gw)
+    assert (await alice.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
+    hana = await federated.home.peer("hana").start()
+    try:
+        with stalled(federated.provider.prosody):
+            texts = await fire(gw, hana)
+            assert [t.split(" ")[0] for t in texts] == ["ALERT", "CLEARED", "ALERT"]
+            assert (await hana.ask(gw.jid, "read sim.temp")).startswith("sim.temp = 32")
+            assert "cannot reach" not in await hana.ask(gw.jid, "status")
+        await came_late_in_order(alice, gw, texts)
+        assert gw.session.bounces.unreachable == {}
+    finally:
+        await hana.stop()
+
+
+async def test_alerts_to_a_server_that_stalls_before_the_link_is_up_bounce_and_come_late(
+    federated: Federated, fed_gateway: RunningGateway, remote_contact: Peer
+) -> None:
+    """provider.example restarts and freezes at once: the gateway's server opens a new s2s link, the
+    kernel takes the connection, nothing answers. After `s2s_timeout` (S2S_TIMEOUT in localservers)
+    the alerts bounce and are held; hana is answered meanwhile; once the server wakes and alice
+    logs in, she gets the note and the alerts, in order, stamped."""
+    gw, alice = fed_gateway, remote_contact
+    await subscribed(alice, gw)
+    assert (await alice.ask(gw.jid, "watch sim.temp > 30 interval 0.1s")).startswith("Watch #1 set")
+    await alice.stop()
+    hana = await federated.home.peer("hana").start()
+    provider, bounces = federated.provider.prosody, gw.session.bounces
+    try:
+        provider.stop()  # the gateway's server's link to it closes
+        provider.start()
+        with stalled(provider):
+            texts = await fire(gw, hana)
+            await until(lambda: alice.jid in bounces.unreachable and len(bounces.unreachable[alice.jid].held) == 3,
+                        "the three alerts to alice to bounce", timeout=25)  # s2s_timeout is 10 s
+            status = await hana.ask(gw.jid, "status")
+            assert f"cannot reach {alice.jid} since" in status
+            assert "(Server-to-server connection failed: connection-timeout); 3 held" in status
+        alice = await federated.provider.peer("alice").start()  # her presence says she is back
+        note = await alice.reply_matching(gw.jid, "Delayed: your server could not be reached", timeout=15)
+        assert "3 alerts follow, each stamped" in note
+        await came_late_in_order(alice, gw, texts)
+    finally:
+        await hana.stop()
+        await alice.stop()

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 START_TIMEOUT = 15.0
+S2S_TIMEOUT = 10  # seconds a federated server here (tests, demo, bench) waits for a new s2s link to come up
 
 
 class ServerError(RuntimeError):
@@ -170,6 +171,9 @@ class Prosody:
 s2s_interfaces = {{ "{self.interface}" }}
 s2s_require_encryption = true
 s2s_secure_auth = true
+-- A server that takes the TCP connection but never answers (stalled) is given up after this many
+-- seconds (Prosody's default: 90), and what waited for it bounces (remote-server-not-found).
+s2s_timeout = {S2S_TIMEOUT}
 -- Names and s2s ports from the federation's own DNS server; neither /etc/hosts nor the machine's resolver.
 unbound = {{ hoststxt = false; resolvconf = false; forward = "127.0.0.1@{self.federation.dns.port}" }}"""
 

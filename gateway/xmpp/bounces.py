@@ -76,7 +76,8 @@ class Bounces:
     """Error replies matched to what the gateway sent; held messages sent again when the contact is back.
 
     `resend(sent)` sends one held message again (stamped); `note(jid, text)` tells a contact how many
-    follow; `probe(domain)` pings a server and says whether it answered; `online()`: is the session up.
+    follow; `probe(domain)` pings a server and says whether it answered; `online()`: is the session up;
+    `present(jid)`: whether the contact has a client online now (their presence says so).
     """
 
     def __init__(
@@ -85,11 +86,13 @@ class Bounces:
         note: Callable[[str, str], None],
         probe: Callable[[str], Awaitable[bool]],
         online: Callable[[], bool],
+        present: Callable[[str], bool] = lambda jid: False,
     ):
         self._resend = resend
         self._note = note
         self._probe = probe
         self._online = online
+        self._present = present
         self._sent: OrderedDict[str, Sent] = OrderedDict()
         self._seq = 0
         self.unreachable: dict[str, Unreachable] = {}
@@ -126,9 +129,10 @@ class Bounces:
             # Not a reply to anything we sent that contact: it holds nothing and marks nobody.
             log.debug("error from %s to an unknown message %r (%s): ignored", frm, msg_id[:40], condition[:40])
             return
-        if resource and condition not in SERVER_DOWN:
+        if condition not in SERVER_DOWN and (resource or self._present(frm)):
             # One of the contact's clients is gone (a hibernated session that expired, XEP-0198,
-            # bounces what it held): their account still takes messages, nothing to hold.
+            # bounces what it held, from the bare JID when sent to it): their account still takes
+            # messages, and a client of theirs online got it too. Nothing to hold.
             log.info("message to %s not delivered to one of their clients (%s)", frm, condition[:40])
             return
         del self._sent[msg_id]

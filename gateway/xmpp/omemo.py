@@ -350,6 +350,7 @@ class Omemo(FrontEnd):
         self.store = JsonStore(store_path)
         self.failed: str | None = None  # why the library could not start, if it could not
         self._lock = asyncio.Lock()  # encrypted sends in order of request
+        self._alerts = asyncio.Lock()  # alerts in order of request, their device look-ups included
         self._repaired: dict[tuple[str, int], float] = {}
         self._withheld: set[tuple[str, str]] = set()  # (contact, why) already logged
         c = self.client
@@ -537,6 +538,10 @@ class Omemo(FrontEnd):
         asyncio.ensure_future(self._alert(out))
 
     async def _alert(self, out: Message) -> None:
+        async with self._alerts:  # FIFO: a "N alerts delayed" note stays ahead of the alerts
+            await self._alert_now(out)
+
+    async def _alert_now(self, out: Message) -> None:
         bare = out["to"].bare
         try:
             known = bool(await (await self.manager()).get_device_information(bare))

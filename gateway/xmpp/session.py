@@ -30,6 +30,7 @@ from .bounces import TRANSIENT, Bounces, Sent, alert_for
 from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
+from .floods import Floods  # the rate limits (gateway/floods.py)
 from .edge import Edge
 from .frontend import FrontEnd
 from ..hub import HealthState, Hub, Node, Problem
@@ -90,11 +91,12 @@ class Session:
         self._alert_ids: OrderedDict[str, None] = OrderedDict()  # ids of recent alert messages
         # Per contact, commands run one at a time in order of arrival.
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
-        self._recent: dict[str, deque[float]] = {}
+        self.floods = Floods(config.gateway, self.xcfg.jid.partition("@")[2])  # per contact and per remote server
         self._throttled: set[str] = set()
         self._sub_requests: dict[str, int] = {}
         # Messages to contacts that bounce (their server down, …): held and sent again (bounces.py).
-        self.bounces = Bounces(self._resend_held, self._tell_delayed, self._ping, self.online.is_set)
+        self.bounces = Bounces(self._resend_held, self._tell_delayed, self._ping, self.online.is_set,
+                               lambda jid: bool(self.client.client_roster[jid].resources))
         commands.unreachable = self.bounces.describe
         # Called with (alert, delayed) after an alert went to contacts: rooms post it too.
         self.alert_hooks: list = []
@@ -315,6 +317,8 @@ class Session:
         bare = pres["from"].bare.lower()
         item = self.client.client_roster[bare]
         if self.config.contact(bare) is None:
+            if not self.floods.refuse_stranger(bare):
+                return  # left pending on the server: refused when it offers it again, within the budget
             log.info("refused presence subscription from stranger %s", bare)
             item.unauthorize()
             self._sub_requests[bare] = self._sub_requests.get(bare, 0) + 1
@@ -532,15 +536,13 @@ class Session:
 
     def _within_rate(self, msg: Message, sender: str) -> bool:
         """Count a contact's message; over the limit, one notice (in clear: nothing was decrypted), then silence."""
-        if self.allow_rate(sender):
+        notice = self.floods.allow(sender)
+        if notice is None:
             self._throttled.discard(sender)
             return True
         if sender not in self._throttled:
             self._throttled.add(sender)
-            g = self.config.gateway
-            msg.reply(
-                f"Slow down: at most {g.rate_limit} commands per {g.rate_window:g} s. Ignoring your messages until then."
-            ).send()
+            msg.reply(notice).send()
         return False
 
     async def _answer(self, msg: Message, text: str, secure: bool) -> None:
@@ -591,23 +593,13 @@ class Session:
             return "Internal error while running that command; it has been logged."
 
     def allow_rate(self, jid: str) -> bool:
-        """Per-JID rate limit: at most `rate_limit` commands per `rate_window` seconds."""
-        g = self.config.gateway
-        now = time.monotonic()
-        q = self._recent.setdefault(jid, deque())
-        while q and now - q[0] > g.rate_window:
-            q.popleft()
-        if len(q) >= g.rate_limit:
-            return False
-        q.append(now)
-        if len(self._recent) > STRANGER_MEMORY:
-            self._recent.pop(next(iter(self._recent)))
-        return True
+        """Count a command of `jid`: False over its limit or its remote server's (gateway/floods.py)."""
+        return self.floods.allow(jid) is None
 
     def _refuse_stranger(self, msg: Message, sender: str) -> None:
-        log.info("ignored a message from stranger %s", sender)
-        if sender in self._strangers:
+        if sender in self._strangers or not self.floods.refuse_stranger(sender):
             return
+        log.info("refused a message from stranger %s", sender)
         self._strangers[sender] = None
         if len(self._strangers) > STRANGER_MEMORY:
             self._strangers.popitem(last=False)
