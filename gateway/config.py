@@ -139,7 +139,7 @@ class GatewaySection(Strict):
     rate_limit: int = Field(20, ge=1, le=10_000)
     rate_window: float = Field(10.0, gt=0, le=3600)
     # Commands the contacts on one remote server may send together per rate_window, and refusals
-    # its strangers may get (gateway/floods.py); default: 5 × rate_limit.
+    # its strangers may get (gateway/xmpp/floods.py); default: 5 × rate_limit.
     domain_rate_limit: int | None = Field(None, ge=1, le=100_000)
     # history.db writes (docs/faults.md): seconds between batches (default 60; a power cut loses at
     # most that much), SQLite's `synchronous`, and readings per field per second that reach the

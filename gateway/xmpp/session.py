@@ -30,7 +30,7 @@ from .bounces import TRANSIENT, Bounces, Sent, alert_for
 from . import redact
 from .control import Control, forms_in_order
 from .adhoc import AdHoc
-from .floods import Floods  # the rate limits (gateway/floods.py)
+from .floods import Floods  # the rate limits (gateway/xmpp/floods.py)
 from .edge import Edge
 from .frontend import FrontEnd
 from ..hub import HealthState, Hub, Node, Problem
@@ -593,7 +593,7 @@ class Session:
             return "Internal error while running that command; it has been logged."
 
     def allow_rate(self, jid: str) -> bool:
-        """Count a command of `jid`: False over its limit or its remote server's (gateway/floods.py)."""
+        """Count a command of `jid`: False over its limit or its remote server's (gateway/xmpp/floods.py)."""
         return self.floods.allow(jid) is None
 
     def _refuse_stranger(self, msg: Message, sender: str) -> None:

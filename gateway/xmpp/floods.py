@@ -18,7 +18,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 
-from .config import GatewaySection
+from ..config import GatewaySection
 
 log = logging.getLogger("iot_gateway.floods")
 
