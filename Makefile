@@ -6,8 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 APT    := prosody mosquitto mosquitto-clients socat openssl
 # Only the tests need these: systemd-analyze for the unit, Profanity under tmux as an XMPP
-# client not built on slixmpp, Debian's python3 with venv and wheel for `make install` into a folder.
-APT_TEST := systemd profanity tmux python3-venv python3-wheel
+# client not built on slixmpp, Debian's python3 with venv and wheel for `make install` into a folder,
+# and Prosody's unbound resolver (only recommended by prosody) for the federated servers' own DNS.
+APT_TEST := systemd profanity tmux python3-venv python3-wheel lua-unbound
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps test-deps venv test demo bench clean install uninstall
