@@ -23,8 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.lab import children
-from gateway.localservers import Prosody
+from bench.lab import Lab, children
 from tests.helpers import answering
 from tests.peer import Peer
 
@@ -82,21 +81,22 @@ def nspawn(root: Path, *cmd: str, timeout: float = 1800) -> str:
                f"--bind-ro={ROOT}:/opt/src", *cmd, timeout=timeout)
 
 
-def configure(root: Path, prosody: Prosody, password: str, alice: str) -> None:
+def configure(root: Path, lab: Lab) -> None:
     """The installed config, rewritten for the Prosody here (mode and owner as the install left them)."""
     etc = root / "etc/iot-gateway"
+    prosody = lab.prosody
     shutil.copy(prosody.ca_file, etc / "ca.pem")
     (etc / "ca.pem").chmod(0o644)
     (etc / "gateway.toml").write_text(f"""
 [gateway]
 name = "System GW"
 [xmpp]
-jid = "gateway@{prosody.domain}"
+jid = "{lab.jid('gateway')}"
 server = "{prosody.address}"
 ca_file = "/etc/iot-gateway/ca.pem"
 password_file = "/etc/iot-gateway/xmpp.pass"
 [[contacts]]
-jid = "{alice}"
+jid = "{lab.jid('alice')}"
 role = "admin"
 [[devices]]
 id = "sim"
@@ -106,7 +106,7 @@ interval = 5
   name = "temp"
   unit = "°C"
 """)
-    (etc / "xmpp.pass").write_text(password + "\n")
+    (etc / "xmpp.pass").write_text(lab.passwords["gateway"] + "\n")
 
 
 def container_init(nspawn_pid: int) -> int:
@@ -175,9 +175,10 @@ def until(what: str, test: Callable[[], bool], seconds: float) -> float:
     raise Failed(f"{what}: not within {seconds:g} s")
 
 
-async def chat(prosody: Prosody, alice: str, password: str, gateway: str, plot: bool = False) -> str:
-    """`status` (asked until the gateway is online), or with `plot`, the answer to a `plot`."""
-    peer = await Peer(alice, password, prosody.address, prosody.ca_file).start()
+async def chat(lab: Lab, plot: bool = False) -> str:
+    """alice's `status` (asked until the gateway is online), or with `plot`, the answer to a `plot`."""
+    gateway = lab.jid("gateway")
+    peer = await Peer(lab.jid("alice"), lab.passwords["alice"], lab.prosody.address, lab.prosody.ca_file).start()
     try:
         status = await answering(peer, gateway, "System GW")
         if not plot:
@@ -207,13 +208,9 @@ def main() -> int:
         prepare(root)
         say(t0, "make install (not booted: enabled, not started)")
         print(nspawn(root, "make", "-C", "/opt/src", "install"), flush=True)
-        prosody = Prosody(work / "prosody")
-        passwords = {user: secrets.token_urlsafe(12) for user in ("gateway", "alice")}
-        for user, password in passwords.items():
-            prosody.register(user, password)
-        prosody.start()
-        alice, gateway = f"alice@{prosody.domain}", f"gateway@{prosody.domain}"
-        configure(root, prosody, passwords["gateway"], alice)
+        lab = Lab(work / "servers")  # Prosody (and Mosquitto) on loopback, shared with the container
+        lab.start()
+        configure(root, lab)
         machine = Machine(root, work / "boot.log")
         try:
             say(t0, "boot")
@@ -225,7 +222,7 @@ def main() -> int:
             say(t0, f"active (READY=1) {figures['boot to active']:.1f} s after boot; STATUS={status!r}")
             if not status:
                 raise Failed("no STATUS= from the service")
-            reply = asyncio.run(chat(prosody, alice, passwords["alice"], gateway))
+            reply = asyncio.run(chat(lab))
             say(t0, f"chat `status`: {reply.splitlines()[0]!r}")
             if not reply.startswith("System GW"):
                 raise Failed(f"`status` was not answered: {reply!r}")
@@ -249,7 +246,7 @@ def main() -> int:
             # A plot under the unit's hardening (MemoryDenyWriteExecute, the system call filter):
             # drawn by a child process; the gateway's own process never maps matplotlib.
             begin = time.monotonic()
-            url = asyncio.run(chat(prosody, alice, passwords["alice"], gateway, plot=True))
+            url = asyncio.run(chat(lab, plot=True))
             figures["plot"] = time.monotonic() - begin
             pid = machine.show("MainPID")
             maps = machine.sh(f"grep -c matplotlib /proc/{pid}/maps", check=False)
@@ -274,7 +271,7 @@ def main() -> int:
             return 1
         finally:
             machine.poweroff()
-            prosody.stop()
+            lab.stop()
     print("test-system: OK; " + ", ".join(f"{k} {v:.1f} s" for k, v in figures.items()))
     return 0
 
