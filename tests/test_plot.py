@@ -512,6 +512,26 @@ async def test_rendering_runs_in_a_child_process() -> None:
     assert commands.plots.worker.pid is None  # closed with the gateway
 
 
+async def test_the_drawing_process_ends_when_idle_and_the_next_plot_starts_another() -> None:
+    commands = Commands(hub_with_series())
+    commands.plots.uploads = uploads = FakeUploads()
+    commands.plots.worker.idle = 0.2
+    try:
+        assert isinstance(await commands.run("plot sim.temp 1h", VIEWER), Picture)
+        first = commands.plots.worker.pid
+        assert first is not None
+        for _ in range(100):  # bounded: 10 s
+            if not Path(f"/proc/{first}").exists():
+                break
+            await asyncio.sleep(0.1)
+        assert not Path(f"/proc/{first}").exists() and commands.plots.worker.pid is None
+        assert isinstance(await commands.run("plot sim.temp 1h", VIEWER), Picture)
+        assert commands.plots.worker.pid not in (None, first)
+    finally:
+        await commands.plots.close()
+    assert len(uploads.files) == 2
+
+
 async def test_a_render_that_fails_answers_with_a_clear_error() -> None:
     commands = Commands(hub_with_series())
     commands.plots.uploads = FakeUploads()
