@@ -76,20 +76,23 @@ class Worker:
                 self._retire = None
             try:
                 async with asyncio.timeout(self.deadline):
-                    answer = await self._exchange(request)
+                    return await self._exchange(request)
+            except WorkFailed:
+                raise  # a whole answer: the child is fine
             except TimeoutError:
                 await self.close()
                 raise WorkerFailed(f"{self.name} took longer than {self.deadline:g} s") from None
-            except (OSError, EOFError, asyncio.IncompleteReadError, ValueError) as e:
+            except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as e:
                 code = await self.close()
                 if code is not None and code < 0:
-                    raise WorkerFailed(f"{self.name} was killed ({signal.Signals(-code).name})") from None
+                    raise WorkerFailed(f"{self.name} was killed ({_signal_name(-code)})") from None
                 raise WorkerFailed(f"{self.name} failed ({type(e).__name__}: {e})") from None
             except BaseException:
                 await self.close()  # cancelled mid-answer: the pipe is out of step
                 raise
-            self._retire = asyncio.get_running_loop().call_later(self.idle, self._end_idle)
-            return answer
+            finally:
+                if self.proc is not None:
+                    self._retire = asyncio.get_running_loop().call_later(self.idle, self._end_idle)
 
     async def _exchange(self, request: object) -> bytes:
         if self.proc is None or self.proc.returncode is not None:
@@ -134,6 +137,13 @@ class Worker:
                 await task
         proc, self.proc = self.proc, None
         return None if proc is None else await _end(proc, kill=True)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 async def _end(proc: asyncio.subprocess.Process, kill: bool) -> int:
