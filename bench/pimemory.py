@@ -1,5 +1,5 @@
 """The gateway's memory as a small Pi sees it: `python -m bench.pimemory` prints VmRSS idle, after a
-`plot … 24h` (the gateway alone, and with its drawing process) and STEADY seconds after it, with
+`plot … 24h` over a day of readings (or `python -m bench.pimemory N`: N readings; the gateway alone, and with its drawing process) and STEADY seconds after it, with
 OMEMO off and, when its packages are installed, on. Meant for the Pi userland under QEMU
 (`../shared/tools/pi-userland.sh` with RUN=...; docs/raspberry-pi.md has the table): it builds no
 venv, the gateway runs with this interpreter, and the waits are long enough for emulation.
@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .clients import Client, within
@@ -28,11 +30,23 @@ def mib(mb: float) -> float:
     return mb * MB / MIB
 
 
-async def measure(lab: Lab, alice: Client, work: Path, omemo: str) -> list[float]:
+def python_floor() -> float:
+    """VmRSS in MiB of an idle `python -c` here: under QEMU user-mode emulation every figure
+    includes the emulator's own memory (its translated-code cache), and this shows how much."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(SETTLE)
+        return mib(rss(proc.pid))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+async def measure(lab: Lab, alice: Client, work: Path, omemo: str, readings: int) -> list[float]:
     """[idle, after a plot, after a plot with the drawing process, STEADY s later with children] in MiB."""
-    data = lab.config(f"pi-{omemo}", devices(), history_size=READINGS)
+    data = lab.config(f"pi-{omemo}", devices(), history_size=readings)
     data["xmpp"]["omemo"] = omemo
-    fill_history(Path(data["gateway"]["state_dir"]), ["sim.temp"], READINGS, every=1.0)
+    fill_history(Path(data["gateway"]["state_dir"]), ["sim.temp"], readings, every=1.0)
     gw = GatewayProcess(work / f"pi-{omemo}", data)
     jid = lab.jid("gateway")
     try:
@@ -55,7 +69,7 @@ async def measure(lab: Lab, alice: Client, work: Path, omemo: str) -> list[float
     return [mib(v) for v in (idle, after, with_drawing, steady)]
 
 
-async def run(lab: Lab, work: Path) -> None:
+async def run(lab: Lab, work: Path, readings: int) -> None:
     alice = await lab.client("alice").start()
     try:
         policies = ["off"]
@@ -65,24 +79,27 @@ async def run(lab: Lab, work: Path) -> None:
             policies.append("accept")
         except ImportError:
             print("OMEMO packages not installed here: measured without OMEMO only", flush=True)
-        print(f"{platform.machine()}, Python {platform.python_version()}, {READINGS:,} readings; VmRSS in MiB", flush=True)
+        print(f"{platform.machine()}, Python {platform.python_version()}, {readings:,} readings; VmRSS in MiB; "
+              f"an idle `python -c`: {python_floor():.1f}", flush=True)
         print("| omemo | idle | after a plot | with the drawing process | 30 s later (with children) |")
         print("|-------|------|--------------|--------------------------|----------------------------|")
         for policy in policies:
-            row = await measure(lab, alice, work, policy)
+            row = await measure(lab, alice, work, policy, readings)
             print(f"| {policy} | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
     finally:
         await alice.stop()
 
 
 def main() -> int:
-    """Start Prosody and Mosquitto, measure, print the table."""
+    """Start Prosody and Mosquitto, measure, print the table; argv[1]: readings in the history
+    (default a day at 1/s, as bench plot_rss)."""
+    readings = int(sys.argv[1]) if len(sys.argv) > 1 else READINGS
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="iot-gateway-pimemory-") as tmp:
         lab = Lab(Path(tmp))
         lab.start()
         try:
-            asyncio.run(run(lab, Path(tmp)))
+            asyncio.run(run(lab, Path(tmp), readings))
         finally:
             lab.stop()
     return 0
