@@ -3,8 +3,9 @@
 `render` draws with matplotlib (Agg) in a child process (gateway.plotworker),
 started on the first plot and ended after WORKER_IDLE seconds without one: the
 gateway never imports matplotlib, so neither its start-up time nor its memory
-after a plot change (a drawing in the gateway itself kept ~50 MB for good). Sparklines (`▁▂▃▄▅▆▇█`) need nothing beyond the standard
-library: they answer when there is no picture, and top `history` replies.
+after a plot change (drawing in the gateway itself kept ~45 MB for good).
+Sparklines (`▁▂▃▄▅▆▇█`) need nothing beyond the standard library: they answer
+when there is no picture, and top `history` replies.
 
 The hub's history keeps readings, not device health, so an offline or stale
 stretch shows as a gap between readings: the line is broken wherever two
