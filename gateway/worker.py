@@ -82,10 +82,12 @@ class Worker:
             except TimeoutError:
                 await self.close()
                 raise WorkerFailed(f"{self.name} took longer than {self.deadline:g} s") from None
-            except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as e:
+            except EOFError:  # its output ended mid-answer: it died
                 code = await self.close()
-                if code is not None and code < 0:
-                    raise WorkerFailed(f"{self.name} was killed ({_signal_name(-code)})") from None
+                how = f" (killed by {_signal_name(-code)})" if code is not None and code < 0 else ""
+                raise WorkerFailed(f"{self.name} ended without answering{how}") from None
+            except (OSError, ValueError, asyncio.LimitOverrunError) as e:
+                await self.close()
                 raise WorkerFailed(f"{self.name} failed ({type(e).__name__}: {e})") from None
             except BaseException:
                 await self.close()  # cancelled mid-answer: the pipe is out of step

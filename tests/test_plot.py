@@ -576,7 +576,8 @@ async def test_a_killed_drawing_process_gives_a_sparkline_and_the_next_plot_a_pi
         second = await commands.run("plot sim.temp 1h", VIEWER)
     finally:
         await commands.plots.close()
-    assert first.startswith("No picture: the drawing process was killed (SIGKILL). Over the last 1h:"), first
+    # "(killed by SIGKILL)" follows when asyncio's child watcher got the exit status (not always in a full run).
+    assert first.startswith("No picture: the drawing process ended without answering"), first
     rising(first)
     assert isinstance(second, Picture) and len(uploads.files) == 1
     assert Image.open(io.BytesIO(uploads.files[0])).size == plot.SIZE
