@@ -11,7 +11,7 @@ APT    := prosody mosquitto mosquitto-clients socat openssl
 APT_TEST := systemd profanity tmux python3-venv python3-wheel lua-unbound
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps test-deps venv test demo bench clean install uninstall
+.PHONY: all deps test-deps venv test test-system demo bench clean install uninstall
 
 all: test
 
@@ -38,6 +38,12 @@ $(BIN)/.installed: pyproject.toml | deps
 
 test: test-deps venv
 	$(BIN)/python -m pytest
+
+# Opt-in, as root: `make install` booted under a real systemd (systemd-nspawn of a debootstrapped
+# bookworm): active, READY, a chat `status`, a watchdog restart, a clean stop (tests/system.py).
+test-system: test-deps venv
+	@command -v systemd-nspawn >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq systemd-container debootstrap; }
+	$(SUDO) $(BIN)/python -m tests.system
 
 # `make demo SECOND_SERVER=1`: you on another server than the gateway (docs/federation.md).
 demo: deps venv

@@ -141,6 +141,29 @@ class GatewayProcess:
         stop_process(proc, grace=10)
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the gateway's drawing process)."""
+    kids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{pid}\n" in status.read_text():
+                kids.append(int(status.parent.name))
+        except OSError:
+            pass  # ended meanwhile
+    return kids
+
+
+def tree_rss(pid: int) -> float:
+    """VmRSS of process `pid` and its children, in MB: what the service costs the machine."""
+    total = rss(pid)
+    for kid in children(pid):
+        try:
+            total += rss(kid)
+        except (OSError, RuntimeError):
+            pass  # ended meanwhile
+    return total
+
+
 def rss(pid: int) -> float:
     """VmRSS of process `pid` in MB (10^6 bytes)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

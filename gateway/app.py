@@ -136,6 +136,7 @@ class Gateway:
                 log.exception("%s: error while stopping", dev_id)
         self.drivers.clear()
         self.watches.stop()  # after the drivers: their going down at stop is not news
+        await self.commands.plots.close()
         self.state.stop()
         if self.state.readonly is None:
             try:

@@ -1,9 +1,11 @@
 """Plots of field history: a PNG line chart for the chat, and text sparklines.
 
-`render` draws with matplotlib (Agg), imported on the first plot only, so the
-gateway's start-up time and idle memory do not change; it blocks, so callers run
-it in an executor. Sparklines (`▁▂▃▄▅▆▇█`) need nothing beyond the standard
-library: they answer when there is no picture, and top `history` replies.
+`render` draws with matplotlib (Agg) in a child process (gateway.plotworker),
+started on the first plot and ended after WORKER_IDLE seconds without one: the
+gateway never imports matplotlib, so neither its start-up time nor its memory
+after a plot change (drawing in the gateway itself kept ~45 MB for good).
+Sparklines (`▁▂▃▄▅▆▇█`) need nothing beyond the standard library: they answer
+when there is no picture, and top `history` replies.
 
 The hub's history keeps readings, not device health, so an offline or stale
 stretch shows as a gap between readings: the line is broken wherever two
@@ -18,8 +20,8 @@ was offline) breaks both.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
+import importlib.util
 import io
 import logging
 import math
@@ -27,7 +29,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 from .auth import Actor
 from .hub import Field
 from .values import fmt
+from .worker import Worker, WorkerFailed, WorkFailed, python_module
 
 if TYPE_CHECKING:
     from .watches import Watches
@@ -44,7 +46,9 @@ log = logging.getLogger("iot_gateway.plot")
 SIZE = (800, 480)  # pixels: a phone screen's width, landscape
 DPI = 100
 MAX_FIELDS = 4
-MAX_WAITING = 4  # plots being drawn or waiting for the plot thread; more are told to try again
+MAX_WAITING = 4  # plots being drawn or waiting for the drawing process; more are told to try again
+DRAW_DEADLINE = 60.0  # seconds for one picture, the drawing process's start (matplotlib's import) included
+WORKER_IDLE = 20.0  # seconds without a plot after which the drawing process ends
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 32
 # Line colours, one per field (matplotlib's tab10); tests look for the first one's pixels.
@@ -152,9 +156,9 @@ class Plots:
         # matplotlib's font cache; its default (~/.cache) is read-only under systemd's ProtectHome,
         # and a cache rebuilt on each restart would make every first plot slow.
         self.cache_dir: Path | None = None
-        # One thread draws, one plot at a time: a Pi has few cores, and each thread that
-        # draws would keep a malloc arena of its own (tens of MB) for the life of the process.
-        self._pool: ThreadPoolExecutor | None = None
+        # One process draws, one plot at a time: a Pi has few cores and little memory.
+        self.worker = Worker("the drawing process", python_module("gateway.plotworker"),
+                             deadline=DRAW_DEADLINE, idle=WORKER_IDLE, env=self._worker_env)
         self._waiting = 0
 
     async def answer(self, fields: list[Field], window: float, label: str, actor: Actor,
@@ -184,27 +188,44 @@ class Plots:
             title = f"No picture: {str(e).rstrip('.')}. {over}:"
             return "\n".join([title, *sparklines(chart)])
 
+    async def close(self) -> None:
+        """End the drawing process, if one runs."""
+        await self.worker.close()
+
     async def _render(self, chart: Chart) -> bytes:
         if self._waiting >= MAX_WAITING:
             raise PlotError("busy drawing other plots; try again in a moment")
-        if self.cache_dir is not None and "MPLCONFIGDIR" not in os.environ:
-            try:
-                self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.environ["MPLCONFIGDIR"] = str(self.cache_dir)
-            except OSError as e:
-                log.warning("cannot use %s for matplotlib's cache: %s", self.cache_dir, e)
+        if importlib.util.find_spec("matplotlib") is None:  # no process started to learn that
+            raise _not_installed("matplotlib")
         self._waiting += 1
+        refs = ", ".join(s.ref for s in chart.series)
         try:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plot")
-            return await asyncio.get_running_loop().run_in_executor(self._pool, _render_and_trim, chart)
-        except ImportError as e:
-            raise NoPicture(f"the plotting library is not installed ({e.name or e}); for pictures: {PLOT_INSTALL}") from None
-        except Exception as e:
-            log.exception("rendering a plot of %s failed", ", ".join(s.ref for s in chart.series))
-            raise PlotError(f"could not draw the plot ({type(e).__name__}: {e})") from None
+            return await self.worker.ask(chart)
+        except WorkFailed as e:
+            if e.missing:
+                raise _not_installed(e.missing) from None
+            log.error("rendering a plot of %s failed: %s: %s", refs, e.kind, e)
+            raise PlotError(f"could not draw the plot ({e.kind}: {e})") from None
+        except WorkerFailed as e:
+            log.warning("no picture for a plot of %s: %s", refs, e)
+            raise NoPicture(str(e)) from None
         finally:
             self._waiting -= 1
+
+    def _worker_env(self) -> dict[str, str]:
+        """The drawing process's environment: the gateway's, with matplotlib's cache in the state folder."""
+        env = dict(os.environ)
+        if self.cache_dir is not None and "MPLCONFIGDIR" not in env:
+            try:
+                self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                env["MPLCONFIGDIR"] = str(self.cache_dir)
+            except OSError as e:
+                log.warning("cannot use %s for matplotlib's cache: %s", self.cache_dir, e)
+        return env
+
+
+def _not_installed(module: str) -> NoPicture:
+    return NoPicture(f"the plotting library is not installed ({module}); for pictures: {PLOT_INSTALL}")
 
 
 def check_fields(fields: list[Field]) -> None:
@@ -328,8 +349,9 @@ def sparklines(chart: Chart) -> list[str]:
 
 
 def render(chart: Chart) -> bytes:
-    """The chart as a PNG of `chart.size` pixels. Blocking (a good part of a second on a Pi):
-    run it in an executor. Raises ImportError without matplotlib."""
+    """The chart as a PNG of `chart.size` pixels. Blocking (a good part of a second on a Pi)
+    and heavy: the gateway runs it in the drawing process (gateway.plotworker). Raises
+    ImportError without matplotlib."""
     import numpy as np
     from dateutil import tz
     from matplotlib import dates as mdates
@@ -385,20 +407,6 @@ def render(chart: Chart) -> bytes:
     fig.savefig(buf, format="png", dpi=DPI)
     fig.clear()  # a figure is a web of cycles: cut them, so it goes now rather than at the next full gc
     return buf.getvalue()
-
-
-def _render_and_trim(chart: Chart) -> bytes:
-    """`render`, then hand the memory it freed back to the system (glibc keeps it otherwise:
-    about 25 MB after a day of readings)."""
-    try:
-        return render(chart)
-    finally:
-        try:
-            import ctypes
-
-            ctypes.CDLL(None).malloc_trim(0)
-        except (OSError, AttributeError):
-            pass  # not glibc
 
 
 def _points(np, s: Series, start: float, end: float, columns: int):  # type: ignore[no-untyped-def]

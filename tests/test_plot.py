@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import os
 import re
 import secrets
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -35,8 +35,11 @@ from gateway.hub import FieldSpec, History, Hub, Reading
 from gateway.demo.localservers import Prosody, free_port
 from gateway.plot import COLORS, SPARK, THRESHOLD_COLOR, Chart, Picture, Series
 from gateway.xmpp.session import STRANGER_REPLY
+from gateway.worker import Worker
+from bench.lab import children
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.peer import Peer
+from tests.test_systemd import MDWE_WRAPPER, FakeSystemd, fake_systemd, gateway_env, stop_gateway, wait_ready, write_config
 
 OOB = "jabber:x:oob"
 UPLOAD = "urn:xmpp:http:upload:0"
@@ -153,6 +156,47 @@ async def test_viewer_gets_the_plot_as_an_inline_picture(
     dashed = sorted(y for _x, y in pixels(img, THRESHOLD_COLOR, tolerance=90))
     assert len(dashed) > 100
     assert sum(right) / len(right) < dashed[len(dashed) // 2] < sum(left) / len(left)
+
+
+def mapped(pid: int, name: str) -> bool:
+    """Whether process `pid` has a file with `name` in its path mapped (a library it imported)."""
+    return name in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_the_gateway_draws_in_a_child_process_and_keeps_no_matplotlib(
+    xmpp_server: XmppServer, tmp_path: Path, peers: dict[str, Peer], fake_systemd: tuple[FakeSystemd, str]
+) -> None:
+    """`python -m gateway run` under PR_SET_MDWE (the unit's MemoryDenyWriteExecute, which the
+    drawing process inherits): the picture arrives, drawn by a child that has matplotlib loaded,
+    while the gateway process never maps it (so its memory after a plot stays as it was)."""
+    fake, path = fake_systemd
+    cfg = write_config(tmp_path, xmpp_server)
+    cfg.chmod(0o600)
+    env = gateway_env(NOTIFY_SOCKET=path, IOT_GATEWAY_XMPP_PASSWORD=xmpp_server.passwords["gateway"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MDWE_WRAPPER, "run", "--config", str(cfg)],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        ready = await wait_ready(fake, proc)
+        if proc.poll() == 77:
+            pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+        assert ready and proc.poll() is None
+        url = await peers["victor"].ask_for(
+            xmpp_server.jid("gateway"), "plot sim.temp 1m", lambda body: body.startswith(("https://", "No picture")), timeout=60
+        )
+        assert url.startswith("https://"), url
+        assert not mapped(proc.pid, "matplotlib")
+        drawers = [pid for pid in children(proc.pid) if mapped(pid, "matplotlib")]  # ended WORKER_IDLE s after the plot
+        assert len(drawers) == 1
+    finally:
+        code, err = stop_gateway(proc) if proc.poll() is None else (proc.returncode, proc.stderr.read() if proc.stderr else "")
+    assert code == 0 and "Traceback" not in err, err
+    img = Image.open(io.BytesIO(await asyncio.to_thread(fetch, url, xmpp_server.prosody.ca_file)))
+    assert img.format == "PNG" and img.size == plot.SIZE
+    # The seconds of readings since the start: a short line or a dot at the right edge.
+    drawn = pixels(img, COLORS[0])
+    assert drawn and all(x > 0.9 * img.size[0] for x, _y in drawn), drawn
 
 
 async def test_plot_in_a_team_room_is_the_bare_url_with_oob(
@@ -448,44 +492,108 @@ async def test_history_has_a_sparkline_on_top() -> None:
     assert len(heights) == plot.SPARK_WIDTH and heights[:8] == [0] * 8 and heights[-8:] == [7] * 8
 
 
-async def test_rendering_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    threads: list[int] = []
-    real = plot.render
+def drawing_process(commands: Commands, code: str, deadline: float = plot.DRAW_DEADLINE) -> None:
+    """Make `commands` draw in a child that runs `code` first (with `plot` and `os` imported),
+    as a stand-in for a broken or missing matplotlib there."""
+    child = f"import os\nfrom gateway import plot, plotworker\n{code}\nplotworker.main()"
+    commands.plots.worker = Worker("the drawing process", [sys.executable, "-c", child],
+                                   deadline=deadline, idle=plot.WORKER_IDLE)
 
-    def render(chart: Chart) -> bytes:
-        threads.append(threading.get_ident())
-        return real(chart)
 
-    monkeypatch.setattr(plot, "render", render)
+async def test_rendering_runs_in_a_child_process() -> None:
     commands = Commands(hub_with_series())
     commands.plots.uploads = uploads = FakeUploads()
-    reply = await commands.run("plot sim.temp 1h", VIEWER)
+    try:
+        reply = await commands.run("plot sim.temp 1h", VIEWER)
+        child = commands.plots.worker.pid
+    finally:
+        await commands.plots.close()
     assert isinstance(reply, Picture) and reply.startswith("https://files.example/plot-")
-    assert threads and threads[0] != threading.get_ident()
+    assert child is not None and child != os.getpid()
+    assert Image.open(io.BytesIO(uploads.files[0])).size == plot.SIZE
+    assert commands.plots.worker.pid is None  # closed with the gateway
+
+
+async def test_the_drawing_process_ends_when_idle_and_the_next_plot_starts_another() -> None:
+    commands = Commands(hub_with_series())
+    commands.plots.uploads = uploads = FakeUploads()
+    commands.plots.worker.idle = 0.2
+    try:
+        assert isinstance(await commands.run("plot sim.temp 1h", VIEWER), Picture)
+        first = commands.plots.worker.pid
+        assert first is not None
+        for _ in range(100):  # bounded: 10 s
+            if not Path(f"/proc/{first}").exists():
+                break
+            await asyncio.sleep(0.1)
+        assert not Path(f"/proc/{first}").exists() and commands.plots.worker.pid is None
+        assert isinstance(await commands.run("plot sim.temp 1h", VIEWER), Picture)
+        assert commands.plots.worker.pid not in (None, first)
+    finally:
+        await commands.plots.close()
+    assert len(uploads.files) == 2
+
+
+async def test_a_render_that_fails_answers_with_a_clear_error() -> None:
+    commands = Commands(hub_with_series())
+    commands.plots.uploads = FakeUploads()
+    drawing_process(commands, "def broken(chart):\n    raise ValueError('no room for the axes')\nplot.render = broken")
+    try:
+        assert await commands.run("plot sim.temp 1h", VIEWER) == (
+            "Error: could not draw the plot (ValueError: no room for the axes)."
+        )
+    finally:
+        await commands.plots.close()
+
+
+async def test_without_matplotlib_the_plot_is_a_sparkline() -> None:
+    commands = Commands(hub_with_series())
+    commands.plots.uploads = FakeUploads()
+    drawing_process(commands, "import sys\nsys.modules['matplotlib'] = None  # as if not installed")
+    try:
+        reply = await commands.run("plot sim.temp 1h", VIEWER)
+    finally:
+        await commands.plots.close()
+    assert reply.startswith("No picture: the plotting library is not installed (matplotlib")
+    rising(reply)
+
+
+async def test_a_killed_drawing_process_gives_a_sparkline_and_the_next_plot_a_picture(tmp_path: Path) -> None:
+    """The first drawing process dies of SIGKILL while drawing (as the OOM killer would do it);
+    the reply says so over sparklines, and the next plot starts a new process."""
+    marker = tmp_path / "killed-once"
+    commands = Commands(hub_with_series())
+    commands.plots.uploads = uploads = FakeUploads()
+    drawing_process(commands, (
+        "real = plot.render\n"
+        "def once(chart):\n"
+        f"    if not os.path.exists({str(marker)!r}):\n"
+        f"        open({str(marker)!r}, 'w').close()\n"
+        "        os.kill(os.getpid(), 9)\n"
+        "    return real(chart)\n"
+        "plot.render = once"
+    ))
+    try:
+        first = await commands.run("plot sim.temp 1h", VIEWER)
+        second = await commands.run("plot sim.temp 1h", VIEWER)
+    finally:
+        await commands.plots.close()
+    # "(killed by SIGKILL)" follows when asyncio's child watcher got the exit status (not always in a full run).
+    assert first.startswith("No picture: the drawing process ended without answering"), first
+    rising(first)
+    assert isinstance(second, Picture) and len(uploads.files) == 1
     assert Image.open(io.BytesIO(uploads.files[0])).size == plot.SIZE
 
 
-async def test_a_render_that_fails_answers_with_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(chart: Chart) -> bytes:
-        raise ValueError("no room for the axes")
-
-    monkeypatch.setattr(plot, "render", broken)
+async def test_a_drawing_past_its_deadline_gives_a_sparkline() -> None:
     commands = Commands(hub_with_series())
     commands.plots.uploads = FakeUploads()
-    assert await commands.run("plot sim.temp 1h", VIEWER) == (
-        "Error: could not draw the plot (ValueError: no room for the axes)."
-    )
-
-
-async def test_without_matplotlib_the_plot_is_a_sparkline(monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing(chart: Chart) -> bytes:
-        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
-
-    monkeypatch.setattr(plot, "render", missing)
-    commands = Commands(hub_with_series())
-    commands.plots.uploads = FakeUploads()
-    reply = await commands.run("plot sim.temp 1h", VIEWER)
-    assert reply.startswith("No picture: the plotting library is not installed (matplotlib")
+    drawing_process(commands, "import time\nplot.render = lambda chart: time.sleep(60)", deadline=1)
+    try:
+        reply = await commands.run("plot sim.temp 1h", VIEWER)
+    finally:
+        await commands.plots.close()
+    assert reply.startswith("No picture: the drawing process took longer than 1 s. Over the last 1h:"), reply
     rising(reply)
 
 
