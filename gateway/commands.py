@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import statistics
 import textwrap
 import time
@@ -294,7 +295,7 @@ class Commands:
         if len(args) >= 2 and not args[1].isdigit():
             w = parse_window(args[1:], now)
             plain = len(args) == 2 and ".." not in args[1]  # the last 15m, 6h, …: memory may hold it all
-            if self.store is not None and not (plain and _in_memory(f, w)):
+            if self.store is not None and not (plain and await self._from_memory(f, w)):
                 return await self._history_stored(f, w, now)
             if not plain:
                 raise UsageError(f"{' '.join(args[1:])[:40]} needs history.db (a gateway with a state folder)")
@@ -391,9 +392,15 @@ class Commands:
         fields = [self.hub.field(ref) for ref in refs]
         check_fields(fields)
         series = None
-        if self.store is not None and (w.end < now or not all(_in_memory(f, w) for f in fields)):
+        if self.store is not None and (w.end < now or not all([await self._from_memory(f, w) for f in fields])):
             series = [await self._buckets(f, w) for f in fields]
         return await self.plots.answer(fields, window, label, actor, self.watches, _aside.get(), series, w.end)
+
+    async def _from_memory(self, f: Field, w: Window) -> bool:
+        """Memory answers a window it reaches back to, or when history.db holds nothing older than it:
+        a young gateway's readings in memory are all there is."""
+        first = f.history[0].time if f.history else math.inf
+        return _in_memory(f, w) or (self.store is not None and await self.store.oldest(f) >= first)
 
     async def _buckets(self, f: Field, w: Window) -> Series:
         """A field's rollups over a window, as a plot's mean line and min–max band."""
@@ -417,7 +424,7 @@ class Commands:
         f = self.hub.field(args[0])
         now = time.time()
         w = parse_window(args[1:], now)
-        if self.store is None or (_in_memory(f, w) and w.by is None):
+        if self.store is None or (await self._from_memory(f, w) and w.by is None):
             head, rows = csv_readings(*f.history.since(w.start), w.end)
             rows, what = rows[-EXPORT_ROWS:], "readings"
         else:

@@ -484,6 +484,12 @@ class HistoryStore:
         since = min([*stored.values(), mem_start, *(b.t for b in shown)], default=math.inf)
         return Answer(res, shown, summary, since)
 
+    async def oldest(self, f: Field) -> float:
+        """Before what history.db may hold readings of `f`: its oldest reading, or its oldest bucket's end."""
+        async with self._lock:
+            stored = await asyncio.get_running_loop().run_in_executor(self._pool, self._stored_span, f.ref)
+        return min([stored.get(0, math.inf), *(t + res for res, t in stored.items() if res)])
+
     def disk(self) -> str:
         """history.db's size now, and when full for the fields it holds at one reading per second
         (status, for admins)."""
