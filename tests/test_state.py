@@ -56,7 +56,7 @@ def collect(g: Gateway) -> list[Alert]:
 
 
 async def run(g: Gateway, text: str) -> str:
-    return await g.commands.run(text, ALICE, styled=False)
+    return await g.commands.run(text, ALICE)
 
 
 def stored(state_dir: Path, name: str) -> Any:
@@ -139,7 +139,7 @@ async def test_full_disk_replies_say_not_saved_and_nothing_is_lost_once_space_is
     g2 = Gateway(config(tiny_fs))
     await g2.start()
     try:
-        assert await run(g2, "watches") == "1 watches:\n#2   sim.temp < 0  — ok"
+        assert await run(g2, "watches") == "1 watches:\n#2  sim.temp < 0  ok"
         assert "sim.speed" in g2.reverts.pending
     finally:
         await g2.stop()
@@ -214,7 +214,7 @@ async def test_ack_survives_a_restart(tmp_path: Path) -> None:
     try:
         g2.hub.push("sim", "temp", 21)
         assert alerts == []  # old code: the watch fired again at start
-        assert await run(g2, "watches") == "1 watches:\n#1   sim.temp > 10 interval 1s  — FIRING (acked)"
+        assert await run(g2, "watches") == "1 watches:\n#1  sim.temp > 10 interval 1s  FIRING (acked)"
         g2.hub.push("sim", "temp", 5)
         assert [a.text for a in alerts] == ["CLEARED #1 sim.temp > 10 interval 1s: now 5 °C"]
         assert stored(tmp_path / "state", "watches.json")["watches"][0]["acked"] is False
