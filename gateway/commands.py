@@ -465,14 +465,14 @@ class Commands:
         ws = self.watches.visible(actor.jid, actor.role == "admin")
         if not ws:
             return "No watches. Add one like: watch device.field > 30"
-        rows, owners = [], []
+        states = []  # under each watch's row: a phone's line holds the condition, not its state too
         for w in ws:
             state = "FIRING" + (" (acked)" if w.acked else "") if w.firing else "ok"
             if self.watches.missing(w.id):  # its device or field went away (a Zigbee device removed)
                 state = "waiting: the device or field is gone"
-            rows.append((f"#{w.id}", w.describe(), state))
-            owners.append(f"of {w.owner}" if w.owner != actor.jid else "")
-        return "\n".join([f"{len(ws)} watches:", *fit(rows, notes=owners)])
+            states.append(state + (f", of {w.owner}" if w.owner != actor.jid else ""))
+        rows = [(f"#{w.id}", w.describe(), "") for w in ws]
+        return "\n".join([f"{len(ws)} watches:", *fit(rows, notes=states)])
 
     async def unwatch(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None

@@ -114,7 +114,7 @@ async def test_ack_silences_until_clear(gw: Gateway) -> None:
     ("watch sim.nope > 1", "Error: sim has no field 'nope'; it has: temp, relay, speed."),
     ("watch sim online", "Error: For a device say `watch sim offline`; for a value, `watch sim.FIELD > 30`."),
     ("watch sim.temp > 3 interval soon", "Error: 'soon' is not a duration (use 30s, 15m, 6h, 2d)."),
-    ("unwatch x", "Give the watch number, as listed by watches. Usage: unwatch ID"),
+    ("unwatch x", "Give the watch number, as listed by watches. Usage: unwatch ID (more: help unwatch)"),
     ("unwatch 99", "Error: No watch #99 of yours."),
 ])
 async def test_bad_watch_commands_get_clear_errors(gw: Gateway, cmd: str, error: str) -> None:
@@ -131,9 +131,9 @@ async def test_watches_survive_restart_and_are_listed(tmp_path: Path) -> None:
     g2 = Gateway(config(tmp_path))
     await g2.start()
     try:
-        assert await run(g2, "watches", VICTOR) == "1 watches:\n#1  sim.temp >= 25  ok"
+        assert await run(g2, "watches", VICTOR) == "1 watches:\n#1  sim.temp >= 25\n  ok"
         listing = await run(g2, "watches")
-        assert "\n#2  sim offline     ok" in listing and "\n  of victor@x" in listing, listing
+        assert listing.endswith("\n#2  sim offline\n  ok") and "\n  ok, of victor@x" in listing, listing
         assert await run(g2, "unwatch 1", VICTOR) == "Watch #1 removed: sim.temp >= 25"
         assert (await run(g2, "watch sim.temp < 0")).startswith("Watch #3 set")
     finally:
@@ -298,7 +298,7 @@ async def test_interval_is_echoed_as_given(tmp_path: Path) -> None:
     g2 = Gateway(config(tmp_path))
     await g2.start()
     try:
-        assert await run(g2, "watches", VICTOR) == "2 watches:\n#1  sim.temp > 30 interval 5m  ok\n#2  sim offline interval 2h    ok"
+        assert await run(g2, "watches", VICTOR) == "2 watches:\n#1  sim.temp > 30 interval 5m\n  ok\n#2  sim offline interval 2h\n  ok"
     finally:
         await g2.stop()
 
