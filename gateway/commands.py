@@ -23,7 +23,7 @@ from .auth import ROLE_NEEDED, Actor, Forbidden, Permission, allowed, require
 from . import help as helps
 from .hub import Field, Hub, HubError, Node, Written
 from .export import buckets as csv_buckets, readings as csv_readings
-from .plot import MAX_FIELDS, SPARK_WIDTH, NoPicture, Picture, PlotError, Plots, Series, check_fields, history_spark, spark
+from .plot import MAX_FIELDS, SPARK_WIDTH, NoPicture, PlotError, Plots, Series, check_fields, history_spark, spark
 from .reverts import Reverts
 from .rollups import NAMES, BadWindow, Bucket, Window, is_window, parse_window
 from .rows import WIDTH, ago, fit, wrap
