@@ -365,7 +365,7 @@ async def _console(config: Config, state: StateDir) -> int:
             if line is None:
                 break
             if line.strip():
-                print(await commands.run(line.strip(), actor, styled=False, progress=_say), flush=True)
+                print(await commands.run(line.strip(), actor, progress=_say), flush=True)
     finally:
         await gw.stop()
     return 0

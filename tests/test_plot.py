@@ -487,8 +487,8 @@ async def test_bad_plot_requests_get_a_specific_answer(command: str, reply: str)
 async def test_history_has_a_sparkline_on_top() -> None:
     reply = await Commands(hub_with_series()).run("history sim.temp 1h", VIEWER)
     body = reply.splitlines()
-    assert body[0].startswith("sim.temp over the last 1h") and body[1] == "```"
-    heights = levels(body[2])
+    assert body[0].startswith("sim.temp over the last 1h")
+    heights = levels(body[1])
     assert len(heights) == plot.SPARK_WIDTH and heights[:8] == [0] * 8 and heights[-8:] == [7] * 8
 
 

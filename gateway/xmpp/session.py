@@ -40,7 +40,7 @@ from .presence import health_summary
 from .rooms import Rooms
 from .sensordata import SensorData
 from .upload import Uploader, attach_oob
-from ..values import age, clean
+from ..values import age
 from ..watches import Alert
 
 if TYPE_CHECKING:
@@ -361,8 +361,8 @@ class Session:
             if self.bounces.holding(jid):
                 self.bounces.hold(jid, alert.text, alert.time, alert=not answer)
                 continue
-            # Cleaned here too: OMEMO encrypts the text before the edge filter sees it.
-            msg = self.client.make_message(mto=jid, mbody=clean(alert.text), mtype="chat")
+            # Cleaned and tidied here too: OMEMO encrypts the text before the edge filter sees it.
+            msg = self.client.make_message(mto=jid, mbody=self.edge.text(alert.text), mtype="chat")
             msg["id"] = self.client.new_id()
             self.bounces.sent(msg["id"], jid, alert.text, alert.time, alert=not answer, note=note)
             # XEP-0203 on every alert, even one sent at once: bytes already handed to a server
