@@ -48,9 +48,9 @@ log = logging.getLogger("iot_gateway.plot")
 # inline) at twice that: the full view fills a phone's width at 2 device pixels per CSS pixel.
 THUMB = 320
 SIZE = (640, 400)
-FONT = 11  # points, which are thumbnail pixels: tick labels, notes, legend
+FONT = 12  # points, which are thumbnail pixels: tick labels, notes, legend
 PAD = 4  # points around the figure
-TITLE_FONT = 14
+TITLE_FONT = 15
 NOTE_COLOR = "#444444"
 MAX_TICKS = 5  # per axis
 MAX_LABEL = 200  # characters of a name kept before measuring it
@@ -437,12 +437,13 @@ def figure(chart: Chart):  # type: ignore[no-untyped-def]
 
     title = chart_title([s.ref for s in chart.series], chart.window, width, measure(TITLE_FONT, bold=True))
     fig.suptitle(title, x=PAD / THUMB, ha="left", fontsize=TITLE_FONT, fontweight="bold", parse_math=False)
-    # Under the title, over the axes (which start after the y tick labels, ~40 points in): the
-    # numbers of a single field, or which field is which colour; the time zone on the right.
+    # Under the title, over the axes: the numbers of a single field, or which field is which
+    # colour; the time zone on the right.
     zone = _zone_name(local, chart.end)
-    room = width - small(zone) - 40
-    note = _stats(chart.series[0]) if len(chart.series) == 1 else ""
-    ax.set_title(fit(_text(note), room, small), loc="left", fontsize=FONT, color=NOTE_COLOR, parse_math=False, pad=4)
+    room = width - small(zone) - FONT - _axes_margins(ax, small)
+    ways = _stats(chart.series[0]) if len(chart.series) == 1 else [""]
+    note = next((way for way in ways if small(way) <= room), fit(ways[-1], room, small))
+    ax.set_title(note, loc="left", fontsize=FONT, color=NOTE_COLOR, parse_math=False, pad=4)
     ax.set_title(zone, loc="right", fontsize=FONT, color=NOTE_COLOR, parse_math=False, pad=4)
     if len(handles) > 1:
         cols = min(2, len(handles))
@@ -522,6 +523,17 @@ def _tick_label(t: dt.datetime, unit: str) -> str:
     return t.strftime("%Y")
 
 
+def _axes_margins(ax, measure: Callable[[str], float]) -> float:  # type: ignore[no-untyped-def]
+    """How much of the width between the figure's pads the axes will not span, before the
+    layout places them: on the left the y axis label, the widest y tick label and the ticks;
+    on the right at most half the widest x tick label, centred on a tick at the end."""
+    lo, hi = sorted(ax.get_ylim())
+    locs = [t for t in ax.yaxis.get_majorticklocs() if lo <= t <= hi]
+    widest = max((measure(label) for label in ax.yaxis.get_major_formatter().format_ticks(locs)), default=0.0)
+    last = max((measure(label.get_text()) for label in ax.get_xticklabels()), default=0.0)
+    return (FONT + 4 if ax.get_ylabel() else 0) + widest + 2 + 3 + 1 + last / 2
+
+
 def _short_formatter(ticker):  # type: ignore[no-untyped-def]
     """A matplotlib Formatter that labels ticks with `short_ticks`."""
 
@@ -557,7 +569,8 @@ def _window_title(label: str) -> str:
 
 def fit(text: str, width: float, measure: Callable[[str], float]) -> str:
     """`text` if it is at most `width` wide, else its start and end around `…`, as long as fits."""
-    text = text[:MAX_LABEL] + "…" if len(text) > MAX_LABEL else text
+    if len(text) > MAX_LABEL:
+        text = text[: MAX_LABEL // 2] + "…" + text[-(MAX_LABEL // 2):]
     if measure(text) <= width:
         return text
     lo, hi = 0, len(text) - 1  # how many characters to keep: lo fits (the bare ellipsis at worst)
@@ -606,7 +619,7 @@ def short_ticks(values: Sequence[float]) -> list[str]:
     out = []
     for v in values:
         text = f"{abs(v) / scale:.{decimals}f}"
-        out.append(("\u2212" if v < 0 and text.strip("0.") else "") + text + suffix)
+        out.append(("\u2212" + text + suffix if v < 0 else text + suffix) if text.strip("0.") else "0")
     return out
 
 
@@ -649,13 +662,15 @@ def _band(np, s: Series):  # type: ignore[no-untyped-def]
     return np.insert(lo, breaks, np.nan), np.insert(hi, breaks, np.nan)
 
 
-def _stats(s: Series) -> str:
-    unit = f" {s.unit}" if s.unit else ""
+def _stats(s: Series) -> list[str]:
+    """A series' numbers in words, the longest first and then shorter ways to say them."""
+    unit = _text(f" {s.unit}") if s.unit else ""
     if s.boolean:
         on = math.fsum(s.values) / len(s.values)
-        return f"on {on:.0%} of {'the time' if s.gap else 'readings'}, now {s.fmt(s.values[-1])}"
+        return [f"on {on:.0%} of {'the time' if s.gap else 'readings'}, now {s.fmt(s.values[-1])}", f"on {on:.0%}"]
     avg = math.fsum(s.values) / len(s.values)
-    return f"min {s.fmt(s.lo)} · avg {s.fmt(avg)} · max {s.fmt(s.hi)}{unit}"
+    lo, hi = s.fmt(s.lo), s.fmt(s.hi)
+    return [f"min {lo} · avg {s.fmt(avg)} · max {hi}{unit}", f"min {lo} · max {hi}{unit}", f"{lo} – {hi}{unit}"]
 
 
 def _zone_name(zone: object, at: float) -> str:
