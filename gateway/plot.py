@@ -362,12 +362,16 @@ def render(chart: Chart) -> bytes:
     and heavy: the gateway runs it in the drawing process (gateway.plotworker). Raises
     ImportError without matplotlib."""
     import numpy as np
+    from matplotlib.backend_bases import FigureCanvasBase
     from PIL import Image
 
     fig = figure(chart)
     fig.canvas.draw()
-    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
-    fig.clear()  # a figure is a web of cycles: cut them, so it goes now rather than at the next full gc
+    rgb = np.array(fig.canvas.buffer_rgba())[..., :3]  # a copy: the drawing's buffer goes below
+    # A figure is a web of cycles: cut them, so it goes now rather than at the next full gc; the
+    # drawing canvas (its renderer holds megabytes of native memory) is let go with it.
+    fig.clear()
+    FigureCanvasBase(fig)
     # 256 colours are plenty for a chart with its anti-aliasing: a third of the bytes, and faster to write.
     buf = io.BytesIO()
     Image.fromarray(rgb).quantize(256, Image.Quantize.FASTOCTREE).save(buf, format="png")
@@ -408,7 +412,7 @@ def figure(chart: Chart):  # type: ignore[no-untyped-def]
         elif s.boolean:
             line, = ax.step(days, y, where="post", color=color, linewidth=2)
         else:
-            lw = 2 if len(x) < columns else 1  # a dense line drawn thick would be a solid band
+            lw = 2 if len(x) < columns else 1.5  # a dense line drawn thick would be a solid band
             line, = ax.plot(days, y, color=color, linewidth=lw, marker="o" if few else None, markersize=3)
         handles.append((line, s.ref))
     width = THUMB - 2 * PAD  # points inside the figure's pads
@@ -417,7 +421,8 @@ def figure(chart: Chart):  # type: ignore[no-untyped-def]
         ax.axhline(t.value, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5)
         ax.annotate(fit(_text(t.label), width * 0.6, small), (1, t.value), xycoords=("axes fraction", "data"),
                     xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=FONT,
-                    color=THRESHOLD_COLOR, parse_math=False)
+                    color=THRESHOLD_COLOR, parse_math=False,
+                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})  # over a line, readable
 
     ax.set_xlim(chart.start / 86400.0, chart.end / 86400.0)
     ticks = time_ticks(chart.start, chart.end, local)

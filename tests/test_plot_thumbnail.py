@@ -27,7 +27,7 @@ END = 1_765_000_000.0  # 2025-12-06 06:46 in Berlin
 def temp(ref: str, span: float, step: float, base: float = 20.0) -> Series:
     """A temperature around `base` °C over the `span` seconds before END, a reading every `step`."""
     times = [END - span + i * step for i in range(int(span // step) + 1)]
-    return Series(ref, "°C", times, [base + 3 * math.sin(i / 40 + base) for i in range(len(times))], decimals=1)
+    return Series(ref, "°C", times, [base + 3 * math.sin(3 * math.pi * (END - t) / span + base) for t in times], decimals=1)
 
 
 def charts() -> dict[str, Chart]:
@@ -38,7 +38,12 @@ def charts() -> dict[str, Chart]:
                   lows=[v - 1 for v in band.values], highs=[v + 1 + 40 * (i == 400) for i, v in enumerate(band.values)])
     relay = Series("plug.relay", "", [END - hour + i * 60 for i in range(61)],
                    [float((i // 10) % 2) for i in range(61)], boolean=True)
+    # A greenhouse's day, offline for two hours, with a watch: docs/img/plot-320.png.
+    times = [END - day + i * 60 for i in range(1441) if not 600 <= i < 720]
+    greenhouse = Series("greenhouse.temp", "°C", times, [
+        18 + 6 * math.sin((t - END) / day * 2 * math.pi + 1.2) + 0.4 * math.sin(t / 500) for t in times], decimals=1)
     return {
+        "greenhouse": Chart([greenhouse], END - day, END, "24h", [Threshold(22.0, "#3 greenhouse.temp > 22")]),
         "1m": Chart([temp("sim.temp", 60, 1)], END - 60, END, "1m"),
         "1h, a threshold": Chart([temp("sim.temp", hour, 10)], END - hour, END, "1h",
                                  [Threshold(21.0, "#1 sim.temp > 21")]),
