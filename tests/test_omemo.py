@@ -5,6 +5,7 @@ independent of the gateway's own code)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import re
@@ -14,9 +15,11 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 import pytest
 import slixmpp
+import twomemo.etree
 from omemo.storage import Just, Maybe, Nothing, Storage
 from omemo.types import DeviceInformation, JSONType
 from slixmpp import JID
@@ -44,7 +47,24 @@ pytestmark = [
 ]
 
 LEGACY = "eu.siacs.conversations.axolotl"
+OMEMO2 = "urn:xmpp:omemo:2"
+SCE = "urn:xmpp:sce:1"
 TIMEOUT = 15.0
+
+
+def sce_envelope(body: str, sender: str, to: str) -> bytes:
+    """An XEP-0420 envelope as Converse.js 14 writes it (the test's own, not the gateway's)."""
+    return (
+        f'<envelope xmlns="{SCE}"><content><body xmlns="jabber:client">{xml_escape(body)}</body></content>'
+        f'<rpad>{secrets.token_hex(8)}</rpad><from xmlns="{SCE}" jid="{sender}"/></envelope>'
+    ).encode()
+
+
+def sce_body(data: bytes) -> str | None:
+    root = ET.fromstring(data)
+    assert root.tag == f"{{{SCE}}}envelope", root.tag
+    body = root.find(f"{{{SCE}}}content/{{jabber:client}}body")
+    return None if body is None else body.text
 
 
 class MemoryStore(Storage):
@@ -107,7 +127,9 @@ class Omemo:
         c.add_event_handler("session_start", self._start)
         c.add_event_handler("message", self._on_message)
         # The `message` event skips bodiless stanzas: OMEMO key exchanges need this too.
-        c.register_handler(Callback("omemo", MatchXPath(f"{{{c.default_ns}}}message/{{{LEGACY}}}encrypted"), self._bodiless))
+        for ns in (LEGACY, OMEMO2):
+            c.register_handler(Callback(f"omemo {ns}", MatchXPath(f"{{{c.default_ns}}}message/{{{ns}}}encrypted"), self._bodiless))
+        self.namespaces: list[str] = []  # the OMEMO version of each message decrypted, in order
         c.add_filter("in", self._log)
         c.add_filter("out", self._log)
         host, port = server.prosody.address.split(":")
@@ -130,14 +152,35 @@ class Omemo:
             return
         if self.plugin.is_encrypted(msg):
             try:
-                dec, _dev = await self.plugin.decrypt_message(msg)
+                ns, body = await self._decrypt(msg)
             except Exception as e:
                 self.got.put_nowait(("undecryptable", repr(e), msg))
                 return
-            if dec["body"]:
-                self.got.put_nowait(("encrypted", dec["body"], msg))
+            if body:
+                self.namespaces.append(ns)
+                self.got.put_nowait(("encrypted", body, msg))
         elif msg["body"]:
             self.got.put_nowait(("plain", msg["body"], msg))
+
+    async def _decrypt(self, msg: slixmpp.Message, sender: str | None = None) -> tuple[str, str | None]:
+        """(version, body): as a client that speaks both, through the element with a key for this device.
+        `sender`: the real bare JID of a room message's sender."""
+        sm = await self.plugin.get_session_manager()
+        own = str((await sm.get_own_device_information())[0].device_id)
+        keys = {
+            OMEMO2: f"{{{OMEMO2}}}encrypted/{{{OMEMO2}}}header/{{{OMEMO2}}}keys/{{{OMEMO2}}}key",
+            LEGACY: f"{{{LEGACY}}}encrypted/{{{LEGACY}}}header/{{{LEGACY}}}key",
+        }
+        ns = next((n for n in (OMEMO2, LEGACY) if any(k.get("rid") == own for k in msg.xml.findall(keys[n]))), LEGACY)
+        if ns == LEGACY:
+            only = copy.copy(msg)
+            for el in only.xml.findall(f"{{{OMEMO2}}}encrypted"):
+                only.xml.remove(el)
+            dec, _dev = await self.plugin.decrypt_message(only)
+            return ns, dec["body"]
+        el = msg.xml.find(f"{{{OMEMO2}}}encrypted")
+        plaintext, _dev, _key = await sm.decrypt(twomemo.etree.parse_message(el, sender or msg["from"].bare))
+        return ns, None if plaintext is None else sce_body(plaintext)
 
     async def start(self) -> "Omemo":
         self.client.connect(*self.address)
@@ -152,13 +195,25 @@ class Omemo:
         except Exception:
             self.client.abort()
 
-    async def send(self, to: str, text: str, receipt: bool = False) -> str:
-        """Send `text` OMEMO-encrypted (legacy namespace, as Conversations does); returns the message id."""
+    async def send(self, to: str, text: str, receipt: bool = False, version: str = LEGACY) -> str:
+        """Send `text` OMEMO-encrypted, in the legacy namespace as Conversations does or in OMEMO 2
+        as Converse.js 14 does; returns the message id."""
         msg = self.client.make_message(mto=JID(to), mtype="chat", mbody=text)
         msg["id"] = uuid.uuid4().hex
-        enc, _errors = await self.plugin.encrypt_message(msg, JID(to))
+        if version == OMEMO2:
+            await self.plugin.refresh_device_lists({JID(to)})
+            sm = await self.plugin.get_session_manager()
+            plaintext = sce_envelope(text, self.jid, JID(to).bare)
+            messages, _errors = await sm.encrypt(frozenset({JID(to).bare}), {OMEMO2: plaintext}, [OMEMO2])
+            enc = copy.copy(msg)
+            enc.clear()
+            enc["body"] = "This message is OMEMO encrypted."
+            for m in messages:
+                enc.append(twomemo.etree.serialize_message(m))
+        else:
+            enc, _errors = await self.plugin.encrypt_message(msg, JID(to))
         assert enc is not None, "nothing encrypted"
-        enc["eme"]["namespace"] = LEGACY
+        enc["eme"]["namespace"] = version
         enc["eme"]["name"] = "OMEMO"
         if receipt:  # as Conversations: the receipt request stays outside the encryption
             enc.xml.append(ET.Element("{urn:xmpp:receipts}request"))
@@ -180,9 +235,9 @@ class Omemo:
             out.append((k, body))
         return out
 
-    async def ask(self, to: str, text: str) -> tuple[str, str]:
+    async def ask(self, to: str, text: str, version: str = LEGACY) -> tuple[str, str]:
         self.drain()
-        await self.send(to, text)
+        await self.send(to, text, version=version)
         return await self.next()
 
 
@@ -578,8 +633,7 @@ async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
                 msg = await got.get()
                 if msg["from"].resource == "gw" and alice.plugin.is_encrypted(msg):
                     break
-        opened, _device = await alice.plugin.decrypt_message(msg)
-        assert opened["body"] == "sim: error: driver crashed"
+        assert await alice._decrypt(msg, gw.jid) == (OMEMO2, "sim: error: driver crashed")
         plain = await room_lines(victor, room, "gw")
         assert plain and all(b == "This message is OMEMO encrypted: your client cannot read it. "
                              "Use one with OMEMO (Conversations, Dino, Gajim, Monal)." for b in plain), plain
