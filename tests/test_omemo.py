@@ -470,20 +470,21 @@ async def test_store_survives_restart_and_a_corrupt_one_gives_a_new_device_with_
         await gw.stop()
 
 
+@pytest.mark.parametrize("version", [LEGACY, OMEMO2])
 async def test_broken_session_gets_a_plain_explanation_and_is_repaired(
-    server: XmppServer, tmp_path: Path, alice: Omemo
+    server: XmppServer, tmp_path: Path, alice: Omemo, version: str
 ) -> None:
     store = tmp_path / "state" / STORE
     gw = await start(server, tmp_path)
     await befriend(gw, alice)
     for _ in range(2):  # two round trips: alice's session is confirmed, her messages carry no key exchange
-        assert (await alice.ask(gw.jid, "status"))[0] == "encrypted"
+        assert (await alice.ask(gw.jid, "status", version))[0] == "encrypted"
     gw_device = await own_device(gw)
     await gw.stop()
     # The gateway loses its session with alice's device (a restored backup, a bug): her next message
     # is a plain ratchet message it cannot read.
     data = json.loads(store.read_text())
-    gone = [k for k in data if k.startswith(f"/{LEGACY}/{alice.jid}/")]
+    gone = [k for k in data if k.startswith(f"/{version}/{alice.jid}/")]
     assert gone, " ".join(sorted({re.sub(r"\d+", "N", k) for k in data}))
     for k in gone:
         del data[k]
@@ -491,15 +492,16 @@ async def test_broken_session_gets_a_plain_explanation_and_is_repaired(
     gw = await start(server, tmp_path)
     try:
         # alice's client started the session: it is "active" on her side until the gateway starts a new one.
-        initiation = f"/{LEGACY}/{gw.jid}/{gw_device}/initiation"
+        initiation = f"/{version}/{gw.jid}/{gw_device}/initiation"
         before = alice.plugin.store.data[initiation]
-        kind, body = await alice.ask(gw.jid, "set sim.relay on")
+        kind, body = await alice.ask(gw.jid, "set sim.relay on", version)
         assert kind == "plain" and body.startswith("I could not decrypt your OMEMO message"), body
         assert "refresh" in body and "nothing was run" in body
         assert relay(gw) in (None, False)
         await until(lambda: alice.plugin.store.data[initiation] != before, "alice's client taking the new session", TIMEOUT)
         # The gateway built a new session and told alice's client (an empty key exchange): her next message works.
-        assert await alice.ask(gw.jid, "set sim.relay on") == ("encrypted", "sim.relay: off → on")
+        assert await alice.ask(gw.jid, "set sim.relay on", version) == ("encrypted", "sim.relay: off → on")
+        assert alice.namespaces[-1] == version
     finally:
         await gw.stop()
 
