@@ -107,6 +107,13 @@ async def test_omemo2_and_legacy_contacts_are_each_answered_in_their_version_and
         assert await alice.ask(gw.jid, "set sim.relay on", version=OMEMO2) == ("encrypted", "sim.relay: off → on")
         assert alice.namespaces[-1] == OMEMO2
         assert gw.gateway.hub.audit.entries[-1].actor == Actor(alice.jid, "admin", "chat")
+        # `devices` shows the gateway's key also as OMEMO 2 clients show it (Converse.js: the Ed25519 form).
+        sm = await alice.plugin.get_session_manager()
+        gw_id = await own_device(gw)
+        seen = next(d for d in await sm.get_device_information(gw.jid) if d.device_id == gw_id)
+        ed = seen.identity_key.hex()
+        kind, listing = await alice.ask(gw.jid, "devices", version=OMEMO2)
+        assert " ".join(ed[i:i + 8] for i in range(0, 64, 8)) in listing and "OMEMO 2 and legacy" in listing, listing
         # olive's client writes legacy OMEMO: she is answered in legacy OMEMO.
         assert await olive.ask(gw.jid, "set sim.relay off") == ("encrypted", "sim.relay: on → off")
         assert olive.namespaces == [LEGACY]

@@ -442,6 +442,9 @@ class Omemo(FrontEnd):
         published = " and ".join(_VERSION[ns] for ns in self.plugin.versions)
         lines = [f"OMEMO ({self.policy}, {published}), this gateway: device {own.device_id}",
                  f"  {fingerprint(own.identity_key)}"]
+        if OMEMO2 in self.plugin.versions:  # Converse.js shows an OMEMO 2 device's key in its Ed25519 form
+            ed = own.identity_key.hex()
+            lines.append(f"  (OMEMO 2 clients may show it as {' '.join(ed[i:i + 8] for i in range(0, 64, 8))})")
         jids = [args[0].lower()] if args else [c.jid for c in self.session.config.contacts]
         for jid in jids:
             if self.session.config.contact(jid) is None:
