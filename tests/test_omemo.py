@@ -631,7 +631,7 @@ async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
                 msg = await got.get()
                 if msg["from"].resource == "gw" and alice.plugin.is_encrypted(msg):
                     break
-        assert await alice._decrypt(msg, gw.jid) == (OMEMO2, "sim: error: driver crashed")
+        assert (await alice._decrypt(msg, gw.jid))[1] == "sim: error: driver crashed"  # OMEMO 2 or legacy
         plain = await room_lines(victor, room, "gw")
         assert plain and all(b == "This message is OMEMO encrypted: your client cannot read it. "
                              "Use one with OMEMO (Conversations, Dino, Gajim, Monal)." for b in plain), plain

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import twomemo.etree
 import xeddsa
 from slixmpp import JID
 from slixmpp.exceptions import IqError
@@ -52,8 +53,6 @@ async def send_envelope(client: Omemo, to: str, plaintext: bytes) -> None:
     await client.plugin.refresh_device_lists({JID(to)})
     sm = await client.plugin.get_session_manager()
     messages, _errors = await sm.encrypt(frozenset({to}), {OMEMO2: plaintext}, [OMEMO2])
-    import twomemo.etree
-
     msg = client.client.make_message(mto=JID(to), mtype="chat", mbody="This message is OMEMO encrypted.")
     for m in messages:
         msg.append(twomemo.etree.serialize_message(m))

@@ -262,7 +262,7 @@ class Omemo(FrontEnd):
         for ns in self.plugin.versions:
             if any(key.get("rid") == own for key in msg.xml.findall(paths[ns])):
                 return ns
-        return self.plugin.versions[0] if OMEMO2 in self.plugin.versions else LEGACY
+        return self.plugin.versions[0]
 
     async def _open(self, msg: Message, sender: str) -> tuple[Message, bool] | str | None:
         """The decrypted message, or the line to answer instead, or None (nothing to run)."""
