@@ -171,10 +171,8 @@ async def test_a_new_gateway_publishes_both_versions_with_a_key_converse_can_ver
         gw = await start(server, tmp_path / str(n))
         try:
             device = await own_device(gw)
-            devices2 = await items(server, gw.jid, DEVICES2)
-            assert devices2 and str(device) in ET.tostring(devices2[0], encoding="unicode")
-            legacy = await items(server, gw.jid, DEVICES_LEGACY)
-            assert legacy and str(device) in ET.tostring(legacy[0], encoding="unicode")
+            for node in (DEVICES2, DEVICES_LEGACY):  # (published while the gateway starts: wait for both)
+                await until_async(lambda: listed(server, gw.jid, node, device), f"device {device} in {node}")
             bundles = await items(server, gw.jid, BUNDLES2)
             assert bundles and all(verifies_as_libomemo(b) for b in bundles), "a bundle Converse.js would refuse"
         finally:
@@ -329,6 +327,14 @@ async def known(gw: RunningGateway, jid: str, ids: set[int]) -> bool:
     await gw.session.omemo.plugin.refresh_device_lists({JID(jid)}, force_download=True)
     sm = await gw.session.omemo.manager()
     return ids <= {d.device_id for d in await sm.get_device_information(jid)}
+
+
+async def listed(server: XmppServer, owner: str, node: str, device: int) -> bool:
+    try:
+        found = await items(server, owner, node)
+    except AssertionError:  # no such node yet ("forbidden" to a stranger)
+        return False
+    return bool(found) and f'id="{device}"' in ET.tostring(found[0], encoding="unicode")
 
 
 async def own(client: Omemo) -> int:

@@ -136,7 +136,6 @@ class Omemo(FrontEnd):
         self.policy = policy
         self.store = JsonStore(store_path)
         self.failed: str | None = None  # why the library could not start, if it could not
-        self._lock = asyncio.Lock()  # encrypted sends in order of request
         self._alerts = asyncio.Lock()  # alerts in order of request, their device look-ups included
         self._repaired: dict[tuple[str, int], float] = {}
         self._withheld: set[tuple[str, str]] = set()  # (contact, why) already logged
@@ -152,6 +151,8 @@ class Omemo(FrontEnd):
             {"store": self.store, "notices": self.notices, "on_ready": self._ready, "on_failed": self._failed},
         )
         self.plugin: GatewayOMEMO = c.plugin["xep_0384"]
+        # Encrypted sends in order of request, one decryption at a time; device-list pushes wait for them.
+        self._lock = self.plugin.lock
         # slixmpp's `message` event skips messages without a body; OMEMO's key exchanges and
         # heartbeats have none, yet must be decrypted (they build and repair sessions).
         for ns in (LEGACY, OMEMO2):

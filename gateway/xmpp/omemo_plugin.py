@@ -117,6 +117,14 @@ class GatewayOMEMO(XEP_0384):
         super().plugin_init()
         self.versions: tuple[str, ...] = (OMEMO2, LEGACY)
         self._manager: asyncio.Future[SessionManager] | None = None
+        # One OMEMO operation on the store at a time. python-omemo reads and writes a device's record
+        # (its versions) in steps: two device-list pushes handled at once (a contact's client publishes
+        # both lists together) could each write back what the other had not yet added.
+        self.lock = asyncio.Lock()
+
+    async def _on_device_list_update(self, msg: Message) -> None:
+        async with self.lock:
+            await super()._on_device_list_update(msg)
 
     @property
     def storage(self) -> Storage:
