@@ -180,8 +180,9 @@ def mqtt_password_source(m: MqttSection) -> str:
         return "in the config file"
     if m.password_file is not None:
         return f"from {m.password_file}"
-    now = "set" if os.environ.get(MQTT_PASSWORD_ENV) else "not set: the broker must let the user in without one"
-    return f"from ${MQTT_PASSWORD_ENV} at run time ({now} in this environment)"
+    if os.environ.get(MQTT_PASSWORD_ENV):
+        return f"from ${MQTT_PASSWORD_ENV} at run time (set in this environment)"
+    return f"from ${MQTT_PASSWORD_ENV} at run time (not set in this environment: without it, none is sent)"
 
 
 def loose_permissions(path: Path, config: Config) -> list[str]:

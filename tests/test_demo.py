@@ -140,7 +140,7 @@ def test_a_fresh_checkout_s_demo_config_passes_check(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "$IOT_GATEWAY_MQTT_PASSWORD at run time (not set" in done.stdout
+    assert "$IOT_GATEWAY_MQTT_PASSWORD at run time (not set in this environment" in done.stdout
     assert not (tmp_path / ".demo" / "mosquitto").exists()
 
 
