@@ -47,7 +47,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from .historydb import INSERT_BATCH, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, corrupt, encode, expected, megabytes, private
+from .historydb import INSERT_BATCH, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, encode, expected, is_corrupt, megabytes, private
 from .hub import Field, History, Hub, NodeEvent, Reading
 from .rollups import COLUMNS, RES, UPSERT, Bucket, Roller, Window, choose, plan
 from .rollups import SCHEMA as ROLLUP_SCHEMA
@@ -355,7 +355,7 @@ class HistoryStore:
     async def _failed(self, e: Exception) -> None:
         """Report a database failure once per cause; a corrupt database is moved aside and replaced."""
         loop = asyncio.get_running_loop()
-        if corrupt(e) and self._db is not None:
+        if is_corrupt(e) and self._db is not None:
             try:
                 await loop.run_in_executor(self._pool, self._open, str(e))
             except (sqlite3.Error, OSError) as again:
@@ -544,7 +544,7 @@ class HistoryStore:
         try:
             return self._connect()
         except sqlite3.DatabaseError as e:
-            if not corrupt(e):
+            if not is_corrupt(e):
                 raise
             self._set_aside(str(e))
             return self._connect()

@@ -95,7 +95,7 @@ def private(path: Path, create: bool = True) -> None:
         log.warning("cannot make %s private (chmod 600): %s", path, e.strerror or e)
 
 
-def corrupt(e: BaseException) -> bool:
+def is_corrupt(e: BaseException) -> bool:
     """True for SQLite's 'file is not a database' and 'database disk image is malformed'."""
     return isinstance(e, sqlite3.DatabaseError) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in CORRUPT
 
