@@ -18,10 +18,10 @@ hour, the open minute from the stored readings after the last stored minute. A b
 row is keyed by (field, resolution, start), so writing it again never counts twice.
 
 An SD card wears with small frequent writes, so the batches are far apart
-(FLUSH_EVERY, `[gateway] history_flush`): every commit rewrites whole 4 KiB
-pages. And at most `per_second` readings of a field per second reach the disk
-(the first ones and the last of each second; the hub keeps them all in
-memory), so a device flooding readings costs the disk no more than a busy one.
+(FLUSH_EVERY, `[gateway] history_flush`): every commit rewrites whole pages
+(1 KiB in a new database: gateway/historydb.py). And at most `per_second` readings of a
+field per second reach the disk (the first ones and the last of each second; the hub keeps
+them all in memory), so a device flooding readings costs the disk no more than a busy one.
 
 The database is a convenience, never a reason to stop: when it cannot be
 opened or written (a full disk, a read-only folder, a file that is not a
@@ -47,7 +47,9 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from .historydb import INSERT_BATCH, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, encode, expected, is_corrupt, megabytes, private
+from .historydb import (
+    INSERT_BATCH, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, WAL_BYTES, encode, expected, is_corrupt, megabytes, private,
+)
 from .hub import Field, History, Hub, NodeEvent, Reading
 from .rollups import COLUMNS, RES, UPSERT, Bucket, Roller, Window, choose, plan
 from .rollups import SCHEMA as ROLLUP_SCHEMA
@@ -556,6 +558,8 @@ class HistoryStore:
         try:
             db.executescript(SCHEMA)
             db.execute("PRAGMA journal_mode=WAL")
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_BYTES // page)}")
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
             self._prune(db)  # first: it reads every row, so a corrupt database is found before it is written
             old = db.execute("PRAGMA user_version").fetchone()[0] < VERSION

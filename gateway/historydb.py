@@ -21,7 +21,17 @@ BUCKET_BYTES = 97
 SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
 CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
-SCHEMA = """
+# A new history.db's page size. Every commit writes each page it touched whole, to the WAL and
+# later into the file; a batch of readings touches a dozen pages (the table's last page, each
+# field's end of the (ref, t) index, the pages a split shares out, the roots, the header) and
+# fills little of each: 1 KiB pages make a batch's commit ~2.5 times smaller than SQLite's
+# 4 KiB (bench sd_writes: 4.53 → ~2.4 MB/h), and reads over a year of buckets are no slower.
+# A database made before keeps its page size (SQLite changes it only by a VACUUM).
+PAGE_SIZE = 1024
+WAL_BYTES = 4 * 1024 * 1024  # the WAL is copied into the database past this (SQLite's 1000 pages of 4 KiB)
+
+SCHEMA = f"""
+PRAGMA page_size = {PAGE_SIZE};
 CREATE TABLE IF NOT EXISTS readings (
     ref TEXT NOT NULL,
     t REAL NOT NULL,
