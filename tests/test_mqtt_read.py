@@ -2,11 +2,14 @@
 packets whole in the buffer are taken apart without paho's per-packet code, everything else
 goes through paho. Whatever the broker sends (a hostile or broken one included), in whatever
 pieces the socket hands it over, the messages delivered, the PUBACKs sent and whether the
-connection is closed are those of paho's own read.
+connection is closed are those of paho's own read. And the mqtt driver's quick ways through
+a payload (devices/mqtt.py: `parse_json`, `lookup`, `to_value`) answer, and fail, as the
+plain ones.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import Any
 
@@ -15,7 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from devices.mqtt import BadPayload, lookup, parse_json, to_value
+from devices.mqtt_config import MqttField
 from gateway.mqtt.client import LoopClient
+from gateway.values import BadValue, coerce
 
 Message = tuple[str | None, bytes, bool]  # topic (None: not UTF-8), payload, retain
 
@@ -181,3 +187,80 @@ def test_a_turn_stops_at_its_limit_and_says_more_may_be_waiting() -> None:
     assert got == ["0", "1", "2", "3"]
     assert c.read(500) is False
     assert got == [str(i) for i in range(10)]
+
+
+# ---------------------------------------------------------------- the driver's quick ways
+
+
+def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    """("ok", what `fn` returned) or ("error", its message)."""
+    try:
+        return "ok", fn(*args)
+    except (BadPayload, BadValue) as e:
+        return "error", str(e)
+
+
+def plain_parse(text: str) -> Any:
+    """parse_json as it was: json.loads, its errors as BadPayload."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise BadPayload(f"not valid JSON ({e.msg} at character {e.pos})") from None  # type: ignore[attr-defined]
+    except RecursionError:
+        raise BadPayload("JSON nested too deeply") from None
+
+
+documents = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["a", "b", "0", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+json_texts = st.one_of(st.text(max_size=30), documents.map(json.dumps))
+blanks = st.sampled_from(["", " ", "\n", "\t ", "\ufeff", "x", "}"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(blanks, json_texts, blanks)
+def test_parse_json_answers_and_fails_as_json_loads(before: str, text: str, after: str) -> None:
+    text = before + text + after
+    assert repr(outcome(parse_json, text)) == repr(outcome(plain_parse, text))  # repr: nan == nan
+    deep = "[" * 100_000
+    assert outcome(parse_json, deep) == ("error", "JSON nested too deeply")
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents, st.lists(st.sampled_from(["a", "b", "0", "1", "-1", "x"]), min_size=1, max_size=3))
+def test_lookup_and_to_value_answer_as_a_plain_walk_and_coerce(doc: Any, parts: list[str]) -> None:
+    path = ".".join(parts)
+    cur: Any = doc
+    expected: tuple[str, Any] | None = None
+    for part in parts:  # the walk as lookup did it, the dict case no longer first
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.lstrip("-").isdigit() and -len(cur) <= int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            expected = ("error", None)
+            break
+    got = outcome(lookup, doc, path)
+    if expected is None:
+        assert repr(got) == repr(("ok", cur))
+    else:
+        assert got[0] == "error"
+        return
+    for ftype in ("numeric", "integer", "boolean", "string"):
+        f = MqttField(name="f", topic="t", type=ftype)
+        plain = ("error", None) if cur is None or isinstance(cur, (dict, list)) else outcome(
+            coerce, ftype, cur if ftype != "string" or isinstance(cur, str) else json.dumps(cur))
+        quick = outcome(to_value, f, cur)
+        assert quick[0] == plain[0] and (quick[0] == "error" or repr(quick) == repr(plain))
+
+
+@given(st.one_of(st.floats(), st.integers(), st.booleans(), st.text(max_size=6), st.none()))
+def test_to_value_of_a_single_value_is_coerce(raw: Any) -> None:
+    for ftype in ("numeric", "integer", "boolean", "string"):
+        f = MqttField(name="f", topic="t", type=ftype)
+        plain = ("error", None) if raw is None else outcome(
+            coerce, ftype, raw if ftype != "string" or isinstance(raw, str) else json.dumps(raw))
+        quick = outcome(to_value, f, raw)
+        assert quick[0] == plain[0] and (quick[0] == "error" or repr(quick) == repr(plain)), (ftype, raw)
