@@ -122,10 +122,9 @@ class SensorData(FrontEnd):
             raise bad_request("send <req/> in an IQ of type get")
         req = parse_req(iq.xml.find(f"{{{NS}}}req"), self.hub)
         now = time.time()
-        if req.historical and req.start is not None and (req.when is None or req.when <= now + WHEN_SLACK):
-            beyond = [f for f in self._wanted(req) if not f.history or f.history[0].time > req.start]
-            store = self.session.commands.store
-            if beyond and store is not None:  # older than memory: history.db's buckets answer
+        if req.when is None or req.when <= now + WHEN_SLACK:
+            beyond = self._beyond(req)
+            if beyond and self.session.commands.store is not None:  # older than memory: history.db's buckets answer
                 task = asyncio.ensure_future(self._serve_stored(iq, requester, req, beyond, now))
                 self._stored_tasks.add(task)
                 task.add_done_callback(self._stored_tasks.discard)
@@ -148,23 +147,33 @@ class SensorData(FrontEnd):
     def _wanted(self, req: ReadoutRequest) -> list[Field]:
         return [f for node in req.nodes for f in node.fields.values() if req.fields is None or f.name in req.fields]
 
-    async def _serve_stored(self, iq: Iq, requester: JID, req: ReadoutRequest, fields: list[Field], now: float) -> None:
-        """A historical read-out reaching back past memory: the fields' buckets over from/to, at the
-        finest resolution that keeps the read-out within MAX_HISTORY values."""
+    def _beyond(self, req: ReadoutRequest) -> list[Field]:
+        """The wanted fields whose memory does not reach back to the read-out's `from`."""
+        if not req.historical or req.start is None:
+            return []
+        return [f for f in self._wanted(req) if not f.history or f.history[0].time > req.start]
+
+    async def _stored(self, req: ReadoutRequest, fields: list[Field], now: float) -> Stored:
+        """The historical values of `fields` from history.db's buckets over from/to, at the finest
+        resolution that keeps the read-out within MAX_HISTORY values ({} without a store)."""
         store = self.session.commands.store
-        assert store is not None and req.start is not None
         end = min(now, req.end if req.end is not None else now)
+        stored: Stored = {}
+        if store is None or not fields or req.start is None or end <= req.start:
+            return stored
+        window = Window(req.start, end + 1e-6, "read-out")  # `to` is inclusive
+        per_field = max(1, MAX_HISTORY // len(fields))
+        for f in fields:
+            ans = await store.answer(f, window, per_field)
+            kind = HISTORICAL_BY_RES[ans.res]
+            stored[f.ref] = [(b.t, b.last if b.mean is None else b.mean, kind)
+                             for b in ans.rows if b.n and b.t >= req.start]
+        return stored
+
+    async def _serve_stored(self, iq: Iq, requester: JID, req: ReadoutRequest, fields: list[Field], now: float) -> None:
+        """A historical read-out reaching back past memory: the fields' buckets over from/to."""
         with answering(iq, "read-out request"):
-            stored: Stored = {}
-            if end > req.start:
-                window = Window(req.start, end + 1e-6, "read-out")  # `to` is inclusive
-                per_field = max(1, MAX_HISTORY // len(fields))
-                for f in fields:
-                    ans = await store.answer(f, window, per_field)
-                    kind = HISTORICAL_BY_RES[ans.res]
-                    stored[f.ref] = [(b.t, b.last if b.mean is None else b.mean, kind)
-                                     for b in ans.rows if b.n and b.t >= req.start]
-            readout = read(req, now, stored)  # may refuse: before anything is accepted
+            readout = read(req, now, await self._stored(req, fields, now))  # may refuse: before anything is accepted
             accepted = ET.Element(f"{{{NS}}}accepted")
             accepted.set(req.seq_attr, str(req.seqnr))
             reply = iq.reply()
@@ -198,13 +207,19 @@ class SensorData(FrontEnd):
         started = ET.Element(f"{{{NS}}}started")
         started.set(req.seq_attr, str(req.seqnr))
         self._message(q.requester, started)
+        now = time.time()
         if not allowed(role_of(self.session, q.requester), Permission.READ):
-            readout = Readout(errors=[NodeError(n.id, "access denied", time.time()) for n in req.nodes])
+            readout = Readout(errors=[NodeError(n.id, "access denied", now) for n in req.nodes])
         else:
             try:
-                readout = read(req)
+                # As a read-out asked now: what memory no longer holds from history.db's buckets.
+                readout = read(req, now, await self._stored(req, self._beyond(req), now))
             except Refused as e:
-                readout = Readout(errors=[NodeError(n.id, e.text, time.time()) for n in req.nodes])
+                readout = Readout(errors=[NodeError(n.id, e.text, now) for n in req.nodes])
+            except Exception:  # history.db unreadable: the read-out says so (details in the log)
+                log.exception("queued read-out %s for %s: history.db not readable", req.seqnr, q.requester)
+                why = "history not readable now; ask again later"
+                readout = Readout(errors=[NodeError(n.id, why, now) for n in req.nodes])
         try:
             self._send(q.requester, req, readout)
         except Exception:
