@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import MQTT_PASSWORD_ENV, PASSWORD_ENV, Config, ConfigError, MqttSection, load
 from .plot import PLOT_INSTALL
-from .history import disk_use
+from .historydb import disk_use
 from .state import StateDir, StateLocked
 from .xmpp.redact import SaslRedactor
 

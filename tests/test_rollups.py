@@ -459,6 +459,31 @@ async def test_historical_readout_older_than_memory_comes_from_the_buckets(xmpp_
         assert [v.value for v in got if v.timestamp == hour] == [f"{(5 * 20 + 99) / 6:.2f}"]
 
 
+async def test_a_queued_historical_readout_older_than_memory_comes_from_the_buckets_too(
+    xmpp_server: Any, tmp_path: Path, peers: dict[str, Any]
+) -> None:
+    from tests.test_sensordata import stamp, when
+    from tests.xep_helpers import SD, Inbox, child, iq, running, values
+
+    first, _spike = month_in_old_db(tmp_path)
+    async with running(xmpp_server, tmp_path) as xgw:
+        xgw.session.commands.store = xgw.gateway.history
+        xgw.hub.field("sim.temp").history = History(50, True)  # memory holds none of the month
+        alice = peers["alice"]
+        inbox = Inbox(alice)
+        hour = first + 29 * DAY + 3600  # an hour of yesterday, read out a second from now
+        answer = await iq(alice, xgw.jid, "<req xmlns='urn:xmpp:iot:sensordata' seqnr='43' historical='true' "
+                          f"from='{stamp(hour)}' to='{stamp(hour + 3599)}' when='{when(1.0)}'>"
+                          "<node nodeId='sim'/><field name='temp'/></req>")
+        assert child(answer, SD, "accepted").attrib == {"seqnr": "43", "queued": "true"}
+        msgs = await inbox.readout(43)
+        assert msgs[0].tag == f"{{{SD}}}started"
+        got = values(msgs)
+        assert [v.timestamp for v in got] == [stamp(hour + 600 * i) for i in range(6)]
+        assert [v.value for v in got] == ["20.00"] * 6
+        assert all(v.flags() == {"historicalMinute", "computed"} for v in got)
+
+
 # ---------------------------------------------------------------- export
 
 

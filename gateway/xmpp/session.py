@@ -38,7 +38,7 @@ from .link import Link
 from .phone import Phone
 from .presence import health_summary
 from .rooms import Rooms
-from .sensordata import SensorData
+from .readouts import SensorData
 from .upload import Uploader, attach_oob
 from ..values import age
 from ..watches import Alert
