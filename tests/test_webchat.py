@@ -1,0 +1,190 @@
+"""The web chat of `make demo`, in a real browser: Converse.js (the pinned version, installed from
+npm once into .cache/converse) in Debian's headless Chromium, driven by Playwright, on a Prosody
+set up by the same code as the demo's (gateway/demo/webchat.py, `Prosody(web=...)`).
+
+The browser trusts the suite's CA through an NSS database made with `certutil` in a HOME of its
+own: nothing ignores certificate errors, so a page, websocket or picture from a server the CA did
+not sign would fail. One browser, one page: log in as alice (admin), see the gateway online with
+its health under its name, `read`, `set`, `plot` with the picture inline, and an ad-hoc command
+from Converse's own form. A screenshot of each step goes to the folder the test prints
+(WEBCHAT_SHOTS=folder keeps them elsewhere).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import secrets
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.demo import webchat
+from gateway.demo.localservers import Prosody
+from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "converse"  # gitignored; npm installs Converse here once
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+USERS = {"gateway": None, "alice": "admin", "mallory": None}
+WAIT = 20_000  # ms for anything to show in the page (Chromium's first start on a loaded 2-core machine)
+
+
+def _missing() -> str | None:
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[test]')"
+    for tool, package in ((CHROMIUM, "chromium"), ("certutil", "libnss3-tools"), ("npm", "npm")):
+        if shutil.which(tool) is None:
+            return f"{tool} not found: install the Debian package {package} (make test does)"
+    return None
+
+
+pytestmark = [
+    pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
+    pytest.mark.timeout(180),
+]
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XmppServer]:
+    """A Prosody serving the demo's page (websocket, page, uploads on one HTTPS port) with its own accounts."""
+    dist = webchat.install_converse(CACHE)
+    root = tmp_path_factory.mktemp("webchat")
+    prosody = Prosody(root / "prosody", web=root / "site")
+    webchat.write_site(root / "site", dist, prosody.ca_file, f"gateway@{prosody.domain}", "gateway",
+                       f"alice@{prosody.domain}", "Test GW")
+    passwords = {}
+    for user in USERS:
+        passwords[user] = secrets.token_urlsafe(12)
+        prosody.register(user, passwords[user])
+    prosody.start()
+    yield XmppServer(prosody, passwords)
+    prosody.stop()
+
+
+def nss_home(home: Path, ca_file: Path) -> Path:
+    """A HOME whose NSS database (~/.pki/nssdb, where Chromium on Linux looks) trusts `ca_file`."""
+    db = home / ".pki" / "nssdb"
+    db.mkdir(parents=True)
+    subprocess.run(["certutil", "-N", "-d", f"sql:{db}", "--empty-password"], check=True, capture_output=True)
+    subprocess.run(["certutil", "-A", "-d", f"sql:{db}", "-n", "iot-gateway test CA", "-t", "C,,", "-i", str(ca_file)],
+                   check=True, capture_output=True)
+    return home
+
+
+@pytest.fixture
+async def gateway(web_server: XmppServer, tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    contacts = [{"jid": web_server.jid("alice"), "role": "admin"}]
+    running = await start_gateway(gateway_config(web_server, tmp_path, contacts=contacts), web_server.passwords["gateway"])
+    yield running
+    await running.stop()
+
+
+def shots_folder(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("WEBCHAT_SHOTS") or tmp_path / "shots")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nwebchat screenshots: {folder}")
+    return folder
+
+
+async def test_chat_in_the_browser(web_server: XmppServer, gateway: RunningGateway, tmp_path: Path) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    shots = shots_folder(tmp_path)
+    home = nss_home(tmp_path / "home", web_server.prosody.ca_file)
+    url = f"https://localhost:{web_server.prosody.https_port}/"
+    gw = gateway.jid
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, env={**os.environ, "HOME": str(home)})
+        try:
+            page = await browser.new_page(viewport={"width": 1000, "height": 700})
+            logged: list[str] = []
+            page.on("console", lambda m: logged.append(f"console {m.type}: {m.text}"))
+            page.on("pageerror", lambda e: logged.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: logged.append(f"request failed: {r.url} {r.failure}"))
+            step = iter(range(1, 100))
+
+            async def shot(name: str) -> None:
+                await page.screenshot(path=str(shots / f"{next(step):02d}-{name}.png"), animations="disabled")
+
+            await page.goto(url)
+            login = page.locator("#converse-login-jid")
+            await expect(login).to_have_value(web_server.jid("alice"), timeout=WAIT)
+            await shot("login")
+            await page.fill("#converse-login-password", web_server.passwords["alice"])
+            await page.locator("converse-login-form input[type=submit], converse-login-form button[type=submit]").first.click()
+
+            contact = page.locator("converse-roster-contact", has=page.locator(f'a.open-chat[data-jid="{gw}"]'))
+            await expect(contact.locator(".iot-gateway-status")).to_have_text("Test GW: 1/1 devices OK", timeout=WAIT)
+            await expect(contact.locator("converse-icon.chat-status")).to_have_attribute("title", "This contact is online", timeout=WAIT)
+            await shot("roster")
+
+            await contact.locator("a.open-chat").click()
+            chat = page.locator(f'converse-chat[jid="{gw}"]')
+            await expect(chat.locator(".chat-head__desc")).to_have_text("Test GW: 1/1 devices OK", timeout=WAIT)
+            textarea = chat.locator("textarea.chat-textarea")
+
+            async def say(text: str) -> None:
+                await textarea.fill(text)
+                await textarea.press("Enter")
+
+            answers = chat.locator(".chat-msg__text")
+            await say("read")
+            await expect(answers.filter(has_text="temp")).to_have_count(1, timeout=WAIT)
+            await shot("read")
+            await say("set sim.relay on")
+            await expect(answers.filter(has_text="sim.relay: off → on")).to_have_count(1, timeout=WAIT)
+            await shot("set")
+            await say("plot sim.temp 1h")
+            picture = chat.locator("img.chat-image")
+            await expect(picture).to_have_count(1, timeout=WAIT * 2)
+            await expect(picture).to_have_js_property("complete", True, timeout=WAIT)
+            assert await picture.evaluate("img => img.naturalWidth") > 0, "the plot did not load in the page"
+            await shot("plot")
+
+            await page.locator("converse-controlbox-buttons .show-client-info").click()
+            adhoc = page.locator("converse-adhoc-commands")
+            jid_input = adhoc.locator('input[name="jid"]')
+            await expect(jid_input).to_have_value(f"{gw}/gateway", timeout=WAIT)
+            await adhoc.locator('input[type="submit"]').click()
+            await expect(adhoc.locator(".list-group-item", has_text="Status")).to_have_count(1, timeout=WAIT)
+            await shot("adhoc-list")
+            await adhoc.locator(".list-group-item", has_text="Status").locator("a").first.click()
+            await expect(adhoc).to_contain_text("1/1", timeout=WAIT)
+            await shot("adhoc-status")
+        finally:
+            print("\n".join(logged[-40:]))
+            await browser.close()
+
+
+def test_the_page_serves_its_folder_only(web_server: XmppServer) -> None:
+    """An intruder on the page's port: paths out of the site folder (the server's config, its data
+    with the accounts) are not served, nor is a listing of the folder."""
+    prosody = web_server.prosody
+    ctx = ssl.create_default_context(cafile=str(prosody.ca_file))
+
+    def get(path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("localhost", prosody.https_port, context=ctx, timeout=10)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    status, body = get("/")
+    assert status == 200 and b"converse" in body
+    assert web_server.passwords["alice"].encode() not in body
+    for path in ("/../prosody.cfg.lua", "/%2e%2e/prosody.cfg.lua", "/dist/../../prosody.cfg.lua",
+                 "/..%2fprosody.cfg.lua", "/../data/localhost/accounts/alice.dat", "/dist/"):
+        status, body = get(path)
+        assert status >= 400, (path, status, body[:200])
+        assert b"data_path" not in body and b"password" not in body, path
