@@ -327,6 +327,10 @@ class Session:
             if len(self._sub_requests) > STRANGER_MEMORY:
                 self._sub_requests.pop(next(iter(self._sub_requests)))
             return
+        # `subscribed`, then our current presence, health in its status: slixmpp's authorize() sends
+        # it, and the server sends it too (RFC 6121 3.1.5), so the contact sees the health at once.
+        # Asked back, so a contact who declined our first request is asked again
+        # (tests/test_subscriptions.py).
         item.authorize()
         if not item["to"] and not item["pending_out"]:
             item.subscribe()
