@@ -14,41 +14,21 @@ from __future__ import annotations
 
 import http.client
 import os
-import secrets
-import shutil
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.demo import webchat
-from gateway.demo.localservers import Prosody
+from bench.webchat import launch, missing, site_server, trusting_home
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 
-ROOT = Path(__file__).resolve().parent.parent
-CACHE = ROOT / ".cache" / "converse"  # gitignored; npm installs Converse here once
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 USERS = {"gateway": None, "alice": "admin", "mallory": None}
 WAIT = 20_000  # ms for anything to show in the page (Chromium's first start on a loaded 2-core machine)
 
 
-def _missing() -> str | None:
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[test]')"
-    for tool, package in ((CHROMIUM, "chromium"), ("certutil", "libnss3-tools"), ("npm", "npm")):
-        if shutil.which(tool) is None:
-            return f"{tool} not found: install the Debian package {package} (make test does)"
-    return None
-
-
 pytestmark = [
-    pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
+    pytest.mark.skipif(missing() is not None, reason=missing() or ""),
     pytest.mark.timeout(180),
 ]
 
@@ -56,28 +36,10 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XmppServer]:
     """A Prosody serving the demo's page (websocket, page, uploads on one HTTPS port) with its own accounts."""
-    dist = webchat.install_converse(CACHE)
-    root = tmp_path_factory.mktemp("webchat")
-    prosody = Prosody(root / "prosody", web=root / "site")
-    webchat.write_site(root / "site", dist, prosody.ca_file, f"gateway@{prosody.domain}", "gateway",
-                       f"alice@{prosody.domain}", "Test GW")
-    passwords = {}
-    for user in USERS:
-        passwords[user] = secrets.token_urlsafe(12)
-        prosody.register(user, passwords[user])
+    prosody, passwords = site_server(tmp_path_factory.mktemp("webchat"), list(USERS), "Test GW")
     prosody.start()
     yield XmppServer(prosody, passwords)
     prosody.stop()
-
-
-def nss_home(home: Path, ca_file: Path) -> Path:
-    """A HOME whose NSS database (~/.pki/nssdb, where Chromium on Linux looks) trusts `ca_file`."""
-    db = home / ".pki" / "nssdb"
-    db.mkdir(parents=True)
-    subprocess.run(["certutil", "-N", "-d", f"sql:{db}", "--empty-password"], check=True, capture_output=True)
-    subprocess.run(["certutil", "-A", "-d", f"sql:{db}", "-n", "iot-gateway test CA", "-t", "C,,", "-i", str(ca_file)],
-                   check=True, capture_output=True)
-    return home
 
 
 @pytest.fixture
@@ -99,11 +61,11 @@ async def test_chat_in_the_browser(web_server: XmppServer, gateway: RunningGatew
     from playwright.async_api import async_playwright, expect
 
     shots = shots_folder(tmp_path)
-    home = nss_home(tmp_path / "home", web_server.prosody.ca_file)
+    home = trusting_home(tmp_path / "home", web_server.prosody.ca_file)
     url = f"https://localhost:{web_server.prosody.https_port}/"
     gw = gateway.jid
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, env={**os.environ, "HOME": str(home)})
+        browser = await launch(pw, home)
         try:
             page = await browser.new_page(viewport={"width": 1000, "height": 700})
             logged: list[str] = []
@@ -120,7 +82,7 @@ async def test_chat_in_the_browser(web_server: XmppServer, gateway: RunningGatew
             await expect(login).to_have_value(web_server.jid("alice"), timeout=WAIT)
             await shot("login")
             await page.fill("#converse-login-password", web_server.passwords["alice"])
-            await page.locator("converse-login-form input[type=submit], converse-login-form button[type=submit]").first.click()
+            await page.locator("#converse-login button[type=submit]").first.click()
 
             contact = page.locator("converse-roster-contact", has=page.locator(f'a.open-chat[data-jid="{gw}"]'))
             await expect(contact.locator(".iot-gateway-status")).to_have_text("Test GW: 1/1 devices OK", timeout=WAIT)
