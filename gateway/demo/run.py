@@ -260,8 +260,12 @@ def _instructions(accounts: dict[str, Prosody], broker: Mosquitto, pw: dict[str,
                From a phone: docs/webchat.md (the demo listens on loopback only).
 """
     elif you is home:
-        web = f"""
+        web = """
  Web chat      none this time: Converse.js could not be installed (see above)
+"""
+    else:
+        web = """
+ Web chat      only in the one-server demo (make demo): https://localhost:15443/
 """
     return f"""
 ================================================================================
