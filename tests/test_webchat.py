@@ -23,7 +23,7 @@ import pytest
 from bench.webchat import launch, missing, site_server, trusting_home
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 
-USERS = {"gateway": None, "alice": "admin", "mallory": None}
+USERS = {"gateway": None, "alice": "admin"}
 WAIT = 20_000  # ms for anything to show in the page (Chromium's first start on a loaded 2-core machine)
 
 
@@ -50,17 +50,22 @@ async def gateway(web_server: XmppServer, tmp_path: Path) -> AsyncIterator[Runni
     await running.stop()
 
 
-def shots_folder(tmp_path: Path) -> Path:
+def shots_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """Where the screenshots go, said on the terminal even when pytest captures the output."""
     folder = Path(os.environ.get("WEBCHAT_SHOTS") or tmp_path / "shots")
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nwebchat screenshots: {folder}")
+    with capsys.disabled():
+        print(f"\nwebchat screenshots: {folder}")
     return folder
 
 
-async def test_chat_in_the_browser(web_server: XmppServer, gateway: RunningGateway, tmp_path: Path) -> None:
+async def test_chat_in_the_browser(
+    web_server: XmppServer, gateway: RunningGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Log in, the gateway online with its health, read, set, plot (the picture loaded), an ad-hoc command."""
     from playwright.async_api import async_playwright, expect
 
-    shots = shots_folder(tmp_path)
+    shots = shots_folder(tmp_path, capsys)
     home = trusting_home(tmp_path / "home", web_server.prosody.ca_file)
     url = f"https://localhost:{web_server.prosody.https_port}/"
     gw = gateway.jid
@@ -123,7 +128,8 @@ async def test_chat_in_the_browser(web_server: XmppServer, gateway: RunningGatew
             await expect(adhoc).to_contain_text("1/1", timeout=WAIT)
             await shot("adhoc-status")
         finally:
-            print("\n".join(logged[-40:]))
+            if logged:  # the page's console, for a failure's report
+                print("\n".join(logged[-40:]))
             await browser.close()
 
 
