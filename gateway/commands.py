@@ -106,6 +106,8 @@ class Commands:
         # Contacts the XMPP session cannot reach (their server down, …), one line each: for admins.
         self.unreachable: Callable[[], list[str]] | None = None
         self.notes: list[str] = []  # `status` ends with these: the GPIO pin factory, features off for want of a package
+        # The address of the ad-hoc commands (the XMPP session's full JID), named by `help`.
+        self.adhoc: Callable[[], str] | None = None
         self.store: "HistoryStore | None" = None  # history.db's readings and rollups, for long windows
 
     async def run(
@@ -155,7 +157,8 @@ class Commands:
         mine = [c for c in COMMANDS.values() if allowed(actor.role, c.perm) and self.offers(c)]
         if not args:
             title = f"{self.name} commands (you are {actor.role}):"
-            return helps.listing(title, [(c.usage, c.about) for c in mine], "read")
+            adhoc = self.adhoc() if self.adhoc is not None else None
+            return helps.listing(title, [(c.usage, c.about) for c in mine], "read", adhoc)
         cmd = COMMANDS.get(args[0].lower())
         if cmd is None or not self.offers(cmd):
             return helps.unknown(clip(args[0], QUOTED), [c.name for c in mine])

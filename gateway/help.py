@@ -23,6 +23,8 @@ class Page:
 
 WINDOWS = "A window is 30m, 6h, 7d, 3w, 6mo, 1y, since 2026-03-01 or 2026-11-01..2026-11-07 (dates in UTC)."
 
+ADHOC = "Ad-hoc commands (forms): "  # then the full JID they are at (docs/webchat.md)
+
 ROLES = {"viewer": "viewer, operator or admin", "operator": "operator or admin", "admin": "admin"}
 
 PAGES: dict[str, Page] = {
@@ -98,11 +100,14 @@ PAGES: dict[str, Page] = {
 }
 
 
-def listing(title: str, entries: list[tuple[str, str]], example: str) -> str:
-    """The `help` reply: a title, then `usage — about` for each command the reader may use."""
+def listing(title: str, entries: list[tuple[str, str]], example: str, adhoc: str | None = None) -> str:
+    """The `help` reply: a title, then `usage — about` for each command the reader may use, and
+    where the ad-hoc commands are (`adhoc`, a full JID: the server answers for the bare one)."""
     lines = wrap(title, "", LINE)
     for usage, about in entries:
         lines += wrap(f"{usage} — {about}", "  ", LINE)
+    if adhoc is not None:
+        lines += wrap(f"{ADHOC}{adhoc}", "  ", LINE)
     lines += wrap(f"Details and examples: help COMMAND, e.g. help {example}", "", LINE)
     return "\n".join(lines)
 

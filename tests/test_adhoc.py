@@ -327,9 +327,8 @@ async def test_commands_are_at_the_full_jid_which_help_names(
     assert CMD in (await disco.get_info(jid=full(gw), timeout=10))["disco_info"]["features"]
 
     reply = await alice.ask_for(gw.jid, "help", lambda body: "commands" in body)
-    named = reply.splitlines()[-1]
-    assert named == f"Ad-hoc commands (forms): {full(gw)}"
-    assert len(named) <= 60
+    named = [line for line in reply.splitlines() if line.startswith("Ad-hoc")]
+    assert named == [f"Ad-hoc commands (forms): {full(gw)}"], reply
     listed = await commands_of(alice, gw)
     assert set(listed.values()) >= {"Read sensors", "Set actuator", "Status"}
 

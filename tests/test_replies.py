@@ -63,8 +63,10 @@ async def test_help_fits_a_phone_and_gives_details_per_command(
         lines = lines_of(reply)
         assert all(len(line) <= LINE for line in lines), reply
         assert lines[0] == f"Test GW commands (you are {role}):"
-        # One line per command the role may use, and how to get the details.
-        assert [line.split()[0] for line in lines[1:-1]] == sees, reply
+        # One line per command the role may use, where the ad-hoc commands are (docs/webchat.md),
+        # and how to get the details.
+        assert [line.split()[0] for line in lines[1:-2]] == sees, reply
+        assert lines[-2] == f"Ad-hoc commands (forms): {gw.session.client.boundjid.full}", reply
         assert lines[-1] == "Details and examples: help COMMAND, e.g. help read"
 
     page = lines_of(await alice.ask_for(gw.jid, "help set", "set — "))

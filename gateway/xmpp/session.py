@@ -58,7 +58,6 @@ MAX_COMMAND_AGE = 60.0  # seconds: older delayed commands are not carried out
 MAX_STAMP_AHEAD = 60.0
 QUEUE_SIZE = 500  # alerts kept while disconnected; the oldest go first
 BLOCK_AFTER = 3  # subscription requests from one stranger before blocking them (XEP-0191)
-ADHOC_NOTE = "Ad-hoc commands (forms): "  # `help` ends with it and the full JID they are at
 
 
 class Session:
@@ -99,6 +98,9 @@ class Session:
         self.bounces = Bounces(self._resend_held, self._tell_delayed, self._ping, self.online.is_set,
                                lambda jid: bool(self.client.client_roster[jid].resources))
         commands.unreachable = self.bounces.describe
+        # The server answers a command list asked of our bare JID itself, with nothing: `help`
+        # names this resource, where they are (docs/webchat.md).
+        commands.adhoc = lambda: self.client.boundjid.full
         # Called with (alert, delayed) after an alert went to contacts: rooms post it too.
         self.alert_hooks: list = []
         # Things with a `sinks` list of alert callbacks: watches, timed reverts.
@@ -592,15 +594,10 @@ class Session:
         `progress` sends an interim message ("sent, waiting for the device") before the reply;
         `aside` is called when the command goes on beside the next ones (Commands.run)."""
         try:
-            reply = await self.commands.run(text.strip(), actor, progress=progress, aside=aside)
+            return await self.commands.run(text.strip(), actor, progress=progress, aside=aside)
         except Exception:
             log.exception("command %r from %s failed", text[:100], actor.jid)
             return "Internal error while running that command; it has been logged."
-        if text.strip().lower() == "help":
-            # The server answers a command list asked of our bare JID itself, with nothing:
-            # clients must ask this resource (docs/webchat.md).
-            reply = f"{reply}\n{ADHOC_NOTE}{self.client.boundjid.full}"
-        return reply
 
     def allow_rate(self, jid: str) -> bool:
         """Count a command of `jid`: False over its limit or its remote server's (gateway/xmpp/floods.py)."""
