@@ -51,9 +51,14 @@ def trusting_home(home: Path, ca_file: Path) -> Path:
     """A HOME whose NSS database (~/.pki/nssdb, where Chromium on Linux looks) trusts `ca_file` as a CA."""
     db = home / ".pki" / "nssdb"
     db.mkdir(parents=True, exist_ok=True)
-    for cmd in (["certutil", "-N", "-d", f"sql:{db}", "--empty-password"],
-                ["certutil", "-A", "-d", f"sql:{db}", "-n", "iot-gateway CA", "-t", "C,,", "-i", str(ca_file)]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
+    cmds = [["certutil", "-A", "-d", f"sql:{db}", "-n", "iot-gateway CA", "-t", "C,,", "-i", str(ca_file)]]
+    if not (db / "cert9.db").exists():  # `-N` on an existing database asks for its password, forever
+        cmds.insert(0, ["certutil", "-N", "-d", f"sql:{db}", "--empty-password"])
+    for cmd in cmds:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{' '.join(cmd[:2])} did not finish in 30 s (waiting for a password?)") from None
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd[:2])} failed: {r.stderr.strip() or r.stdout.strip()}")
     return home
