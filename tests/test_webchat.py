@@ -106,6 +106,9 @@ async def test_chat_in_the_browser(
             answers = chat.locator(".chat-msg__text")
             await say("read")
             await expect(answers.filter(has_text="temp")).to_have_count(1, timeout=WAIT)
+            # Its rows are aligned with spaces: the page shows the gateway's text in a fixed-width font.
+            font = await answers.filter(has_text="temp").evaluate("el => getComputedStyle(el).fontFamily")
+            assert "mono" in font.lower(), font
             await shot("read")
             await say("set sim.relay on")
             await expect(answers.filter(has_text="sim.relay: off → on")).to_have_count(1, timeout=WAIT)

@@ -5,6 +5,7 @@
  *   roster that only approved the gateway never shows it online;
  * - shows each contact's presence status under its name in the roster, and the chat partner's in
  *   the chat's header: the gateway's status is its health ("Demo greenhouse: 4/4 devices OK");
+ * - shows the gateway's replies in a fixed-width font, so their columns line up;
  * - replaces the login page's footer (sponsors' logos loaded from conversejs.org) with the demo's notes;
  * - fills Converse's ad-hoc commands form with the gateway's full JID: the server answers a
  *   command list asked of the bare JID itself, with nothing (docs/webchat.md).
@@ -13,6 +14,13 @@
   'use strict';
   const settings = JSON.parse(document.getElementById('iot-gateway-settings').textContent);
   const { html } = converse.env;
+
+  // The gateway's replies in a fixed-width font, so the columns of its plain-text rows line up
+  // (Converse shows a message's text in a proportional font).
+  const mono = document.createElement('style');
+  mono.textContent = `.conversejs .chat-msg[data-from^="${CSS.escape(settings.gateway + '/')}"] .chat-msg__text
+    { font-family: ui-monospace, 'DejaVu Sans Mono', monospace; font-size: 0.92em; }`;
+  document.head.append(mono);
 
   // Converse defines its elements as it initializes: patched once they exist.
   customElements.whenDefined('converse-roster-contact').then(() => {
