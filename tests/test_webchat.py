@@ -12,15 +12,17 @@ from Converse's own form. A screenshot of each step goes to the folder the test 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.webchat import launch, missing, site_server, trusting_home
+from bench.webchat import Page, launch, missing, site_server, trusting_home
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 
 USERS = {"gateway": None, "alice": "admin"}
@@ -159,3 +161,70 @@ def test_the_page_serves_its_folder_only(web_server: XmppServer) -> None:
         status, body = get(path)
         assert status >= 400, (path, status, body[:200])
         assert b"data_path" not in body and b"password" not in body, path
+
+
+OMEMO2 = "urn:xmpp:omemo:2"
+LEGACY = "eu.siacs.conversations.axolotl"
+
+
+class Wire:
+    """Message stanzas between the gateway and one contact, as the gateway's client read and wrote them."""
+
+    def __init__(self, gw: RunningGateway, contact: str) -> None:
+        self.contact = contact
+        self.incoming: list[str] = []
+        self.outgoing: list[str] = []
+        gw.session.client.add_filter("in", lambda s: self._keep(s, "from", self.incoming))
+        gw.session.client.add_filter("out", lambda s: self._keep(s, "to", self.outgoing))
+
+    def _keep(self, stanza: Any, side: str, into: list[str]) -> Any:
+        if stanza.xml.tag.endswith("}message") and stanza[side].bare.lower() == self.contact:
+            into.append(str(stanza))
+        return stanza
+
+    @staticmethod
+    def encrypted(stanzas: list[str]) -> list[str]:
+        return [s for s in stanzas if f'xmlns="{OMEMO2}"' in s or f'xmlns="{LEGACY}"' in s]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # slixmpp-omemo 2.2 on slixmpp 1.17
+async def test_omemo_in_the_browser(
+    web_server: XmppServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Converse with OMEMO turned on (the chat's lock): `read` reaches the gateway encrypted and its
+    answer comes back encrypted, shown decrypted in the page (docs/omemo.md)."""
+    from playwright.async_api import async_playwright, expect
+
+    config = gateway_config(web_server, tmp_path, contacts=[{"jid": web_server.jid("alice"), "role": "admin"}],
+                            xmpp={"omemo": "accept"})
+    gw = await start_gateway(config, web_server.passwords["gateway"])
+    try:
+        await asyncio.wait_for(gw.session.omemo.manager(), 15)
+        wire = Wire(gw, web_server.jid("alice"))
+        shots = shots_folder(tmp_path, capsys)
+        home = trusting_home(tmp_path / "home", web_server.prosody.ca_file)
+        async with async_playwright() as pw:
+            browser = await launch(pw, home)
+            try:
+                page = Page(await browser.new_page(viewport={"width": 1000, "height": 700}), gw.jid)
+                await page.login(f"https://localhost:{web_server.prosody.https_port}/", web_server.passwords["alice"])
+                lock = page.chat.locator("button.toggle-omemo")
+                await expect(lock).to_have_attribute("data-disabled", "false", timeout=WAIT)
+                await lock.click()
+                await expect(lock).to_have_attribute("title", "Messages are sent encrypted", timeout=WAIT)
+                await page.say("read")
+                await page.answered("temp", 1)
+                await page.page.screenshot(path=str(shots / "omemo-read.png"), animations="disabled")
+            finally:
+                await browser.close()
+    finally:
+        await gw.stop()
+    commands = [s for s in wire.incoming if "<body" in s or "encrypted" in s]
+    assert wire.encrypted(wire.incoming), commands
+    assert not any("<body>read</body>" in s for s in wire.incoming), commands
+    answers = wire.encrypted(wire.outgoing)
+    assert answers, wire.outgoing
+    assert not any("temp" in s for s in wire.outgoing), wire.outgoing
+    with capsys.disabled():
+        versions = {v for v in (OMEMO2, LEGACY) for s in wire.incoming + wire.outgoing if f'xmlns="{v}"' in s}
+        print(f"OMEMO between Converse and the gateway: {', '.join(sorted(versions))}")
