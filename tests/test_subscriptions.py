@@ -18,6 +18,7 @@ from tests.helpers import until
 from tests.peer import Peer
 
 HEALTH = "Test GW: 1/1 devices OK"
+WAIT = 15.0  # seconds for a subscription step through Prosody on a loaded machine
 
 
 def _fresh(server: XmppServer, name: str) -> tuple[str, str]:
@@ -64,17 +65,17 @@ async def test_a_contact_who_asks_sees_the_gateway_online_and_is_asked_back(acco
     wendy.client.auto_authorize = False  # declines the request the gateway sent when it started
     await wendy.start()
     try:
-        await until(lambda: not roster[accounts.contact]["pending_out"], "the contact declining the gateway's request")
+        await until(lambda: not roster[accounts.contact]["pending_out"], "the contact declining the gateway's request", WAIT)
         assert not roster[accounts.contact]["to"]
         wendy.client.auto_authorize = None  # from now on, by hand
         wendy.client.send_presence_subscription(pto=accounts.gateway)
         pres = await wendy.presence_from(accounts.gateway, online(accounts.gateway))
         assert pres["from"].resource == "gateway"
         mine = wendy.client.client_roster[accounts.gateway]
-        await until(lambda: mine["to"], "the contact's subscription to the gateway")
-        await until(lambda: mine["pending_in"], "the gateway asking back")
+        await until(lambda: mine["to"], "the contact's subscription to the gateway", WAIT)
+        await until(lambda: mine["pending_in"], "the gateway asking back", WAIT)
         mine.authorize()
-        await until(lambda: roster[accounts.contact]["to"] and roster[accounts.contact]["from"], "both ways on the gateway's side")
+        await until(lambda: roster[accounts.contact]["to"] and roster[accounts.contact]["from"], "both ways on the gateway's side", WAIT)
     finally:
         await wendy.stop()
         await gw.stop()
@@ -91,7 +92,7 @@ async def test_a_contact_who_answers_the_gateways_request_sees_it_online(account
     try:
         await wendy.presence_from(accounts.gateway, online(accounts.gateway))
         roster = gw.session.client.client_roster
-        await until(lambda: roster[accounts.contact]["to"] and roster[accounts.contact]["from"], "both ways on the gateway's side")
+        await until(lambda: roster[accounts.contact]["to"] and roster[accounts.contact]["from"], "both ways on the gateway's side", WAIT)
     finally:
         await wendy.stop()
         await gw.stop()
