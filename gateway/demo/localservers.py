@@ -257,7 +257,11 @@ Component "{self.muc}" "muc"
             start_new_session=True,
         )
         log.close()
-        wait_port(self.port, proc=self.proc, host=self.interface)
+        # Every listener, not only c2s: Prosody opens them one after another, and a test that
+        # freezes the server right after start must find its s2s port taking connections.
+        for port in (self.port, self.s2s_port, self.https_port):
+            if port is not None:
+                wait_port(port, proc=self.proc, host=self.interface)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after 5 s)."""
