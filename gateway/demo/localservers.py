@@ -382,6 +382,8 @@ persistence_location {self.root}/
 autosave_interval 1
 log_dest file {self.root}/mosquitto.log
 max_queued_messages 100000
+# As Prosody here: no 40 ms wait for a delayed ACK when a message follows another within a round trip.
+set_tcp_nodelay true
 """
         )
         if acl is not None:
