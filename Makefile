@@ -7,8 +7,12 @@ BIN    := $(VENV)/bin
 APT    := prosody mosquitto mosquitto-clients socat openssl
 # Only the tests need these: systemd-analyze for the unit, Profanity under tmux as an XMPP
 # client not built on slixmpp, Debian's python3 with venv and wheel for `make install` into a folder,
-# and Prosody's unbound resolver (only recommended by prosody) for the federated servers' own DNS.
-APT_TEST := systemd profanity tmux python3-venv python3-wheel lua-unbound
+# Prosody's unbound resolver (only recommended by prosody) for the federated servers' own DNS,
+# and Chromium with NSS's certutil for the web chat in a browser (tests/test_webchat.py).
+APT_TEST := systemd profanity tmux python3-venv python3-wheel lua-unbound chromium libnss3-tools
+# npm installs the web chat (Converse.js) for the demo and the tests; from Debian only when no npm
+# is on the PATH: a Node.js installed another way (NodeSource's nodejs carries its own npm) stays.
+NODE   := nodejs npm
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps test-deps venv test test-system demo bench clean install uninstall
@@ -21,6 +25,7 @@ test-deps: PACKAGES += $(APT_TEST)
 deps test-deps:
 	@missing=""; \
 	for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing $(NODE)"; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing Debian packages:$$missing"; \
@@ -58,4 +63,4 @@ install uninstall:
 	DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" systemd/install.sh $@
 
 clean:
-	rm -rf $(VENV) .demo *.egg-info
+	rm -rf $(VENV) .demo .cache *.egg-info

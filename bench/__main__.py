@@ -29,6 +29,7 @@ from .omemo import omemo_cost
 from .plot import plot_cost
 from .results import RESULTS, Result, cpu_model, table, write
 from .sdwrites import sd_writes
+from .webchat import missing as webchat_missing, webchat_latency
 
 NAMES = (
     "mqtt_ingest",
@@ -47,6 +48,7 @@ NAMES = (
     "omemo",
     "federation",
     "history_year",
+    "webchat",
 )
 ON_G200 = NAMES[2:7]  # the benchmarks that share the 200-field gateway process
 
@@ -79,6 +81,12 @@ async def run(lab: Lab, work: Path, only: set[str]) -> list[Result]:
         await step("fleet_20", results, fleet_20(lab, work))
     if wanted("federation"):
         await step("federation", results, federation(lab, work))
+    if wanted("webchat"):
+        lacking = webchat_missing()
+        if lacking is None:
+            await step("webchat", results, webchat_latency(lab, work))
+        else:
+            print(f"webchat skipped: {lacking}", flush=True)
     if wanted("omemo"):
         alice = await lab.client("alice").start()
         try:

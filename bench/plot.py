@@ -1,12 +1,14 @@
-"""What `plot` costs: a day of readings at one per second drawn, uploaded and delivered, and the
-memory after its first plot and STEADY seconds after the last, each against the same gateway
-before any plot. The drawing runs in a child process that ends WORKER_IDLE s after a plot, so
+"""What `plot` costs: a day of readings at one per second drawn, uploaded and delivered (and the
+picture's size), and the memory after its first plot and STEADY seconds after the last, each
+against the same gateway before any plot. The drawing runs in a child process that ends WORKER_IDLE s after a plot, so
 the memory is read for the gateway alone and for it with its children (what the Pi pays)."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import statistics
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +46,13 @@ async def plot_cost(lab: Lab, alice: Client, work: Path) -> list[Result]:
         texts = [await _history(alice, jid) for _ in range(1 + ROUNDS)][1:]
         await asyncio.sleep(SETTLE)
         base_rss = gw.rss()  # having answered the same request in text
-        first = await _plot(alice, jid)
+        first, url = await _plot(alice, jid)
         await asyncio.sleep(SETTLE)  # upload buffers settle
         rss = gw.rss()
         pid = gw.proc.pid if gw.proc is not None else 0
         with_drawing = tree_rss(pid)
-        plots = [await _plot(alice, jid) for _ in range(ROUNDS)]
+        plots = [(await _plot(alice, jid))[0] for _ in range(ROUNDS)]
+        png = await asyncio.to_thread(_download, url, lab.prosody.ca_file)
         await asyncio.sleep(STEADY)
         steady = tree_rss(pid)
     finally:
@@ -61,6 +64,7 @@ async def plot_cost(lab: Lab, alice: Client, work: Path) -> list[Result]:
     return [
         Result("plot_render", statistics.median(plots) * 1000, "ms", baseline, statistics.median(texts) * 1000),
         Result("plot_render.first", first * 1000, "ms", baseline, statistics.median(texts) * 1000),
+        Result("plot_render.png", len(png) / 1000, "kB"),
         Result("plot_rss", rss, "MB", before, base_rss),
         Result("plot_rss.with_drawing", with_drawing, "MB", before + "; with its children", base_rss),
         Result("plot_rss.steady", steady, "MB", f"{before}; {STEADY:g} s after the last plot, with its children",
@@ -68,11 +72,18 @@ async def plot_cost(lab: Lab, alice: Client, work: Path) -> list[Result]:
     ]
 
 
-async def _plot(alice: Client, jid: str) -> float:
+async def _plot(alice: Client, jid: str) -> tuple[float, str]:
     seconds, reply = await alice.ask(jid, "plot sim.temp 24h")
     if not reply.startswith("https://"):
         raise BenchError(f"`plot` gave no picture: {reply[:200]}")
-    return seconds
+    return seconds, reply
+
+
+def _download(url: str, ca_file: Path) -> bytes:
+    """The uploaded picture, over HTTPS trusting the lab's CA."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:
+        return resp.read()
 
 
 async def _history(alice: Client, jid: str) -> float:

@@ -22,15 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from .results import Result
+from .results import Result, Target
 
 DEVICES = 3
 SECONDS = 3600
 MB = 1_000_000
-# (name, flush every s, synchronous, readings per field per second written)
+# (name, flush every s, synchronous, readings per field per second written, target)
 SETTINGS = [
-    ("sd_writes", 60.0, "full", 2),  # the defaults
-    ("sd_writes.before", 2.0, "normal", 0),  # what the gateway did before issue 13
+    ("sd_writes", 60.0, "full", 2, Target("<", 4.48)),  # the defaults; issue 24: no more than before the buckets
+    ("sd_writes.before", 2.0, "normal", 0, None),  # the settings before issue 13 (today's pages)
 ]
 
 
@@ -78,7 +78,7 @@ def child(argv: list[str]) -> None:
 async def sd_writes(work: Path) -> list[Result]:
     """Bytes written per hour with the defaults, and with the settings before issue 13."""
     results = []
-    for name, flush_every, sync, per_second in SETTINGS:
+    for name, flush_every, sync, per_second, target in SETTINGS:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.sdwrites", tmp, str(flush_every), sync, str(per_second),
@@ -96,6 +96,7 @@ async def sd_writes(work: Path) -> list[Result]:
                 f"raw readings, {DEVICES} devices at 1/s (flush every {flush_every:g} s, "
                 f"synchronous {sync.upper()}, {per_second or 'all'} per field per s)",
                 got["raw"] / MB,
+                target,
             )
         )
     return results

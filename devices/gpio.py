@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import pwd
 import threading
 import warnings
 from collections.abc import Callable
@@ -144,7 +146,7 @@ class GpioDriver(Driver[GpioDevice]):
             self.about = f"GPIO pin factory {factory_name(self.factory)}"
             log.info("%s: %s", self.id, self.about)
         except Exception as e:
-            self._factory_error = _reason(e)
+            self._factory_error = _reason(e) + access_hint(_reason(e))
             if not fields:
                 log.error("%s: %s", self.id, self._factory_error)
                 return
@@ -160,7 +162,7 @@ class GpioDriver(Driver[GpioDevice]):
                 self._parts[f.name] = self._open_pin(f, self.factory)
             except Exception as e:
                 hint = _mock_pwm_hint(f, self.factory)
-                self._errors[f.name] = f"{f.name}: pin {f.pin} cannot be opened: {_reason(e)}{hint}"
+                self._errors[f.name] = f"{f.name}: pin {f.pin} cannot be opened: {_reason(e)}{hint or access_hint(_reason(e))}"
                 log.error("%s: %s", self.id, self._errors[f.name])
 
     def _load_factory(self) -> Factory:
@@ -352,6 +354,19 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return str(e) or type(e).__name__
+
+
+def access_hint(reason: str) -> str:
+    """What to do when a pin library cannot open the GPIO chip (lgpio says "can not open
+    gpiochip"; others "Permission denied" on /dev/gpiochip* or /dev/gpiomem): "" for other errors."""
+    low = reason.lower()
+    if "gpiochip" not in low and "gpiomem" not in low and "permission denied" not in low:
+        return ""
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    return (
+        f" (check that /dev/gpiochip0 exists and that user {user} may open it: "
+        f"`ls -l /dev/gpiochip*`, `sudo usermod -aG gpio {user}`, then restart the service)"
+    )
 
 
 def factory_name(factory: Factory) -> str:

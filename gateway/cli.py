@@ -14,9 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import PASSWORD_ENV, Config, ConfigError, load
+from .config import MQTT_PASSWORD_ENV, PASSWORD_ENV, Config, ConfigError, MqttSection, load
 from .plot import PLOT_INSTALL
-from .history import disk_use
+from .historydb import disk_use
 from .state import StateDir, StateLocked
 from .xmpp.redact import SaslRedactor
 
@@ -172,6 +172,19 @@ def password_source(config: Config) -> str:
     return f"from ${PASSWORD_ENV} at run time ({now} in this environment)"
 
 
+def mqtt_password_source(m: MqttSection) -> str:
+    """Where the broker password will come from, for the `check` summary."""
+    if not m.username:
+        return "none (anonymous)"
+    if m.password is not None:
+        return "in the config file"
+    if m.password_file is not None:
+        return f"from {m.password_file}"
+    if os.environ.get(MQTT_PASSWORD_ENV):
+        return f"from ${MQTT_PASSWORD_ENV} at run time (set in this environment)"
+    return f"from ${MQTT_PASSWORD_ENV} at run time (not set in this environment: without it, none is sent)"
+
+
 def loose_permissions(path: Path, config: Config) -> list[str]:
     """A warning for the config file and each password_file that every user on the machine may read or write."""
     files = [path]
@@ -213,6 +226,7 @@ def summary(path: Path, config: Config) -> str:
         lines.append(f"Plots: text sparklines only, the plotting library is not installed ({PLOT_INSTALL} for pictures)")
     if config.mqtt:
         lines.append(f"MQTT: {config.mqtt.url}")
+        lines.append(f"  password: {mqtt_password_source(config.mqtt)}")
     lines.append(f"Devices ({len(config.devices)}):")
     for d in config.devices:
         where = getattr(d, "port", "") or ""
@@ -352,7 +366,7 @@ async def _console(config: Config, state: StateDir) -> int:
             if line is None:
                 break
             if line.strip():
-                print(await commands.run(line.strip(), actor, styled=False, progress=_say), flush=True)
+                print(await commands.run(line.strip(), actor, progress=_say), flush=True)
     finally:
         await gw.stop()
     return 0

@@ -1,9 +1,9 @@
 """The chat command engine, shared by XMPP chat, rooms and the console.
 
 `Commands.run(text, actor)` returns the reply text. Every command has a
-minimum role; a refusal says which role it needs. Replies with several rows
-put the rows in an XEP-0393 preformatted block so columns line up in
-Conversations, Gajim and Dino.
+minimum role; a refusal says which role it needs. Replies are plain text with
+rows aligned by spaces and no XEP-0393 markup around them (gateway/rows.py,
+docs/replies.md): they read the same in every client and aloud.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import logging
 import math
 import statistics
-import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -20,12 +19,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .audit import Entry
-from .auth import Actor, Forbidden, Permission, allowed, require
+from .auth import ROLE_NEEDED, Actor, Forbidden, Permission, allowed, require
+from . import help as helps
 from .hub import Field, Hub, HubError, Node, Written
 from .export import buckets as csv_buckets, readings as csv_readings
-from .plot import MAX_FIELDS, SPARK_WIDTH, NoPicture, Picture, PlotError, Plots, Series, check_fields, history_spark, spark
+from .plot import MAX_FIELDS, SPARK_WIDTH, NoPicture, PlotError, Plots, Series, check_fields, history_spark, spark
 from .reverts import Reverts
 from .rollups import NAMES, BadWindow, Bucket, Window, is_window, parse_window
+from .rows import WIDTH, ago, fit, wrap
 from .values import BadValue, Value, age, clip, coerce, fmt, parse_duration
 from .watches import Watches, WatchError
 
@@ -46,7 +47,6 @@ STORE_ROWS = 2000  # rows a history summary reads at most (the summary itself is
 PLOT_ROWS = 720  # buckets a long plot draws (about one per pixel column)
 EXPORT_ROWS = 50_000  # rows an export holds at most (about 2.5 MB of CSV)
 EXPORT_INLINE = 20  # CSV rows shown in the chat when no file can be sent
-WIDTH = 40  # characters a phone shows on one line of a preformatted block (status, read, list)
 PROGRESS_AFTER = 1.0  # seconds a set may take before the contact hears "sent, waiting for the device"
 
 audit_log = logging.getLogger("iot_gateway.audit")
@@ -62,11 +62,12 @@ _aside: ContextVar[Aside | None] = ContextVar("aside", default=None)
 
 @dataclass(frozen=True)
 class Command:
-    """One chat command: its handler, the permission it needs, and its help line."""
+    """One chat command: its handler, the permission it needs, and its help line (`usage — about`,
+    60 characters at most; the details are its page in gateway/help.py)."""
 
     name: str
     perm: Permission
-    usage: str
+    usage: str  # the short form, also quoted by a usage error
     about: str
     handler: Callable[["Commands", list[str], Actor], Awaitable[str]]
     # False where the hub authorizes (and audits) the action itself, as for writes.
@@ -105,15 +106,16 @@ class Commands:
         # Contacts the XMPP session cannot reach (their server down, …), one line each: for admins.
         self.unreachable: Callable[[], list[str]] | None = None
         self.notes: list[str] = []  # `status` ends with these: the GPIO pin factory, features off for want of a package
+        # The address of the ad-hoc commands (the XMPP session's full JID), named by `help`.
+        self.adhoc: Callable[[], str] | None = None
         self.store: "HistoryStore | None" = None  # history.db's readings and rollups, for long windows
 
     async def run(
-        self, text: str, actor: Actor, styled: bool = True, progress: Progress | None = None, aside: Aside | None = None
+        self, text: str, actor: Actor, progress: Progress | None = None, aside: Aside | None = None
     ) -> str:
         """Answer one command line on behalf of `actor`.
 
-        With `styled`, the rows of a multi-row reply go in a preformatted block. `progress`
-        sends an interim message: a `set` still waiting for its device after PROGRESS_AFTER
+        `progress` sends an interim message: a `set` still waiting for its device after PROGRESS_AFTER
         seconds says so through it before the final reply. `aside` is called by a command
         that has read all it needs and goes on with slow work of its own (a plot's upload):
         from then on the caller may run the contact's next command beside it.
@@ -140,10 +142,8 @@ class Commands:
         except (HubError, BadValue, WatchError, PlotError) as e:
             return f"Error: {str(e).rstrip('.')}."
         except UsageError as e:
-            return f"{e}. Usage: {cmd.usage}"
-        if isinstance(reply, Picture):
-            return reply  # the bare URL, so clients show the picture inline
-        return block(reply) if styled else reply
+            return f"{e}. Usage: {cmd.usage} (more: help {cmd.name})"
+        return reply  # a Picture is the bare URL, so clients show the picture inline
 
     def offers(self, cmd: Command) -> bool:
         """Whether this gateway has the part `cmd` needs (watches, a fleet, OMEMO), if any."""
@@ -152,11 +152,18 @@ class Commands:
     # ------------------------------------------------------------ commands
 
     async def help(self, args: list[str], actor: Actor) -> str:
-        lines = [f"{self.name} commands (you are {actor.role}):"]
-        for c in COMMANDS.values():
-            if allowed(actor.role, c.perm) and self.offers(c):
-                lines.append(f"{c.usage} — {c.about}")
-        return "\n".join(lines)
+        if len(args) > 1:
+            raise UsageError("Give one command")
+        mine = [c for c in COMMANDS.values() if allowed(actor.role, c.perm) and self.offers(c)]
+        if not args:
+            title = f"{self.name} commands (you are {actor.role}):"
+            adhoc = self.adhoc() if self.adhoc is not None else None
+            return helps.listing(title, [(c.usage, c.about) for c in mine], "read", adhoc)
+        cmd = COMMANDS.get(args[0].lower())
+        if cmd is None or not self.offers(cmd):
+            return helps.unknown(clip(args[0], QUOTED), [c.name for c in mine])
+        require(actor, cmd.perm)  # a viewer learns set's role, as running it would say, not its details
+        return helps.page(cmd.name, cmd.about, ROLE_NEEDED[cmd.perm])
 
     async def status(self, args: list[str], actor: Actor) -> str:
         nodes = list(self.hub.nodes.values())
@@ -165,7 +172,7 @@ class Commands:
         now = time.time()
         # One row per device (state, when data last came), the reason wrapped under it.
         rows = [(n.id, n.health.state.value, f"data {ago(n.silent_for())}" if n.seen_at is not None else "no data yet") for n in nodes]
-        lines += _fit(rows, notes=[n.health.reason for n in nodes])
+        lines += fit(rows, notes=[n.health.reason for n in nodes])
         if self.reverts and self.reverts.pending:
             for r in self.reverts.pending.values():
                 lines.append(r.describe(now))
@@ -188,8 +195,8 @@ class Commands:
         count = len(self.hub.nodes)
         lines = [f"{count} device{'' if count == 1 else 's'}:"]
         for n in self.hub.nodes.values():
-            lines += _wrap(f"{n.id} ({n.driver}{', ' + n.name if n.name != n.id else ''})", "  ")
-            lines += _fit([(f.name, _describe(f), "") for f in n.fields.values()], indent="  ")
+            lines += wrap(f"{n.id} ({n.driver}{', ' + n.name if n.name != n.id else ''})", "  ")
+            lines += fit([(f.name, _describe(f), "") for f in n.fields.values()], indent="  ")
         return "\n".join(lines)
 
     async def read(self, args: list[str], actor: Actor) -> str:
@@ -203,14 +210,14 @@ class Commands:
             lines = [f"{len(fields)} values:"]
             for n in self.hub.nodes.values():
                 if n.fields:  # a heading with its health, so an unhealthy device's values stand flagged
-                    lines += _wrap(f"{n.id}: {n.health.describe()}", "  ")
-                    lines += _fit(_readings(list(n.fields.values()), now), indent="  ", right=True)
+                    lines += wrap(f"{n.id}: {n.health.describe()}", "  ")
+                    lines += fit(_readings(list(n.fields.values()), now), indent="  ", right=True)
             return "\n".join(lines)
         target = args[0]
         if "." in target:
             return _reading_line(self.hub.field(target), now)
         node = self.hub.node(target)
-        rows = _fit(_readings(list(node.fields.values()), now), right=True)
+        rows = fit(_readings(list(node.fields.values()), now), right=True)
         return f"{node.id}: {node.health.describe()}\n" + "\n".join(rows)
 
     async def set(self, args: list[str], actor: Actor) -> str:
@@ -461,14 +468,14 @@ class Commands:
         ws = self.watches.visible(actor.jid, actor.role == "admin")
         if not ws:
             return "No watches. Add one like: watch device.field > 30"
-        lines = [f"{len(ws)} watches:"]
+        states = []  # under each watch's row: a phone's line holds the condition, not its state too
         for w in ws:
             state = "FIRING" + (" (acked)" if w.acked else "") if w.firing else "ok"
             if self.watches.missing(w.id):  # its device or field went away (a Zigbee device removed)
                 state = "waiting: the device or field is gone"
-            owner = f"  [{w.owner}]" if w.owner != actor.jid else ""
-            lines.append(f"#{w.id:<3} {w.describe()}  — {state}{owner}")
-        return "\n".join(lines)
+            states.append(state + (f", of {w.owner}" if w.owner != actor.jid else ""))
+        rows = [(f"#{w.id}", w.describe(), "") for w in ws]
+        return "\n".join([f"{len(ws)} watches:", *fit(rows, notes=states)])
 
     async def unwatch(self, args: list[str], actor: Actor) -> str:
         assert self.watches is not None
@@ -502,12 +509,11 @@ class Commands:
         if not entries:
             return "No actuator changes recorded" + (f" for {args[0]}." if args else ".")
         now = time.time()
-        rows = [(f"{age(now - e.time)} ago", e.actor.jid, f"via {e.actor.via}", e.ref, _change(e)) for e in reversed(entries)]
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [f"Last {len(entries)} actuator changes and attempts:"]
-        for when, who, via, ref, change in rows:
-            lines.append(f"{when:>{w[0]}}  {who:<{w[1]}}  {via:<{w[2]}}  {ref:<{w[3]}}  {change}")
-        return "\n".join(lines)
+        entries.reverse()
+        # The change on the row, who asked (and why a set was refused or failed) under it.
+        rows = [(e.ref, _change(e), ago(now - e.time)) for e in entries]
+        notes = [f"by {e.actor.jid} via {e.actor.via}" + (f": {e.reason}" if e.reason else "") for e in entries]
+        return "\n".join([f"Last {len(entries)} actuator changes and attempts:", *fit(rows, notes=notes)])
 
 
     async def fleet_(self, args: list[str], actor: Actor) -> str:
@@ -547,14 +553,6 @@ class OmemoAdmin(Protocol):
     async def devices(self, args: list[str]) -> str: ...
 
     async def trust(self, args: list[str], trusted: bool) -> str: ...
-
-
-def block(reply: str) -> str:
-    """Put the rows of a multi-row reply (after its title line) in a ``` block (XEP-0393)."""
-    lines = reply.split("\n")
-    if len(lines) < 3:
-        return reply
-    return lines[0] + "\n```\n" + "\n".join(lines[1:]) + "\n```"
 
 
 def _in_memory(f: Field, w: Window) -> bool:
@@ -617,11 +615,12 @@ def _sent(f: Field, raw: str) -> str:
 
 
 def _change(e: Entry) -> str:
+    """`off → on`, `on sent`, or `refused (on)` (its reason goes under it, with who asked)."""
     if e.outcome == "applied":
         return f"{fmt(e.old)} → {fmt(e.new)}"
     if e.outcome == "sent":
         return f"{fmt(e.new)} sent"
-    return f"{e.outcome} ({fmt(e.new)}): {e.reason}"
+    return f"{e.outcome} ({fmt(e.new)})"
 
 
 TYPE_WORDS = {"numeric": "number", "integer": "integer", "boolean": "on/off", "string": "text"}
@@ -669,129 +668,37 @@ def _reading_line(f: Field, now: float) -> str:
     return f"{f.ref} = {_value(f)} ({ago(now - f.latest.time)}){_flag(f.node)}"
 
 
-def ago(seconds: float) -> str:
-    """How long ago, as a phone says it: `5 s ago`, `2 min ago`, `3 h ago`, `2 d ago` (rounded down)."""
-    s = int(max(0.0, seconds))
-    if s < 60:
-        return f"{s} s ago"
-    if s < 3600:
-        return f"{s // 60} min ago"
-    if s < 2 * 86400:
-        return f"{s // 3600} h ago"
-    return f"{s // 86400} d ago"
-
-
 def _readings(fields: list[Field], now: float) -> list[tuple[str, str, str]]:
     """(field name, value with its unit, age) rows for `read`, under a heading naming the device."""
     return [(f.name, _value(f), ago(now - f.latest.time) if f.latest else "") for f in fields]
 
 
-def _wrap(text: str, indent: str) -> list[str]:
-    """`text` in lines of at most WIDTH characters (a word longer than that stays whole)."""
-    return textwrap.wrap(
-        text, WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
-    ) or [text]
-
-
-def _fit(
-    rows: list[tuple[str, str, str]],
-    indent: str = "",
-    right: bool = False,
-    notes: list[str] | None = None,
-) -> list[str]:
-    """Rows of (name, value, more) in aligned columns no wider than WIDTH, for a phone.
-
-    The columns are sized on the rows that fit; a row too wide for them goes on
-    two lines: its name, then the rest indented. `notes[i]` (a reason) goes
-    under row i, wrapped. `right` aligns the middle column right (numbers).
-    """
-
-    def line(row: tuple[str, str, str], w0: int, w1: int) -> str:
-        mid = row[1].rjust(w1) if right else row[1].ljust(w1)
-        return f"{indent}{row[0].ljust(w0)}  {mid}  {row[2]}".rstrip()
-
-    fits = list(range(len(rows)))
-    w0 = w1 = 0
-    while fits:  # drop the longest row until the rest fit: at most len(rows) rounds
-        w0 = max(len(rows[i][0]) for i in fits)
-        w1 = max(len(rows[i][1]) for i in fits)
-        if max(len(line(rows[i], w0, w1)) for i in fits) <= WIDTH:
-            break
-        fits.remove(max(fits, key=lambda i: sum(len(c) for c in rows[i])))
-    out = []
-    fitting = set(fits)  # a set: `read` of a device with 50,000 fields took 19 s with the list
-    for i, row in enumerate(rows):
-        if i in fitting:
-            out.append(line(row, w0, w1))
-        else:
-            out.append(f"{indent}{row[0]}")
-            out += _wrap(f"{indent}  {row[1]}  {row[2]}".rstrip(), indent + "  ")
-        if notes and notes[i]:
-            out += _wrap(f"{indent}  {notes[i]}", indent + "  ")
-    return out
-
-
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in [
-        Command("help", Permission.READ, "help", "this list", Commands.help, repeatable=True),
-        Command("status", Permission.READ, "status", "device health and pending timed sets", Commands.status, repeatable=True),
+        Command("help", Permission.READ, "help [COMMAND]", "this list, or a command's details", Commands.help, repeatable=True),
+        Command("status", Permission.READ, "status", "device health, pending timed sets", Commands.status, repeatable=True),
         Command("list", Permission.READ, "list", "devices and their fields", Commands.list, repeatable=True),
         Command("read", Permission.READ, "read [device[.field]]", "latest values", Commands.read, repeatable=True, device=True),
-        Command(
-            "set",
-            Permission.SET,
-            "set device.field value [for 10m]",
-            "set a writable field (on/off, a number, text); with `for`, it goes back afterwards",
-            Commands.set,
-            precheck=False,
-            device=True,
-        ),
-        Command(
-            "history",
-            Permission.READ,
-            "history device.field [n | 15m | 7d | 1y | since 2026-03-01 | 2026-11-01..2026-11-07] [by day]",
-            f"the last n readings (default {HISTORY_DEFAULT}), or any window with exact min/mean/max;"
-            " `by day|hour|minute` lists one row each",
-            Commands.history,
-            repeatable=True,
-            device=True,
-        ),
-        Command(
-            "plot",
-            Permission.READ,
-            "plot device.field [device.field ...] [15m | 7d | 1y | since 2026-03-01 | 2026-11-01..2026-11-07]",
-            f"a chart of the last {PLOT_DEFAULT} (or the window), fields of one unit together;"
-            " a text sparkline where pictures cannot be sent",
-            Commands.plot,
-            repeatable=True,
-            device=True,
-        ),
-        Command(
-            "export",
-            Permission.SET,
-            "export device.field WINDOW [by day|hour|minute]",
-            "the readings (or min/mean/max per minute, hour or day) as a CSV file; times in UTC",
-            Commands.export,
-            device=True,
-        ),
-        Command(
-            "watch",
-            Permission.READ,
-            "watch device.field > 30 [hysteresis 0.5] [interval 5m] | device.field change | device offline",
-            "get a message when it happens and when it clears",
-            Commands.watch,
-            device=True,
-            needs="watches",
-        ),
+        Command("set", Permission.SET, "set device.field value", "set a writable field", Commands.set,
+                precheck=False, device=True),
+        Command("history", Permission.READ, "history device.field [n | window]", "past readings, min/max",
+                Commands.history, repeatable=True, device=True),
+        Command("plot", Permission.READ, "plot device.field [window]", "a chart of readings", Commands.plot,
+                repeatable=True, device=True),
+        Command("export", Permission.SET, "export device.field window", "readings as a CSV file", Commands.export, device=True),
+        Command("watch", Permission.READ, "watch device.field > 30", "a message when it happens", Commands.watch,
+                device=True, needs="watches"),
         Command("watches", Permission.READ, "watches", "your watches and whether they fire", Commands.watches_, needs="watches"),
         Command("unwatch", Permission.READ, "unwatch ID", "remove a watch", Commands.unwatch, needs="watches"),
         Command("ack", Permission.READ, "ack ID", "silence a firing watch until it clears", Commands.ack, needs="watches"),
-        Command("log", Permission.READ, "log [device[.field]]", "recent actuator changes and refused attempts", Commands.log, device=True),
-        Command("fleet", Permission.READ, "fleet", "the gateways sharing this gateway's rooms, with their health", Commands.fleet_, needs="fleet"),
-        Command("devices", Permission.ADMIN, "devices [JID]", "OMEMO devices of the gateway and the contacts, with fingerprint and trust", Commands.devices, needs="omemo"),
-        Command("trust", Permission.ADMIN, "trust JID FINGERPRINT", "trust a contact's OMEMO device (verified)", Commands.trust, needs="omemo"),
-        Command("distrust", Permission.ADMIN, "distrust JID FINGERPRINT", "distrust a contact's OMEMO device", Commands.distrust, needs="omemo"),
+        Command("log", Permission.READ, "log [device[.field]]", "recent actuator changes", Commands.log, device=True),
+        Command("fleet", Permission.READ, "fleet", "the gateways in this gateway's rooms", Commands.fleet_, needs="fleet"),
+        Command("devices", Permission.ADMIN, "devices [JID]", "OMEMO devices and their trust", Commands.devices, needs="omemo"),
+        Command("trust", Permission.ADMIN, "trust JID FINGERPRINT", "trust a contact's OMEMO device", Commands.trust,
+                needs="omemo"),
+        Command("distrust", Permission.ADMIN, "distrust JID FINGERPRINT", "distrust an OMEMO device", Commands.distrust,
+                needs="omemo"),
     ]
 }
 

@@ -40,6 +40,7 @@ def omemo_installed() -> bool:
 
 
 PASSWORD_ENV = "IOT_GATEWAY_XMPP_PASSWORD"
+MQTT_PASSWORD_ENV = "IOT_GATEWAY_MQTT_PASSWORD"
 
 Role = Literal["viewer", "operator", "admin"]
 
@@ -431,11 +432,14 @@ class MqttSection(Strict):
         return 8883 if self.tls else 1883
 
     def resolve_password(self) -> str | None:
-        """The broker password: `password`, else the first line of `password_file`, else None."""
+        """The broker password: `password`, else the first line of `password_file`, else
+        `$IOT_GATEWAY_MQTT_PASSWORD` when a `username` is set, else None."""
         if self.password is not None:
             return self.password
         if self.password_file is not None:
             return _read_secret("mqtt", self.password_file)
+        if self.username:
+            return os.environ.get(MQTT_PASSWORD_ENV) or None
         return None
 
 

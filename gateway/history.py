@@ -18,10 +18,10 @@ hour, the open minute from the stored readings after the last stored minute. A b
 row is keyed by (field, resolution, start), so writing it again never counts twice.
 
 An SD card wears with small frequent writes, so the batches are far apart
-(FLUSH_EVERY, `[gateway] history_flush`): every commit rewrites whole 4 KiB
-pages. And at most `per_second` readings of a field per second reach the disk
-(the first ones and the last of each second; the hub keeps them all in
-memory), so a device flooding readings costs the disk no more than a busy one.
+(FLUSH_EVERY, `[gateway] history_flush`): every commit rewrites whole pages
+(1 KiB in a new database: gateway/historydb.py). And at most `per_second` readings of a
+field per second reach the disk (the first ones and the last of each second; the hub keeps
+them all in memory), so a device flooding readings costs the disk no more than a busy one.
 
 The database is a convenience, never a reason to stop: when it cannot be
 opened or written (a full disk, a read-only folder, a file that is not a
@@ -47,8 +47,11 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from .historydb import (
+    INSERT_BATCH, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, WAL_BYTES, encode, expected, is_corrupt, megabytes, private,
+)
 from .hub import Field, History, Hub, NodeEvent, Reading
-from .rollups import COLUMNS, NAMES, RES, UPSERT, Bucket, Roller, Window, choose, plan
+from .rollups import COLUMNS, RES, UPSERT, Bucket, Roller, Window, choose, plan
 from .rollups import SCHEMA as ROLLUP_SCHEMA
 from .values import Value
 
@@ -67,42 +70,8 @@ ROLLUP_EVERY = 30
 KEEP = {0: 2 * 86400.0, 60: 7 * 86400.0, 3600: 365 * 86400.0, 86400: 3650 * 86400.0}  # default keep times
 RAW_ROWS = 20_000  # default readings kept on disk per field (history_raw_rows)
 VERSION = 2  # PRAGMA user_version: 2 has rollups
-# Bytes a row takes in history.db, index included (measured: bench/history.py prints them).
-RAW_BYTES = 66
-BUCKET_BYTES = 97
 SHARED_VALUES = 10_000  # distinct stored values a load keeps, so equal readings share one object
 PROBLEM = "history"  # the component name in the hub's problems
-SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's companions of a database file
-CORRUPT = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS readings (
-    ref TEXT NOT NULL,
-    t REAL NOT NULL,
-    v TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS readings_ref_t ON readings (ref, t);
-"""
-# Rows of a JSON array [[ref, t, v], ...]: many readings in one statement.
-INSERT_BATCH = """
-INSERT INTO readings (ref, t, v)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
-FROM json_each(?)
-"""
-# One field down to its last ?2 rows inserted. Insertion order (rowid), not the time stamp:
-# readings stamped by a clock that was ahead (then corrected) must not outlive newer real ones.
-TRIM_FIELD = """
-DELETE FROM readings WHERE ref = ?1 AND rowid IN (
-    SELECT rowid FROM readings WHERE ref = ?1 ORDER BY rowid DESC LIMIT -1 OFFSET ?2)
-"""
-
-# The distinct fields of a table, one index probe each (a skip scan) rather than a scan of all rows.
-REFS = """
-WITH RECURSIVE r(ref) AS (
-    SELECT min(ref) FROM {table}
-    UNION ALL SELECT (SELECT min(ref) FROM {table} WHERE ref > r.ref) FROM r WHERE r.ref IS NOT NULL)
-SELECT ref FROM r WHERE ref IS NOT NULL
-"""
 
 
 class HistoryStore:
@@ -388,7 +357,7 @@ class HistoryStore:
     async def _failed(self, e: Exception) -> None:
         """Report a database failure once per cause; a corrupt database is moved aside and replaced."""
         loop = asyncio.get_running_loop()
-        if _corrupt(e) and self._db is not None:
+        if is_corrupt(e) and self._db is not None:
             try:
                 await loop.run_in_executor(self._pool, self._open, str(e))
             except (sqlite3.Error, OSError) as again:
@@ -577,7 +546,7 @@ class HistoryStore:
         try:
             return self._connect()
         except sqlite3.DatabaseError as e:
-            if not _corrupt(e):
+            if not is_corrupt(e):
                 raise
             self._set_aside(str(e))
             return self._connect()
@@ -589,6 +558,8 @@ class HistoryStore:
         try:
             db.executescript(SCHEMA)
             db.execute("PRAGMA journal_mode=WAL")
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_BYTES // page)}")
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
             self._prune(db)  # first: it reads every row, so a corrupt database is found before it is written
             old = db.execute("PRAGMA user_version").fetchone()[0] < VERSION
@@ -730,33 +701,6 @@ class HistoryStore:
             self._db.close()
             self._db = None
 
-
-def expected(keep: dict[int, float], raw_rows: int, per_second: int, rate: float = 1.0) -> dict[int, float]:
-    """Bytes one field takes in history.db once every resolution is full, per resolution (0:
-    readings), at `rate` readings per second: the readings written (thinned to `per_second`,
-    up to 1.5 × `raw_rows` before a trim) and one bucket per resolution step with a reading."""
-    written = min(rate, per_second) if per_second else rate
-    out = {0: min(1.5 * raw_rows, keep[0] * written) * RAW_BYTES}
-    for res in RES:
-        out[res] = keep[res] * min(rate, 1.0 / res) * BUCKET_BYTES
-    return out
-
-
-def megabytes(n: float) -> str:
-    """Bytes as `12.3 MB` (decimal megabytes, as disks are sold)."""
-    return f"{n / 1e6:.3g} MB" if n < 1e9 else f"{n / 1e9:.3g} GB"
-
-
-def disk_use(keep: dict[int, float], raw_rows: int, per_second: int, rates: list[float]) -> str:
-    """The expected size of history.db for fields at these rates, on one line: the total, then per
-    field and resolution at 1 reading per second."""
-    total = sum(sum(expected(keep, raw_rows, per_second, r).values()) for r in rates)
-    one = expected(keep, raw_rows, per_second)
-    parts = ", ".join(f"{'readings' if res == 0 else NAMES[res]} {megabytes(b)}" for res, b in one.items())
-    return (f"history.db: about {megabytes(total)} when full for {len(rates)} field{'s' if len(rates) != 1 else ''};"
-            f" a field at 1 reading/s: {megabytes(sum(one.values()))} ({parts})")
-
-
 @dataclass
 class Answer:
     """What a field did in a window: `rows` at resolution `res` (seconds), the exact `summary`
@@ -766,35 +710,3 @@ class Answer:
     rows: list[Bucket]
     summary: Bucket
     since: float
-
-
-def private(path: Path, create: bool = True) -> None:
-    """Make `path` owner-only (0600), creating it empty if missing and `create`.
-
-    SQLite creates files 0644 (less the umask), and its -wal and -shm files take the
-    database file's mode; readings can tell when a house is empty.
-    """
-    if create:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    try:
-        if os.stat(path).st_mode & 0o077:
-            os.chmod(path, 0o600)
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # not ours to change: worth a line in the log, not a failure
-        log.warning("cannot make %s private (chmod 600): %s", path, e.strerror or e)
-
-
-def _corrupt(e: BaseException) -> bool:
-    """True for SQLite's 'file is not a database' and 'database disk image is malformed'."""
-    return isinstance(e, sqlite3.DatabaseError) and (getattr(e, "sqlite_errorcode", 0) & 0xFF) in CORRUPT
-
-
-def encode(value: Value) -> str:
-    """A value as the JSON text stored; numbers without json.dumps, which costs ten times more."""
-    kind = type(value)
-    if kind is float and math.isfinite(value):
-        return repr(value)
-    if kind is int:
-        return str(value)
-    return json.dumps(value)

@@ -523,11 +523,14 @@ class Hub:
         if f is None:
             log.warning("reading for unknown field %s.%s dropped", node_id, name)
             return
-        try:
-            v = coerce(f.spec.type, value)
-        except BadValue as e:
-            log.warning("%s: bad reading dropped: %s", f.ref, e)
-            return
+        if type(value) is float and value - value == 0.0 and f.spec.type == "numeric":
+            v = value  # a finite number for a numeric field (most readings): what coerce returns
+        else:
+            try:
+                v = coerce(f.spec.type, value)
+            except BadValue as e:
+                log.warning("%s: bad reading dropped: %s", f.ref, e)
+                return
         now = time.time()
         reading = Reading(v, now if at is None else at)
         f.latest = reading

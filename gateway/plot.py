@@ -21,6 +21,7 @@ was offline) breaks both.
 from __future__ import annotations
 
 import bisect
+import datetime as dt
 import importlib.util
 import io
 import logging
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .auth import Actor
 from .hub import Field
-from .values import fmt
+from .values import clean, fmt
 from .worker import Worker, WorkerFailed, WorkFailed, python_module
 
 if TYPE_CHECKING:
@@ -43,8 +44,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("iot_gateway.plot")
 
-SIZE = (800, 480)  # pixels: a phone screen's width, landscape
-DPI = 100
+# The picture is drawn for a thumbnail THUMB px wide (Converse and Conversations show it so
+# inline) at twice that: the full view fills a phone's width at 2 device pixels per CSS pixel.
+THUMB = 320
+SIZE = (640, 400)
+FONT = 12  # points, which are thumbnail pixels: tick labels, notes, legend
+PAD = 4  # points around the figure
+TITLE_FONT = 15
+NOTE_COLOR = "#444444"
+MAX_TICKS = 5  # per axis
+MAX_LABEL = 200  # characters of a name kept before measuring it
 MAX_FIELDS = 4
 MAX_WAITING = 4  # plots being drawn or waiting for the drawing process; more are told to try again
 DRAW_DEADLINE = 60.0  # seconds for one picture, the drawing process's start (matplotlib's import) included
@@ -353,60 +362,270 @@ def render(chart: Chart) -> bytes:
     and heavy: the gateway runs it in the drawing process (gateway.plotworker). Raises
     ImportError without matplotlib."""
     import numpy as np
+    from matplotlib.backend_bases import FigureCanvasBase
+    from PIL import Image
+
+    fig = figure(chart)
+    fig.canvas.draw()
+    rgb = np.array(fig.canvas.buffer_rgba())[..., :3]  # a copy: the drawing's buffer goes below
+    # A figure is a web of cycles: cut them, so it goes now rather than at the next full gc; the
+    # drawing canvas (its renderer holds megabytes of native memory) is let go with it.
+    fig.clear()
+    FigureCanvasBase(fig)
+    # 256 colours are plenty for a chart with its anti-aliasing: a third of the bytes, and faster to write.
+    buf = io.BytesIO()
+    Image.fromarray(rgb).quantize(256, Image.Quantize.FASTOCTREE).save(buf, format="png")
+    return buf.getvalue()
+
+
+def figure(chart: Chart):  # type: ignore[no-untyped-def]
+    """The chart as a matplotlib Figure, laid out for a THUMB px wide thumbnail: at that width
+    a point of font size or line width is one pixel."""
+    import numpy as np
     from dateutil import tz
-    from matplotlib import dates as mdates
+    from matplotlib import ticker
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     local = tz.tzlocal()
     w, h = chart.size
-    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI, layout="constrained")
+    dpi = 72 * w / THUMB
+    fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi, layout="constrained")
+    fig.get_layout_engine().set(w_pad=PAD / 72, h_pad=PAD / 72)
+    measure = _measure(FigureCanvasAgg(fig).get_renderer(), dpi)
     ax = fig.add_subplot()
     columns = max(1, int(w * 0.9))
     boolean = any(s.boolean for s in chart.series)
+    handles = []
     for n, s in enumerate(chart.series):
         if not s.values:
             continue
         x, y = _points(np, s, chart.start, chart.end, columns)
         days = x / 86400.0  # matplotlib's dates: days since 1970-01-01 UTC
         color = COLORS[n % len(COLORS)]
-        label = f"{s.ref}: {_stats(s)}"
         few = len(s.values) <= 60
-        lw = 2 if len(x) < columns else 1  # a dense line drawn thick would be a solid band
         if s.lows is not None and s.highs is not None:
             lo, hi = _band(np, s)
             ax.fill_between(days, lo, hi, color=color, alpha=0.3, linewidth=0)
             ax.plot(days, hi, color=color, linewidth=0.6, alpha=0.7)  # a one-bucket spike is a line, not a sliver
-            ax.plot(days, y, color=color, linewidth=1.5, label=label)
+            line, = ax.plot(days, y, color=color, linewidth=1.5)
         elif s.boolean:
-            ax.step(days, y, where="post", color=color, linewidth=2, label=label)
+            line, = ax.step(days, y, where="post", color=color, linewidth=2)
         else:
-            ax.plot(days, y, color=color, linewidth=lw, label=label, marker="o" if few else None, markersize=3)
+            lw = 2 if len(x) < columns else 1.5  # a dense line drawn thick would be a solid band
+            line, = ax.plot(days, y, color=color, linewidth=lw, marker="o" if few else None, markersize=3)
+        handles.append((line, s.ref))
+    width = THUMB - 2 * PAD  # points inside the figure's pads
+    small = measure(FONT)
     for t in chart.thresholds:
         ax.axhline(t.value, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5)
-        ax.annotate(t.label, (1, t.value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
-                    textcoords="offset points", ha="right", va="bottom", fontsize=8, color=THRESHOLD_COLOR)
+        ax.annotate(fit(_text(t.label), width * 0.6, small), (1, t.value), xycoords=("axes fraction", "data"),
+                    xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=FONT,
+                    color=THRESHOLD_COLOR, parse_math=False,
+                    bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})  # over a line, readable
+
     ax.set_xlim(chart.start / 86400.0, chart.end / 86400.0)
-    locator = mdates.AutoDateLocator(tz=local, minticks=4, maxticks=8)
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=local))
-    zone = _zone_name(local, chart.end)
-    ax.set_xlabel(f"local time ({zone})" if zone else "local time")
+    ticks = time_ticks(chart.start, chart.end, local)
+    ax.set_xticks([t / 86400.0 for t, _ in ticks], [label for _, label in ticks])
     if boolean:
         ax.set_ylim(-0.1, 1.1)
         ax.set_yticks([0, 1], ["off", "on"])
     else:
-        ax.set_ylabel(chart.unit or "value")
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=MAX_TICKS - 1, steps=[1, 2, 2.5, 5, 10]))
+        ax.yaxis.set_major_formatter(_short_formatter(ticker))
+        if chart.unit:
+            ax.set_ylabel(fit(_text(chart.unit), 0.6 * h * 72 / dpi, small), fontsize=FONT, parse_math=False)
+    ax.tick_params(labelsize=FONT, length=3, pad=2)
     ax.grid(True, alpha=0.3)
-    if len(chart.series) == 1:
-        s = chart.series[0]
-        ax.set_title(f"{s.ref}, {_title(chart.window)}\n{_stats(s)}", fontsize=11)
-    else:
-        ax.set_title(_title(chart.window), fontsize=11)
-        ax.legend(loc="upper left", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    fig.clear()  # a figure is a web of cycles: cut them, so it goes now rather than at the next full gc
-    return buf.getvalue()
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+    title = chart_title([s.ref for s in chart.series], chart.window, width, measure(TITLE_FONT, bold=True))
+    fig.suptitle(title, x=PAD / THUMB, ha="left", fontsize=TITLE_FONT, fontweight="bold", parse_math=False)
+    # Under the title, over the axes: the numbers of a single field, or which field is which
+    # colour; the time zone on the right.
+    zone = _zone_name(local, chart.end)
+    room = width - small(zone) - FONT - _axes_margins(ax, small)
+    ways = _stats(chart.series[0]) if len(chart.series) == 1 else [""]
+    note = next((way for way in ways if small(way) <= room), fit(ways[-1], room, small))
+    ax.set_title(note, loc="left", fontsize=FONT, color=NOTE_COLOR, parse_math=False, pad=4)
+    ax.set_title(zone, loc="right", fontsize=FONT, color=NOTE_COLOR, parse_math=False, pad=4)
+    if len(handles) > 1:
+        cols = min(2, len(handles))
+        room = room / cols - 2.2 * FONT  # a column less its line and spacing
+        legend = ax.legend([hd for hd, _ in handles], [fit(_text(r), room, small) for _, r in handles],
+                           loc="lower left", bbox_to_anchor=(0, 1), ncols=cols, fontsize=FONT, frameon=False,
+                           borderaxespad=0.1, borderpad=0, handlelength=1.0, handletextpad=0.4, columnspacing=0.8,
+                           labelspacing=0.2)
+        for text in legend.get_texts():
+            text.set_parse_math(False)
+    return fig
+
+
+# Steps between time ticks, finest first: (unit, count); s/m/h steps divide the unit above.
+TIME_STEPS = [("s", n) for n in (1, 2, 5, 10, 15, 30)] + [("m", n) for n in (1, 2, 5, 10, 15, 30)] + [
+    ("h", n) for n in (1, 2, 3, 6, 12)] + [("d", n) for n in (1, 2, 4, 7, 14)] + [
+    ("M", n) for n in (1, 2, 3, 6)] + [("Y", n) for n in (1, 2, 5, 10, 20, 50, 100)]
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "M": 30 * 86400, "Y": 365 * 86400}
+
+
+def time_ticks(start: float, end: float, zone: dt.tzinfo) -> list[tuple[float, str]]:
+    """At most MAX_TICKS (time, label) for an axis from `start` to `end` (epoch seconds), at
+    round local times of the finest step that allows: `06:15` (`Dec 6` at midnight), `:30`
+    between minutes, `Dec 6` for days, `Mar` for months (`2026` for January), `2026` for years."""
+    ticks: list[tuple[float, str]] = []
+    for unit, n in TIME_STEPS:
+        if (end - start) / (SECONDS[unit] * n) > MAX_TICKS + 1:
+            continue  # too many: skip without listing them
+        ticks = [(t.timestamp(), _tick_label(t, unit)) for t in _round_times(start, end, zone, unit, n)]
+        if len(ticks) <= MAX_TICKS:
+            return ticks
+    return ticks[:: -(-len(ticks) // MAX_TICKS)]
+
+
+def _round_times(start: float, end: float, zone: dt.tzinfo, unit: str, n: int) -> list[dt.datetime]:
+    """The local times from `start` to `end` that are round for a step of `n` `unit`s, in order."""
+    first = dt.datetime.fromtimestamp(start, zone).replace(tzinfo=None)  # wall-clock time
+    if unit in "smh":
+        step = dt.timedelta(seconds=SECONDS[unit] * n)
+        midnight = first.replace(hour=0, minute=0, second=0, microsecond=0)
+        at = midnight + step * math.ceil((first - midnight) / step)
+        walls = []
+        while (at - first).total_seconds() <= end - start + 7200:  # a DST change moves wall time an hour
+            walls.append(at)
+            at += step
+    elif unit == "d":
+        day = first.replace(hour=0, minute=0, second=0, microsecond=0)
+        walls = []
+        while (day - first).total_seconds() <= end - start + 7200:
+            if (day.day - 1) % n == 0 and day.day <= 31 - n // 2:  # no 29th right before the 1st
+                walls.append(day)
+            day += dt.timedelta(days=1)
+    else:  # on the 1st of a month
+        year, month = first.year, first.month
+        walls = []
+        while (dt.datetime(year, month, 1) - first).total_seconds() <= end - start:
+            if (month - 1) % n == 0 if unit == "M" else month == 1 and year % n == 0:
+                walls.append(dt.datetime(year, month, 1))
+            year, month = year + month // 12, month % 12 + 1
+    seen: dict[float, dt.datetime] = {}
+    for wall in walls:
+        t = wall.replace(tzinfo=zone)
+        if start <= t.timestamp() <= end:
+            seen.setdefault(t.timestamp(), t)  # a wall time skipped by DST lands on the next one
+    return list(seen.values())
+
+
+def _tick_label(t: dt.datetime, unit: str) -> str:
+    if unit == "s":
+        return t.strftime(":%S" if t.second else "%H:%M")
+    if unit in "mh":
+        return t.strftime("%H:%M" if t.hour or t.minute else "%b %-d")
+    if unit == "d":
+        return t.strftime("%b %-d")
+    if unit == "M":
+        return t.strftime("%b" if t.month > 1 else "%Y")
+    return t.strftime("%Y")
+
+
+def _axes_margins(ax, measure: Callable[[str], float]) -> float:  # type: ignore[no-untyped-def]
+    """How much of the width between the figure's pads the axes will not span, before the
+    layout places them: on the left the y axis label, the widest y tick label and the ticks;
+    on the right at most half the widest x tick label, centred on a tick at the end."""
+    lo, hi = sorted(ax.get_ylim())
+    locs = [t for t in ax.yaxis.get_majorticklocs() if lo <= t <= hi]
+    widest = max((measure(label) for label in ax.yaxis.get_major_formatter().format_ticks(locs)), default=0.0)
+    last = max((measure(label.get_text()) for label in ax.get_xticklabels()), default=0.0)
+    return (FONT + 4 if ax.get_ylabel() else 0) + widest + 2 + 3 + 1 + last / 2
+
+
+def _short_formatter(ticker):  # type: ignore[no-untyped-def]
+    """A matplotlib Formatter that labels ticks with `short_ticks`."""
+
+    class Short(ticker.Formatter):  # type: ignore[misc]
+        def format_ticks(self, values):  # type: ignore[no-untyped-def]
+            return short_ticks(list(values))
+
+        def __call__(self, x, pos=None):  # type: ignore[no-untyped-def]
+            return short_ticks([x])[0]
+
+    return Short()
+
+
+def chart_title(refs: Sequence[str], window: str, width: float, measure: Callable[[str], float]) -> str:
+    """`FIELD · WINDOW` in at most `width` (as `measure` tells): several fields joined by commas
+    or, when that is too long, `FIRST +2`; a name cut in the middle when it is too long alone;
+    control characters shown as U+FFFD."""
+    when = f" · {_text(_window_title(window))}"
+    room = width - measure(when)
+    names = _text(", ".join(refs))
+    if len(refs) > 1 and measure(names) > room:
+        more = f" +{len(refs) - 1}"
+        names = fit(_text(refs[0]), room - measure(more), measure) + more
+    return fit(names, room, measure) + when
+
+
+def _window_title(label: str) -> str:
+    """`last 24h` for a duration, `since …` as typed, `A – B` for a range."""
+    if label[:1].isdigit() and ".." not in label:
+        return f"last {label}"
+    return label.replace("..", " – ")
+
+
+def fit(text: str, width: float, measure: Callable[[str], float]) -> str:
+    """`text` if it is at most `width` wide, else its start and end around `…`, as long as fits."""
+    if len(text) > MAX_LABEL:
+        text = text[: MAX_LABEL // 2] + "…" + text[-(MAX_LABEL // 2):]
+    if measure(text) <= width:
+        return text
+    lo, hi = 0, len(text) - 1  # how many characters to keep: lo fits (the bare ellipsis at worst)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if measure(_cut(text, mid)) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return _cut(text, lo)
+
+
+def _cut(text: str, keep: int) -> str:
+    head = (keep + 1) // 2
+    return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
+def _text(text: str) -> str:
+    """Text from outside as the picture may show it: every control or format character (a
+    newline, a bidi override, what XML forbids) as U+FFFD."""
+    text = clean(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else "\ufffd" for c in text)
+
+
+def _measure(renderer, dpi: float):  # type: ignore[no-untyped-def]
+    """measure(size, bold)(text): the text's width in points at that font size."""
+    from matplotlib.font_manager import FontProperties
+
+    def at(size: float, bold: bool = False) -> Callable[[str], float]:
+        prop = FontProperties(size=size, weight="bold" if bold else "normal")
+        return lambda text: renderer.get_text_width_height_descent(text, prop, ismath=False)[0] * 72 / dpi
+
+    return at
+
+
+def short_ticks(values: Sequence[float]) -> list[str]:
+    """Tick labels of a few characters: `17.5`, `−3`, `12k`, `1.5M`; as many decimals as the
+    step between ticks needs, so neighbours never read alike."""
+    big = max((abs(v) for v in values), default=0.0)
+    scale, suffix = (1e9, "G") if big >= 1e9 else (1e6, "M") if big >= 1e6 else (1e3, "k") if big >= 1e4 else (1.0, "")
+    ordered = sorted(values)
+    step = min((b - a for a, b in zip(ordered, ordered[1:]) if b > a), default=1.0) / scale
+    decimals = next((d for d in range(9) if abs(step * 10**d - round(step * 10**d)) < 1e-6 * step * 10**d), 9)
+    out = []
+    for v in values:
+        text = f"{abs(v) / scale:.{decimals}f}"
+        out.append(("\u2212" + text + suffix if v < 0 else text + suffix) if text.strip("0.") else "0")
+    return out
 
 
 def _points(np, s: Series, start: float, end: float, columns: int):  # type: ignore[no-untyped-def]
@@ -448,16 +667,16 @@ def _band(np, s: Series):  # type: ignore[no-untyped-def]
     return np.insert(lo, breaks, np.nan), np.insert(hi, breaks, np.nan)
 
 
-def _stats(s: Series) -> str:
-    unit = f" {s.unit}" if s.unit else ""
+def _stats(s: Series) -> list[str]:
+    """A series' numbers in words, the longest first and then shorter ways to say them."""
+    unit = _text(f" {s.unit}") if s.unit else ""
     if s.boolean:
         on = math.fsum(s.values) / len(s.values)
-        return f"on {on:.0%} of {'the time' if s.gap else 'readings'}, now {s.fmt(s.values[-1])}"
+        return [f"on {on:.0%} of {'the time' if s.gap else 'readings'}, now {s.fmt(s.values[-1])}", f"on {on:.0%}"]
     avg = math.fsum(s.values) / len(s.values)
-    return f"min {s.fmt(s.lo)} · avg {s.fmt(avg)} · max {s.fmt(s.hi)}{unit}"
+    lo, hi = s.fmt(s.lo), s.fmt(s.hi)
+    return [f"min {lo} · avg {s.fmt(avg)} · max {hi}{unit}", f"min {lo} · max {hi}{unit}", f"{lo} – {hi}{unit}"]
 
 
 def _zone_name(zone: object, at: float) -> str:
-    import datetime as dt
-
     return dt.datetime.fromtimestamp(at, zone).strftime("%Z")  # type: ignore[arg-type]

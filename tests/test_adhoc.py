@@ -13,6 +13,7 @@ from slixmpp import Iq
 from slixmpp.exceptions import IqError
 
 from gateway.auth import Actor
+from gateway.xmpp.session import STRANGER_REPLY
 from tests.conftest import RunningGateway, XmppServer, gateway_config, start_gateway
 from tests.peer import Peer
 
@@ -160,7 +161,9 @@ async def test_a_viewers_refused_set_is_audited_once_and_shown_by_log(
     new = list(hub.audit.entries)[before:]
     assert [(e.actor, e.ref, e.outcome) for e in new] == [(Actor("victor@localhost", "viewer", "adhoc"), "sim.relay", "refused")]
     log = await victor.ask_for(gw.jid, "log sim.relay", "Last ")
-    assert "victor@localhost  via adhoc  sim.relay  refused (1): set needs the operator role, you are viewer" in log, log
+    row, *note = log.split("\n")[1:]  # the note under the row, wrapped to a phone's width
+    assert row.startswith("sim.relay  refused (1)  ") and " ".join(n.strip() for n in note) == (
+        "by victor@localhost via adhoc: set needs the operator role, you are viewer"), log
 
 
 async def test_unknown_session_id_is_a_bad_request_not_a_new_session(
@@ -301,3 +304,32 @@ async def test_forms_follow_the_xep_0004_child_order(xmpp_server: XmppServer, tm
         assert gain.attrib == {"min": "0.5"}  # no max: the attribute is absent, not "None"
     finally:
         await gw.stop()
+
+
+# ------------------------------------------------------------ the bare JID (docs/webchat.md)
+
+
+async def test_commands_are_at_the_full_jid_which_help_names(
+    running_gateway: RunningGateway, peers: dict[str, Peer]
+) -> None:
+    """Prosody answers disco on the gateway's bare JID itself (the account's info, its PEP nodes):
+    the command list asked there is `item-not-found` and the info has no commands feature, so
+    Converse says "doesn't support ad-hoc commands". `help` names the full JID, where they are;
+    a stranger's `help` names nothing."""
+    alice, gw = peers["alice"], running_gateway
+    alice.client.send_presence_subscription(pto=gw.jid)  # Prosody answers disco on the bare JID only to subscribers
+    await alice.presence_from(gw.jid, lambda p: p["type"] == "available")
+    disco = alice.client.plugin["xep_0030"]
+    err = await refusal(disco.get_items(jid=gw.jid, node=CMD, timeout=10))
+    assert err.iq["error"]["condition"] == "item-not-found"
+    info = await disco.get_info(jid=gw.jid, timeout=10)
+    assert CMD not in info["disco_info"]["features"]
+    assert CMD in (await disco.get_info(jid=full(gw), timeout=10))["disco_info"]["features"]
+
+    reply = await alice.ask_for(gw.jid, "help", lambda body: "commands" in body)
+    named = [line for line in reply.splitlines() if line.startswith("Ad-hoc")]
+    assert named == [f"Ad-hoc commands (forms): {full(gw)}"], reply
+    listed = await commands_of(alice, gw)
+    assert set(listed.values()) >= {"Read sensors", "Set actuator", "Status"}
+
+    assert await peers["mallory"].ask(gw.jid, "help") == STRANGER_REPLY

@@ -158,12 +158,14 @@ async def test_chat_help_read_and_set(prof: Profanity, running_gateway: RunningG
     await prof.wait(r"Test GW commands \(you are operator\):")
     screen = await prof.wait(r"set device\.field value")
     assert re.search(r"read \[device\[\.field\]\]", screen), screen
+    assert "```" not in screen, screen  # Profanity shows XEP-0393 fences as typed: the gateway sends none
 
     await prof.type("read")
     screen = await prof.wait(r"^\s+speed\s+\d+\s+\d+ \w+ ago\s*$")
     assert re.search(r"^\s+sim: ok\s*$", screen, re.M), screen  # the device, then its fields by short name
     assert re.search(r"^\s+temp\s+-?[\d.]+ °C\s", screen, re.M), screen
     assert re.search(r"^\s+relay\s+(on|off)\s", screen, re.M), screen
+    assert "```" not in screen, screen
 
     await prof.type("set sim.speed 42")
     await prof.wait(r"gateway@\S+: sim\.speed: \d+ → 42$")

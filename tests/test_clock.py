@@ -73,12 +73,12 @@ async def test_stale_detection_and_countdowns_survive_the_clock_stepping_back(
     await gw.start()
     try:
         await until(lambda: gw.hub.nodes["quiet"].health.healthy, "the first reading")
-        reply = await gw.commands.run("set sim.relay on for 30m", OLIVE, styled=False)
+        reply = await gw.commands.run("set sim.relay on for 30m", OLIVE)
         assert reply == "sim.relay: off → on, back to off in 30 min"
 
         shift_wall_clock(monkeypatch, -3600)  # NTP steps the clock back an hour
         await until(lambda: gw.hub.nodes["quiet"].health.state.value == "stale", "the silent device going stale", 5)
-        status = await gw.commands.run("status", OLIVE, styled=False)
+        status = await gw.commands.run("status", OLIVE)
         assert "back to off in 30 min" in status, status
         quiet = next(line for line in status.splitlines() if line.startswith("quiet"))
         assert "stale" in quiet and not re.search(r"data 0 s", quiet), status
@@ -121,7 +121,7 @@ async def test_readings_stamped_in_the_future_do_not_erase_newer_real_ones(tmp_p
         # The simulated probe adds one reading of its own at start, after the restored ones.
         assert stored[:4] == [21, 22, 23, 24] or stored == [20, 21, 22, 23, 24], stored
         assert 5091 not in stored
-        assert "24" in await again.commands.run("history probe.t", OLIVE, styled=False)
+        assert "24" in await again.commands.run("history probe.t", OLIVE)
     finally:
         await again.stop()
 

@@ -6,6 +6,9 @@ does not start `gateway.demo` itself)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -13,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import paho.mqtt.client as paho
 import pytest
@@ -103,40 +107,55 @@ def plug(demo_broker: tuple[Mosquitto, dict[str, str]]) -> Iterator[Plug]:
 
 
 def test_demo_config_has_every_kind_of_device(tmp_path: Path) -> None:
-    # A copy beside the .demo/ folder `make demo` would have made (the CA must exist).
+    # A copy in a fresh checkout: no .demo/ folder yet.
     (tmp_path / "config").mkdir()
     (tmp_path / "config" / "demo.toml").write_text(DEMO_CONFIG.read_text())
-    (tmp_path / ".demo" / "prosody").mkdir(parents=True)
-    (tmp_path / ".demo" / "prosody" / "ca.pem").touch()
     config = load(tmp_path / "config" / "demo.toml")
     drivers = {d.id: d.driver for d in config.devices}
     assert {"simulated", "mqtt", "kernel"} <= set(drivers.values())
     assert drivers["plug"] == "mqtt" and drivers["pi"] == "kernel"
     assert config.mqtt is not None and config.mqtt.url == "mqtt://127.0.0.1:11883"
-    # The broker lets no anonymous client in: the gateway logs in with the file `make demo` writes.
+    # The broker lets no anonymous client in: the gateway logs in with the password `make demo` puts
+    # in its environment, and trusts the demo's CA the same way (nothing the demo makes is named).
     assert (config.mqtt.username, config.gateway.id) == (demo.MQTT_GATEWAY, demo.GATEWAY_ID)
-    assert config.mqtt.password_file is not None and config.mqtt.password_file.resolve() == tmp_path / ".demo" / "mosquitto" / f"{demo.MQTT_GATEWAY}.password"
+    assert config.mqtt.password_file is None and config.mqtt.password is None
+    assert config.xmpp is not None and config.xmpp.ca_file is None and config.xmpp.password_file is None
+    env = demo.gateway_env({"gateway": "x", demo.MQTT_GATEWAY: "y"}, tmp_path / "ca.pem")
+    assert (env["IOT_GATEWAY_XMPP_PASSWORD"], env["SSL_CERT_FILE"]) == ("x", str(tmp_path / "ca.pem"))
+    with mock.patch.dict(os.environ, env):
+        assert config.mqtt.resolve_password() == "y"
     pi = next(d for d in config.devices if d.id == "pi")
     # Relative paths are relative to the config file, like state_dir, wherever the gateway runs.
     assert pi.w1_root.resolve() == tmp_path / ".demo" / "sys" / "bus" / "w1" / "devices"
     assert [f.sensor for f in pi.fields] == [f"w1:{Thermometer.SENSOR_ID}"]
 
 
+def test_a_fresh_checkout_s_demo_config_passes_check(tmp_path: Path) -> None:
+    """`iot-gateway check --config config/demo.toml` before any `make demo` (as on a freshly installed Pi)."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "demo.toml").write_text(DEMO_CONFIG.read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOT_GATEWAY_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", "config/demo.toml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "$IOT_GATEWAY_MQTT_PASSWORD at run time (not set in this environment" in done.stdout
+    assert not (tmp_path / ".demo" / "mosquitto").exists()
+
+
 def test_second_server_config_puts_you_on_the_other_server(tmp_path: Path) -> None:
     """`make demo SECOND_SERVER=1` runs config/demo.toml rewritten: the gateway on home.example, you elsewhere."""
-    ca = tmp_path / "federation" / "ca" / "ca.pem"
-    ca.parent.mkdir(parents=True)
-    ca.touch()
     (tmp_path / ".demo").mkdir()
     path = tmp_path / ".demo" / "second-server.toml"  # where `make demo` writes it, beside its state
-    path.write_text(second_server_config(DEMO_CONFIG.read_text(), ca))
+    path.write_text(second_server_config(DEMO_CONFIG.read_text()))
     config = load(path)
     assert config.xmpp is not None
-    assert (config.xmpp.jid, config.xmpp.server, config.xmpp.ca_file) == ("gateway@home.example", "127.0.0.2:15222", ca)
+    assert (config.xmpp.jid, config.xmpp.server, config.xmpp.ca_file) == ("gateway@home.example", "127.0.0.2:15222", None)
     assert [(c.jid, c.role) for c in config.contacts] == [("you@provider.example", "admin"), ("viewer@home.example", "viewer")]
     assert config.gateway.state_dir.resolve() == tmp_path / ".demo" / "state"
     with pytest.raises(ValueError, match="no \"gateway@localhost\" to rewrite"):
-        second_server_config("[xmpp]\n", ca)
+        second_server_config("[xmpp]\n")
 
 
 def test_device_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:

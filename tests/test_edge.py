@@ -13,7 +13,7 @@ import pytest
 from slixmpp.features.feature_limits.limits import Limits
 from slixmpp.xmlstream.tostring import tostring
 
-from gateway.xmpp.edge import split, text_cost
+from gateway.xmpp.edge import split, text_cost, tidy
 from gateway.hub import FieldSpec
 from gateway.values import NOT_XML
 from gateway.demo.localservers import Mosquitto
@@ -137,13 +137,18 @@ async def test_control_characters_from_every_door_keep_the_session(
         await wire.unplug()
 
 
-def test_split_keeps_blocks_and_summarises() -> None:
-    rows = [f"row {i} & <more>" for i in range(3000)]
-    text = "3000 values:\n```\n" + "\n".join(rows) + "\n```"
+def test_split_cuts_between_lines_and_summarises() -> None:
+    rows = [f"row {i:<5} & <more>" for i in range(3000)]
+    text = "3000 values:\n" + "\n".join(rows)
     parts = split(text, 4000, max_parts=4)
     assert len(parts) == 4 and all(text_cost(p) <= 4000 for p in parts)
-    assert all(p.count("```") == 2 for p in parts[1:])  # each part's block is closed and opened again
-    assert parts[0].startswith("3000 values:") and "more lines not shown" in parts[-1]
+    # Whole rows in order, none cut, none repeated; the last part says what was left out.
+    shown = [line for p in parts for line in p.split("\n")]
+    assert shown[0] == "3000 values:" and shown[1:-1] == rows[: len(shown) - 2], shown[-2:]
+    assert shown[-1] == f"… {3001 - len(shown) + 1} more lines not shown: too long for chat. Ask for less (e.g. one device or field)."
+    # A blank line where a part is cut starts no part: each part is tidy.
+    parts = split("title\n" + "\n\n".join(rows[:400]), 4000)
+    assert len(parts) > 1 and all(p == tidy(p) and p.strip() for p in parts)
     assert split("short", 4000) == ["short"]
 
 

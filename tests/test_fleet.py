@@ -203,9 +203,9 @@ async def test_three_gateway_processes_answer_all_status_once_each_in_order(
 
     (nick, overview), = await ask(alice, room, "boiler-room: fleet")
     assert nick == "boiler-room" and overview.startswith(f"alice: Fleet in {room}: 3/3 gateways here, 3 OK"), overview
-    for row in ("greenhouse   ok        Greenhouse: 1/1 devices OK",
-                "rack         ok        Rack: 1/1 devices OK",
-                "boiler-room  ok        Boiler room: 1/1 devices OK  (this gateway)"):
+    for row in ("\ngreenhouse   ok\n  Greenhouse: 1/1 devices OK",
+                "\nrack         ok\n  Rack: 1/1 devices OK",
+                "\nboiler-room  ok  (this gateway)\n  Boiler room: 1/1 devices OK"):
         assert row in overview, overview
 
     lines = await ask(alice, room, "rack: watch rack.temp > -100")
@@ -248,11 +248,12 @@ async def test_nick_clash_gets_a_suffix_and_fleet_sees_presence_updates(
         # The second twin's health reaches the first one's `fleet` through its room presence.
         second.gateway.hub.set_health("sim", Health.ERROR, "driver crashed")
         deadline = time.monotonic() + 10
-        while "driver crashed" not in first.session.rooms.overview() and time.monotonic() < deadline:
+        while "error: driver" not in first.session.rooms.overview() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         view = first.session.rooms.overview()
-        assert "twin-2  down      Twin: 0/1 OK · sim: error: driver crashed" in view, view
-        assert "twin    ok        Twin: 1/1 devices OK  (this gateway)" in view, view
+        # A row within a phone's width, the status under it (wrapped there too).
+        assert "\ntwin-2  down\n  Twin: 0/1 OK · sim: error: driver\n  crashed" in view, view
+        assert "\ntwin    ok    (this gateway)\n  Twin: 1/1 devices OK" in view, view
     finally:
         for gw in started:
             await gw.stop()

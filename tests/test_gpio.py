@@ -22,6 +22,7 @@ import pytest
 from gpiozero import Device, OutputDevice
 from gpiozero.pins.mock import MockFactory, MockPWMPin, MockSPIDevice
 
+from devices import gpio as gpio_driver
 from gateway.app import Gateway
 from gateway.auth import Actor
 from gateway.config import ConfigError, load, parse
@@ -511,3 +512,26 @@ async def test_the_driver_contract(pins: MockFactory, tmp_path: Path) -> None:
     except BaseException:
         await gw.stop()
         raise
+
+
+async def test_a_gpio_chip_the_user_cannot_open_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """lgpio on a Pi without the gpio group says only "can not open gpiochip": the health says what to do."""
+
+    class LgpioError(Exception):
+        """lgpio's own exception type (lgpio.error)."""
+
+    class Refused:
+        name = "lgpio"
+
+        def load(self) -> Any:
+            def factory() -> None:
+                raise LgpioError("'can not open gpiochip'")
+
+            return factory
+
+    monkeypatch.setattr(gpio_driver, "entry_points", lambda group: [Refused()])
+    device = gpio("pi", {"name": "relay", "kind": "output", "pin": 27}, pin_factory="lgpio")
+    async with running(tmp_path, device) as gw:
+        reason = gw.hub.node("pi").health.reason
+        assert "pin factory 'lgpio' cannot be loaded: 'can not open gpiochip'" in reason
+        assert "sudo usermod -aG gpio" in reason and "/dev/gpiochip0" in reason

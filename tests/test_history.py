@@ -179,6 +179,47 @@ async def test_flood_keeps_each_field_under_twice_history_size(tmp_path: Path) -
     assert rows(db) == {"dev.f0": size, "dev.f1": size, "dev.f2": size}
 
 
+async def page_settings(store: HistoryStore) -> tuple[int, int]:
+    """The open database's page size and WAL checkpoint threshold (in pages), on the store's thread."""
+
+    def read() -> tuple[int, int]:
+        assert store._db is not None
+        return (store._db.execute("PRAGMA page_size").fetchone()[0],
+                store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+    return await asyncio.get_running_loop().run_in_executor(store._pool, read)
+
+
+async def test_a_new_database_has_small_pages_and_one_from_before_keeps_its_own(tmp_path: Path) -> None:
+    # Every commit writes the pages it touched whole: a new database's are 1 KiB (bench sd_writes).
+    hub = make_hub()
+    store = HistoryStore(hub, tmp_path / "new" / "history.db")
+    await store.start()
+    try:
+        hub.push("dev", "f0", 1.5)
+        await store.flush()
+        assert await page_settings(store) == (1024, 4096)  # the WAL still checkpointed at 4 MiB
+    finally:
+        await store.stop()
+    # A database made with SQLite's default pages (as before) keeps them, and its readings.
+    old = tmp_path / "old" / "history.db"
+    old.parent.mkdir()
+    con = sqlite3.connect(old)
+    con.execute("PRAGMA page_size = 4096")
+    con.execute("CREATE TABLE readings (ref TEXT NOT NULL, t REAL NOT NULL, v TEXT NOT NULL)")
+    with con:
+        con.execute("INSERT INTO readings VALUES ('dev.f0', ?, '2.5')", (time.time() - 60,))
+    con.close()
+    hub = make_hub()
+    store = HistoryStore(hub, old)
+    await store.start()
+    try:
+        assert [r.value for r in hub.field("dev.f0").history] == [2.5]
+        assert await page_settings(store) == (4096, 1024)
+    finally:
+        await store.stop()
+
+
 async def test_mqtt_flood_keeps_history_db_bounded(mosquitto: Mosquitto, tmp_path: Path) -> None:
     size, messages = 100, 3000
     config = parse({

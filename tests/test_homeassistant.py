@@ -559,7 +559,7 @@ async def test_a_flapping_home_assistant_status_logs_one_line_and_counts_in_stat
         await until(lambda: cause in gw.hub.noise.counts and gw.hub.noise.counts[cause].times == 50, "50 births counted")
         said = [r for r in caplog.records if "Home Assistant is online" in r.getMessage()]
         assert len(said) == 1
-        reply = await gw.commands.run("status", Actor("admin@x", "admin", "test"), styled=False)
+        reply = await gw.commands.run("status", Actor("admin@x", "admin", "test"))
         assert f"repeated: {cause} ×50 (49 not logged)" in reply.splitlines(), reply
 
 

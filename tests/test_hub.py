@@ -12,7 +12,7 @@ from gateway.app import Gateway
 from gateway.auth import Actor, Forbidden
 from gateway.config import parse
 from gateway.hub import DeviceError, FieldSpec, Health, Hub, NotWritable, UnknownField
-from gateway.values import BadValue
+from gateway.values import BadValue, coerce
 from tests.contract import Contract, driver_contract
 
 ADMIN = Actor("alice@x", "admin", "test")
@@ -52,6 +52,23 @@ def test_bad_reading_is_dropped_and_nothing_else_changes() -> None:
     hub.push("dev", "nope", 1)
     hub.push("ghost", "temp", 1)
     assert [r.value for r in hub.field("dev.temp").history] == [20.0]
+
+
+def test_a_float_reading_is_what_coerce_makes_of_it_for_every_field_type() -> None:
+    hub = Hub(10)
+    types = ("numeric", "integer", "boolean", "string")
+    hub.add_node("dev", "Device", "simulated", [FieldSpec(t, type=t) for t in types])
+    for value in (1.5, 2.0, 1.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e308):
+        for t in types:
+            try:
+                expected: object = coerce(t, value)
+            except BadValue:
+                expected = "dropped"
+            f = hub.field(f"dev.{t}")
+            f.latest = None
+            hub.push("dev", t, value)
+            got = "dropped" if f.latest is None else f.latest.value
+            assert repr(got) == repr(expected) and type(got) is type(expected), (t, value)
 
 
 def test_listeners_see_readings_and_health_and_a_failing_one_is_contained() -> None:

@@ -194,7 +194,7 @@ async def test_one_sensor_failing_now_and_then_keeps_the_device_degraded_not_fla
             await driver.poll()
             assert node.health.state is Health.STALE, (i, seen)
         assert seen == ["stale"], seen  # one change, not one per read
-        status = await gw.commands.run("status", Actor("a@x", "admin", "test"), styled=False)
+        status = await gw.commands.run("status", Actor("a@x", "admin", "test"))
         flat = " ".join(status.split())  # the reason is wrapped under the device's row
         assert f"{bad} (w1:{bad}): CRC check failed (noisy 1-Wire bus?) (1 try)" in flat and "0/1 devices OK" in flat, status
         assert value(gw, "pi.28-00000000000a") == pytest.approx(20.0)  # the good ones read on

@@ -50,13 +50,6 @@ async def test_health_change_goes_to_admins_only(running_gateway: RunningGateway
         await peers["victor"].reply_from(gw.jid, timeout=0.5)
 
 
-async def test_multi_row_replies_use_a_preformatted_block(running_gateway: RunningGateway, peers: dict[str, Peer]) -> None:
-    reply = await peers["victor"].ask(running_gateway.jid, "read sim")
-    lines = reply.split("\n")
-    assert lines[0] == "sim: ok" and lines[1] == "```" and lines[-1] == "```"
-    assert any(line.startswith("relay  ") for line in lines)  # field rows under the device's heading
-
-
 async def test_rate_limit_notice_then_silence(running_gateway: RunningGateway, peers: dict[str, Peer]) -> None:
     olive, gw = peers["olive"], running_gateway
     olive.drain()

@@ -14,7 +14,7 @@ import slixmpp
 from slixmpp.xmlstream import ET
 
 from gateway.auth import Actor
-from gateway.commands import WIDTH, ago
+from gateway.rows import WIDTH, ago
 from gateway.hub import Health
 from gateway.xmpp.phone import MEMORY, Phone
 from gateway.xmpp.session import STRANGER_REPLY
@@ -282,8 +282,8 @@ async def test_status_read_and_list_fit_a_phone(tmp_path: Path) -> None:
         assert re.fullmatch(r"    40 %  \d s ago", read[i + 1]), read
         status = replies["status"].split("\n")
         assert status[0] == "IoT gateway: 1/2 devices OK"
-        assert re.fullmatch(r"greenhouse  ok       data \d s ago", status[2]), status
-        assert re.fullmatch(r"weather     offline  data \d s ago", status[3]) and status[4] == "  serial port gone", status
+        assert re.fullmatch(r"greenhouse  ok       data \d s ago", status[1]), status
+        assert re.fullmatch(r"weather     offline  data \d s ago", status[2]) and status[3] == "  serial port gone", status
         listed = replies["list"].split("\n")
         assert listed[0] == "2 devices:" and "greenhouse (simulated, Greenhouse)" in listed
         assert "  setpoint     number °C, writable 5..30" in listed and "  heater       on/off, writable" in listed

@@ -354,7 +354,7 @@ async def test_chat_history_and_plot_of_a_month_show_the_spike_at_the_resolution
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(spike))
         assert f"max 99.0 at {when}" in lines
         rows = [line for line in lines if line[:4].isdigit()]
-        assert len(rows) == 31 and all(len(line) <= 40 for line in lines[lines.index("```") + 1:])
+        assert len(rows) == 31 and all(len(line) <= 40 for line in lines[[line.split() for line in lines].index(["UTC", "min", "mean", "max"]):])
         spike_day = time.strftime("%Y-%m-%d", time.gmtime(spike))
         assert [line.split() for line in rows if line.startswith(spike_day)] == [[spike_day, "20.0", "20.5", "99.0"]]  # mean (143 × 20 + 99) / 144
         reply = await victor.ask_for(gw.jid, "history sim.temp 1y", "sim.temp: 1y")
@@ -459,6 +459,31 @@ async def test_historical_readout_older_than_memory_comes_from_the_buckets(xmpp_
         assert [v.value for v in got if v.timestamp == hour] == [f"{(5 * 20 + 99) / 6:.2f}"]
 
 
+async def test_a_queued_historical_readout_older_than_memory_comes_from_the_buckets_too(
+    xmpp_server: Any, tmp_path: Path, peers: dict[str, Any]
+) -> None:
+    from tests.test_sensordata import stamp, when
+    from tests.xep_helpers import SD, Inbox, child, iq, running, values
+
+    first, _spike = month_in_old_db(tmp_path)
+    async with running(xmpp_server, tmp_path) as xgw:
+        xgw.session.commands.store = xgw.gateway.history
+        xgw.hub.field("sim.temp").history = History(50, True)  # memory holds none of the month
+        alice = peers["alice"]
+        inbox = Inbox(alice)
+        hour = first + 29 * DAY + 3600  # an hour of yesterday, read out a second from now
+        answer = await iq(alice, xgw.jid, "<req xmlns='urn:xmpp:iot:sensordata' seqnr='43' historical='true' "
+                          f"from='{stamp(hour)}' to='{stamp(hour + 3599)}' when='{when(1.0)}'>"
+                          "<node nodeId='sim'/><field name='temp'/></req>")
+        assert child(answer, SD, "accepted").attrib == {"seqnr": "43", "queued": "true"}
+        msgs = await inbox.readout(43)
+        assert msgs[0].tag == f"{{{SD}}}started"
+        got = values(msgs)
+        assert [v.timestamp for v in got] == [stamp(hour + 600 * i) for i in range(6)]
+        assert [v.value for v in got] == ["20.00"] * 6
+        assert all(v.flags() == {"historicalMinute", "computed"} for v in got)
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -500,7 +525,7 @@ async def test_export_without_uploads_shows_the_last_rows_and_defuses_formulas()
     now = time.time()
     for i in range(30):
         hub.push("dev", "f0", '=HYPERLINK("x")' if i == 29 else f"mode {i}", at=now - 300 + i)
-    reply = await Commands(hub).run("export dev.f0 1h", Actor("o@x", "operator", "chat"), styled=False)
+    reply = await Commands(hub).run("export dev.f0 1h", Actor("o@x", "operator", "chat"))
     lines = reply.splitlines()
     assert lines[0] == "No file: this interface shows text only. dev.f0, 1h, readings, the last 20 of 30:"
     assert lines[1] == "time,value" and len(lines) == 22

@@ -88,7 +88,7 @@ async def test_unknown_command_and_errors_get_clear_replies(running_gateway: Run
     assert await alice.ask(gw.jid, "reboot now") == "Unknown command 'reboot'. Type help for the list of commands."
     assert await alice.ask(gw.jid, "read nope.temp") == "Error: no device 'nope'; devices: sim."
     assert await alice.ask(gw.jid, "set sim.temp 3") == "Error: sim.temp is read-only."
-    assert "set device.field value" in await alice.ask(gw.jid, "help")
+    assert "\nset device.field value — " in await alice.ask(gw.jid, "help")
 
 
 async def test_command_sent_while_offline_is_not_executed(

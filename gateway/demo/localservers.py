@@ -132,6 +132,8 @@ class Prosody:
 
     With `uploads`, also an XEP-0363 upload service (`http_file_share` as
     `upload.DOMAIN`) over HTTPS on `https_port`, with the same certificate.
+    With `web` (a folder, gateway/demo/webchat.py's page), that port also serves the
+    folder at `/` (`mod_http_files`) and XMPP over a websocket (`mod_websocket`).
     PEP is on, as on any real server (OMEMO keeps its keys there); with `mam`,
     every account's messages are archived too (XEP-0313), so a test can read
     what the server stored.
@@ -146,11 +148,14 @@ class Prosody:
         mam: bool = False,
         federation: Federation | None = None,
         own_ca: bool = False,
+        https_port: int | None = None,
+        web: Path | None = None,
         nagle: bool = False,
     ):
         """With `federation`, the server takes its domain's loopback address there and talks s2s
         with the federation's other servers; without, it is alone on 127.0.0.1 with s2s off.
         With `own_ca` too, its certificate comes from a CA the others do not trust (a wrong one).
+        `https_port`: a fixed port for HTTPS (uploads, web), else a free one.
         Nagle's algorithm is off unless `nagle` (Prosody's default, on): with it on, a stanza that
         follows another to the same client within a round trip waits for the client's delayed ACK
         (40 ms on Linux), a login four times, which would dwarf all else on loopback."""
@@ -160,7 +165,9 @@ class Prosody:
         self.port = port or free_port()
         self.domain = domain
         self.muc = f"conference.{domain}"
-        self.https_port = free_port() if uploads else None
+        self.web = Path(web).resolve() if web is not None else None
+        self.https_port = (https_port or free_port()) if uploads or web is not None else None
+        self.uploads = uploads
         self.mam = mam
         self.nagle = nagle
         self.config = self.root / "prosody.cfg.lua"
@@ -187,10 +194,17 @@ unbound = {{ hoststxt = false; resolvconf = false; forward = "127.0.0.1@{self.fe
     def _write_config(self) -> None:
         data = self.root / "data"
         data.mkdir(parents=True, exist_ok=True)
-        https_ports, upload = "", ""
+        https_ports, upload, web, web_modules = "", "", "", ""
         disabled, s2s = self._s2s()
         if self.https_port is not None:
             https_ports = f"{self.https_port} "
+        if self.web is not None:
+            web_modules = ', "websocket", "http_files"'
+            # The page at /, the websocket at /xmpp-websocket, uploads at /file_share/: one origin.
+            web = f"""http_files_dir = "{self.web}"
+http_paths = {{ files = "/" }}
+"""
+        if self.uploads:
             # Served as https://DOMAIN:PORT/ so the URLs match the certificate's name.
             upload = f"""
 Component "upload.{self.domain}" "http_file_share"
@@ -205,7 +219,7 @@ data_path = "{data}"
 log = {{ info = "{self.root}/prosody.log" }}
 modules_enabled = {{
   "roster", "saslauth", "tls", "disco", "ping", "presence", "version",
-  "blocklist", "carbons", "smacks", "posix", "offline", "pep"{', "mam"' if self.mam else ""}
+  "blocklist", "carbons", "smacks", "posix", "offline", "pep"{', "mam"' if self.mam else ""}{web_modules}
 }}
 modules_disabled = {disabled}
 interfaces = {{ "{self.interface}" }}
@@ -222,7 +236,7 @@ authentication = "internal_hashed"
 ssl = {{ key = "{self.key}", certificate = "{self.cert}", cafile = "{self.ca_file}" }}
 smacks_hibernation_time = 60
 {"" if self.nagle else "network_settings = { nagle = false }"}
-
+{web}
 VirtualHost "{self.domain}"
 
 Component "{self.muc}" "muc"
@@ -240,6 +254,8 @@ Component "{self.muc}" "muc"
         if self.proc is not None and self.proc.poll() is None:
             return
         _check_free(self.port, self.interface)
+        if self.https_port is not None:
+            _check_free(self.https_port, self.interface)
         if self.s2s_port is not None:
             _check_free(self.s2s_port, self.interface)
         log = open(self.root / "prosody.out", "ab")

@@ -1,6 +1,8 @@
 """`make demo`: a throwaway Prosody and Mosquitto under .demo/, two accounts,
 a simulated Tasmota plug on the broker, a fake DS18B20 folder under .demo/sys,
-and the gateway on config/demo.toml. Ctrl-C stops it all.
+the gateway on config/demo.toml, and a web chat (Converse.js, served by the
+demo's Prosody on https://localhost:15443/: gateway/demo/webchat.py). Ctrl-C
+stops it all.
 
 The broker is set up as docs/mqtt.md says a real one should be: no anonymous
 clients, a password per client and the ACL below, which gives the gateway,
@@ -22,15 +24,19 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from .devices import DemoDeviceError, Plug, Thermometer
 from .localservers import Federation, Mosquitto, Prosody, ServerError
+from .webchat import CONVERSE_VERSION, WebChatError, install_converse, write_site
 
 ROOT = Path(".demo")
 CONFIG = Path("config/demo.toml")
 XMPP_PORT = 15222  # not 5222, so it never clashes with a system Prosody
 MQTT_PORT = 11883  # not 1883, likewise for a system Mosquitto
+WEB_PORT = 15443  # HTTPS: the web chat's page and websocket, and the uploads (plots)
+WEB = ROOT / "web"  # Converse.js (npm) in WEB/converse, the page in WEB/site
 ACCOUNTS = ("gateway", "you", "viewer")
 MQTT_GATEWAY = "iot-gateway"  # config/demo.toml's [mqtt] username
 PLUG_TOPIC = "plug"
@@ -95,21 +101,40 @@ def _passwords() -> dict[str, str]:
     return pw
 
 
-def second_server_config(text: str, ca_file: Path) -> str:
+def _converse() -> Path | None:
+    """Converse.js's files for the web chat (installed from npm into .demo/web/converse on the first
+    run), or None, said why, when npm cannot get them: the demo then runs without its web chat."""
+    try:
+        return install_converse(WEB / "converse")
+    except WebChatError as e:
+        print(f"No web chat in this demo: {e}", file=sys.stderr)
+        return None
+
+
+def second_server_config(text: str) -> str:
     """config/demo.toml's text for `--second-server`: the gateway and viewer on home.example,
-    you on provider.example, the home server's address and CA. ValueError if demo.toml changed
+    you on provider.example, the home server's address. ValueError if demo.toml changed
     so that a line to rewrite is gone."""
     for old, new in (
         ('"gateway@localhost"', f'"gateway@{HOME}"'),
         ('"you@localhost"', f'"you@{PROVIDER}"'),
         ('"viewer@localhost"', f'"viewer@{HOME}"'),
         (f'"127.0.0.1:{XMPP_PORT}"', f'"{SECOND[HOME]}:{XMPP_PORT}"'),
-        ('"../.demo/prosody/ca.pem"', f'"{ca_file.resolve()}"'),
     ):
         if old not in text:
             raise ValueError(f"{CONFIG} has no {old} to rewrite for --second-server")
         text = text.replace(old, new)
     return text
+
+
+def gateway_env(pw: dict[str, str], ca_file: Path) -> dict[str, str]:
+    """The gateway's environment in the demo: its two passwords, and the demo's CA as the one
+    TLS trusts (OpenSSL's SSL_CERT_FILE), so config/demo.toml names no file `make demo` makes
+    and `iot-gateway check` passes on it in a fresh checkout."""
+    return dict(
+        os.environ, IOT_GATEWAY_XMPP_PASSWORD=pw["gateway"], IOT_GATEWAY_MQTT_PASSWORD=pw[MQTT_GATEWAY],
+        SSL_CERT_FILE=str(ca_file),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,22 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     ROOT.mkdir(exist_ok=True)
     federation = Federation(ROOT / "federation", SECOND) if second else None
     if federation is not None:
-        home = Prosody(ROOT / HOME, port=XMPP_PORT, domain=HOME, federation=federation)
+        home = Prosody(ROOT / HOME, port=XMPP_PORT, domain=HOME, federation=federation, https_port=WEB_PORT)
         servers = [home, Prosody(ROOT / PROVIDER, port=XMPP_PORT, domain=PROVIDER, uploads=False, federation=federation)]
         accounts = {"gateway": home, "viewer": home, "you": servers[1]}
-        SECOND_CONFIG.write_text(second_server_config(CONFIG.read_text(), home.ca_file))
+        SECOND_CONFIG.write_text(second_server_config(CONFIG.read_text()))
         SECOND_CONFIG.chmod(0o640)
         config = SECOND_CONFIG
     else:
-        servers = [Prosody(ROOT / "prosody", port=XMPP_PORT)]
+        dist = _converse()
+        site = WEB / "site" if dist is not None else None
+        servers = [Prosody(ROOT / "prosody", port=XMPP_PORT, https_port=WEB_PORT, web=site)]
+        if dist is not None and site is not None:
+            demo = tomllib.loads(CONFIG.read_text())
+            write_site(site, dist, servers[0].ca_file, demo["xmpp"]["jid"], demo["xmpp"].get("resource", "gateway"),
+                       f"you@{servers[0].domain}", demo["gateway"]["name"])
         accounts = dict.fromkeys(ACCOUNTS, servers[0])
         config = CONFIG
     pw = _passwords()
     broker = Mosquitto(ROOT / "mosquitto", port=MQTT_PORT, acl=ACL, accounts={u: pw[u] for u in MQTT_ACCOUNTS})
-    # config/demo.toml's [mqtt] password_file.
-    secret = ROOT / "mosquitto" / f"{MQTT_GATEWAY}.password"
-    secret.touch(mode=0o600)
-    secret.write_text(pw[MQTT_GATEWAY] + "\n")
     gw: subprocess.Popen | None = None
     plug = Plug("127.0.0.1", MQTT_PORT, topic=PLUG_TOPIC, interval=PLUG_INTERVAL, password=pw[PLUG_TOPIC])
     thermometer = Thermometer(W1_ROOT)
@@ -152,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         # Offline; its persistent session also keeps the plug's first report for it.
         plug.start()
         thermometer.lay_out()
-        env = dict(os.environ, IOT_GATEWAY_XMPP_PASSWORD=pw["gateway"])
+        env = gateway_env(pw, servers[0].ca_file)
         gw = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--config", str(config)], env=env
         )
@@ -174,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Cannot start the demo: {e}", file=sys.stderr)
         if "in use" in str(e):
             print(
-                f"Is another demo still running? Ports {XMPP_PORT} and {MQTT_PORT} must be free. "
+                f"Is another demo still running? Ports {XMPP_PORT}, {WEB_PORT} and {MQTT_PORT} must be free. "
                 f"Logs: {ROOT}/prosody/prosody.log, {ROOT}/mosquitto/mosquitto.log",
                 file=sys.stderr,
             )
@@ -221,11 +248,30 @@ def _instructions(accounts: dict[str, Prosody], broker: Mosquitto, pw: dict[str,
                TLS certificates signed by {home.ca_file}
                (plots link to https://upload.{home.domain}/…: add {home.domain} and
                upload.{home.domain} as {home.interface} to /etc/hosts to open them)"""
+    web = ""
+    if home.web is not None:
+        web = f"""
+ Web chat      https://{home.domain}:{home.https_port}/   in a browser on this machine, as you@{you.domain}
+               with the password below (Converse.js {CONVERSE_VERSION}; plots come inline from
+               the same port). The browser does not know the demo's CA: trust
+               {home.ca_file} (the page links it) or accept its warning once.
+               Chromium: certutil -d sql:$HOME/.pki/nssdb -A -t C,, -n iot-gateway-demo -i {home.ca_file}
+               Firefox: Settings, Certificates, View Certificates, Authorities, Import.
+               From a phone: docs/webchat.md (the demo listens on loopback only).
+"""
+    elif you is home:
+        web = """
+ Web chat      none this time: Converse.js could not be installed (see above)
+"""
+    else:
+        web = """
+ Web chat      only in the one-server demo (make demo): https://localhost:15443/
+"""
     return f"""
 ================================================================================
  iot-gateway demo is running ({config})
 
- {servers}
+ {servers}{web}
  Accounts      you@{you.domain}     password {pw['you']}   (admin)
                viewer@{home.domain}  password {pw['viewer']}   (viewer: read only)
                {gw_jid} password {pw['gateway']}   (the gateway itself)
@@ -246,7 +292,7 @@ def _instructions(accounts: dict[str, Prosody], broker: Mosquitto, pw: dict[str,
      mosquitto_sub -p {broker.port} -u homeassistant -P {pw['homeassistant']} -v -t 'tele/#' -t 'stat/#'
 
  Without XMPP, the same commands as an admin:
-     .venv/bin/iot-gateway console --config {config}
+     IOT_GATEWAY_MQTT_PASSWORD={pw[MQTT_GATEWAY]} .venv/bin/iot-gateway console --config {config}
 
  Ctrl-C stops the gateway, Prosody and Mosquitto.
 ================================================================================

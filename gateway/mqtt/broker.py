@@ -224,6 +224,7 @@ class Broker:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_publish_fast = self._deliver  # most messages: read by LoopClient.publishes
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         c.on_socket_close = self._on_socket_close
@@ -387,15 +388,7 @@ class Broker:
 
     def _readable(self) -> None:
         """Handle up to READ_BATCH packets; more waiting (in the socket or our buffer) get the next turn."""
-        c = self.client
-        c.drained = False
-        for _ in range(READ_BATCH):
-            if c.socket() is None:
-                return
-            rc = c.loop_read()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or c.drained:
-                return
-        if c.socket() is not None:
+        if self.client.read(READ_BATCH):
             self.loop.call_soon(self._readable)
 
     def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:

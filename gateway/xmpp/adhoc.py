@@ -305,7 +305,7 @@ class AdHoc(FrontEnd):
 
     async def _status(self, iq: Iq, sess: dict[str, Any]) -> dict[str, Any]:
         actor = self._actor(iq, Permission.READ)
-        text = await self.session.commands.run("status", actor, styled=False)
+        text = await self.session.commands.run("status", actor)
         sess.update(payload=None, next=None, has_next=False, notes=[("info", text)])
         return sess
 

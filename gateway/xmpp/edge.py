@@ -5,6 +5,8 @@ drops or changes is what the server is told about) sees every stanza the gateway
 
 - every character XML 1.0 forbids, in any text or attribute value, becomes U+FFFD
   (`values.clean`): one such character from a device would make the server close the stream;
+- a chat body loses its blank lines at the start and the end (`tidy`): clients show them as
+  an empty line above or below the text, whatever made the reply;
 - every stanza stays under the server's stanza size limit, learned from the stream features
   (XEP-0478, `urn:xmpp:stream-limits:0`) or else DEFAULT_LIMIT: a long chat body is split
   over several messages (at most MAX_PARTS, then summarised), a data form too large loses its
@@ -30,7 +32,6 @@ DEFAULT_LIMIT = 64 * 1024  # bytes per stanza when the server does not say (XEP-
 ENVELOPE = 1024  # bytes kept for a message's envelope: addresses, id, delay, receipts
 MAX_PARTS = 8  # chat messages one reply may take; the rest is summarised
 XDATA = "jabber:x:data"
-FENCE = "```"
 ESCAPED = {"&": 4, "<": 3, ">": 3, '"': 5, "'": 5}  # extra bytes each takes once escaped
 
 
@@ -58,40 +59,45 @@ def _cut(line: str, budget: int) -> list[str]:
     return [line[i : i + step] for i in range(0, len(line), step)]
 
 
+def tidy(text: str) -> str:
+    """`text` without its blank lines (empty, or only spaces) at the start and the end,
+    and without the spaces ending a line; unchanged when nothing else is left."""
+    lines = [line.rstrip() for line in text.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    while lines and not lines[0]:
+        lines.pop(0)
+    return "\n".join(lines) if lines else text
+
+
 def split(text: str, budget: int, max_parts: int = MAX_PARTS) -> list[str]:
-    """`text` in parts of at most `budget` bytes (as XML), cut between lines; a ``` block
-    cut in two is closed and opened again. Beyond `max_parts` the rest is summarised."""
+    """`text` in parts of at most `budget` bytes (as XML), cut between lines (a line longer than
+    a part, between characters). Beyond `max_parts` the rest is summarised."""
     if text_cost(text) <= budget:
         return [text]
-    room = max(budget - 256, 64)  # a fence to close, and the summary line
+    room = max(budget - 256, 64)  # the summary line
     lines: list[str] = []
     for line in text.split("\n"):
         lines += _cut(line, room // 2) if text_cost(line) > room // 2 else [line]
     parts: list[list[str]] = []
     part: list[str] = []
     size = 0
-    fenced = False  # inside a ``` block at the current line
     left = len(lines)
     for line in lines:
         cost = text_cost(line) + 1
         if part and size + cost > room:
-            if fenced:
-                part.append(FENCE)
             parts.append(part)
             if len(parts) == max_parts:
                 break
-            part = [FENCE] if fenced else []
-            size = sum(text_cost(p) + 1 for p in part)
+            part, size = [], 0
         part.append(line)
         size += cost
         left -= 1
-        if line.strip() == FENCE:
-            fenced = not fenced
     else:
         parts.append(part)
-        return ["\n".join(p) for p in parts]
+        return [tidy("\n".join(p)) for p in parts]
     parts[-1].append(f"… {left} more lines not shown: too long for chat. Ask for less (e.g. one device or field).")
-    return ["\n".join(p) for p in parts]
+    return [tidy("\n".join(p)) for p in parts]
 
 
 class Edge:
@@ -110,9 +116,15 @@ class Edge:
         """Bytes of payload (chat text, read-out fields) one stanza may carry."""
         return max(self.limit // 2 - ENVELOPE, 1024)
 
+    def text(self, text: str) -> str:
+        """Chat text as the filter would leave it, cleaned and tidied: for a message encrypted
+        (OMEMO) before the filter sees it."""
+        return tidy(clean(text))
+
     def split(self, text: str) -> list[str]:
-        """Chat text in parts that each fit one message (see `split`)."""
-        return split(clean(text), self.budget)
+        """Chat text, cleaned and tidied, in parts that each fit one message (see `split`):
+        for a reply encrypted before the filter sees it."""
+        return split(self.text(text), self.budget)
 
     def size(self, stanza: StanzaBase) -> int:
         """Bytes the stanza takes on the stream."""
@@ -122,8 +134,12 @@ class Edge:
         return len(tostring(stanza.xml, xmlns=c.default_ns, stream=c, top_level=True).encode())
 
     def filter(self, stanza: StanzaBase) -> StanzaBase | None:
-        """Outgoing filter: the stanza made XML-safe, and fitted under the server's limit."""
+        """Outgoing filter: the stanza made XML-safe, its body tidied, and fitted under the server's limit."""
         clean_tree(stanza.xml)
+        if isinstance(stanza, Message) and stanza["body"]:
+            body = tidy(stanza["body"])
+            if body != stanza["body"]:
+                stanza["body"] = body
         limit = self.limit
         size = self.size(stanza)
         if size <= limit:

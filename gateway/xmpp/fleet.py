@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..commands import DEVICE_COMMANDS  # first argument names a device: a gateway without it stays quiet
 from ..hub import Hub
+from ..rows import fit
 
 WINDOW = 1.0  # seconds within which every gateway answers a fleet-wide command
 JITTER = 0.3  # share of its slot by which a gateway's answer wanders, so the order stays
@@ -86,13 +87,11 @@ def delay(nick: str, nicks: Iterable[str], window: float | None = None) -> float
 
 
 def overview(room: str, members: list[Member]) -> str:
-    """The `fleet` reply for one room: a title line, then one row per gateway."""
+    """The `fleet` reply for one room: a title line, then per gateway a row (nick, state)
+    within a phone's width and its status text under it."""
     here = [m for m in members if m.show != "absent"]
     ok = sum(1 for m in here if m.show == "ok")
-    lines = [f"Fleet in {room}: {len(here)}/{len(members)} gateways here, {ok} OK"]
-    width = max(len(m.nick or m.jid) for m in members)
-    for m in sorted(members, key=lambda m: (m.nick or "~" + m.jid).lower()):
-        who = m.nick or m.jid
-        text = m.status + ("  (this gateway)" if m.me else "")
-        lines.append(f"{who:<{width}}  {m.show:<8}  {text}".rstrip())
-    return "\n".join(lines)
+    members = sorted(members, key=lambda m: (m.nick or "~" + m.jid).lower())
+    rows = [(m.nick or m.jid, m.show, "(this gateway)" if m.me else "") for m in members]
+    lines = fit(rows, notes=[m.status for m in members])
+    return "\n".join([f"Fleet in {room}: {len(here)}/{len(members)} gateways here, {ok} OK", *lines])

@@ -38,9 +38,9 @@ from .link import Link
 from .phone import Phone
 from .presence import health_summary
 from .rooms import Rooms
-from .sensordata import SensorData
+from .readouts import SensorData
 from .upload import Uploader, attach_oob
-from ..values import age, clean
+from ..values import age
 from ..watches import Alert
 
 if TYPE_CHECKING:
@@ -98,6 +98,9 @@ class Session:
         self.bounces = Bounces(self._resend_held, self._tell_delayed, self._ping, self.online.is_set,
                                lambda jid: bool(self.client.client_roster[jid].resources))
         commands.unreachable = self.bounces.describe
+        # The server answers a command list asked of our bare JID itself, with nothing: `help`
+        # names this resource, where they are (docs/webchat.md).
+        commands.adhoc = lambda: self.client.boundjid.full
         # Called with (alert, delayed) after an alert went to contacts: rooms post it too.
         self.alert_hooks: list = []
         # Things with a `sinks` list of alert callbacks: watches, timed reverts.
@@ -328,6 +331,10 @@ class Session:
             if len(self._sub_requests) > STRANGER_MEMORY:
                 self._sub_requests.pop(next(iter(self._sub_requests)))
             return
+        # `subscribed`, then our current presence, health in its status: slixmpp's authorize() sends
+        # it, and the server sends it too (RFC 6121 3.1.5), so the contact sees the health at once.
+        # Asked back, so a contact who declined our first request is asked again
+        # (tests/test_subscriptions.py).
         item.authorize()
         if not item["to"] and not item["pending_out"]:
             item.subscribe()
@@ -362,8 +369,8 @@ class Session:
             if self.bounces.holding(jid):
                 self.bounces.hold(jid, alert.text, alert.time, alert=not answer)
                 continue
-            # Cleaned here too: OMEMO encrypts the text before the edge filter sees it.
-            msg = self.client.make_message(mto=jid, mbody=clean(alert.text), mtype="chat")
+            # Cleaned and tidied here too: OMEMO encrypts the text before the edge filter sees it.
+            msg = self.client.make_message(mto=jid, mbody=self.edge.text(alert.text), mtype="chat")
             msg["id"] = self.client.new_id()
             self.bounces.sent(msg["id"], jid, alert.text, alert.time, alert=not answer, note=note)
             # XEP-0203 on every alert, even one sent at once: bytes already handed to a server
