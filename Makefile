@@ -41,8 +41,11 @@ $(BIN)/.installed: pyproject.toml | deps
 	$(BIN)/python -m pip install -q -e '.[plot,omemo,test]'
 	@touch $@
 
+# Two workers, each test file whole on one (its module fixtures started once): most tests wait on
+# timers and servers, so two halve the time even on 2 cores; checked with the CPU taken by
+# `stress-ng --cpu 2`. A single file or test: `$(BIN)/python -m pytest tests/test_x.py` (one process).
 test: test-deps venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Opt-in, as root: `make install` booted under a real systemd (systemd-nspawn of a debootstrapped
 # bookworm): active, READY, a chat `status`, a watchdog restart, a clean stop (tests/system.py).

@@ -16,7 +16,7 @@ from pathlib import Path
 from gateway.demo.localservers import Federation, Prosody
 
 from .clients import BenchError, Client, Publisher, within
-from .lab import NAGLE_OFF, RESOURCE, GatewayProcess, Lab, prosody_global
+from .lab import RESOURCE, GatewayProcess, Lab
 from .latency import WARMUP, pair
 from .results import Result
 
@@ -32,11 +32,10 @@ class Servers:
 
     def __init__(self, root: Path, nagle: bool):
         self.federation = Federation(root / "federation", {HOME: "127.0.0.2", PROVIDER: "127.0.0.3"})
-        self.home = Prosody(root / HOME, domain=HOME, uploads=False, federation=self.federation)
-        self.provider = Prosody(root / PROVIDER, domain=PROVIDER, uploads=False, federation=self.federation)
-        if not nagle:
-            prosody_global(self.home, NAGLE_OFF)
-            prosody_global(self.provider, NAGLE_OFF)
+        self.home = Prosody(root / HOME, domain=HOME, uploads=False, federation=self.federation, nagle=nagle)
+        self.provider = Prosody(
+            root / PROVIDER, domain=PROVIDER, uploads=False, federation=self.federation, nagle=nagle
+        )
         self.passwords = {user: secrets.token_urlsafe(12) for user in ("gateway", "near", "far")}
 
     def start(self) -> None:

@@ -25,8 +25,7 @@ MB = 1_000_000
 # Prosody keeps Nagle's algorithm on by default: a stanza that follows another to the same
 # client within a round trip then waits for the client's delayed ACK, 40 ms on Linux. A
 # read-out (IQ result, then <fields/>) always does, and 40 ms of TCP timer would hide all
-# else; so the benchmarks turn it off unless asked (`python -m bench --nagle`).
-NAGLE_OFF = "network_settings = { nagle = false }\n"
+# else; so the benchmarks keep it off (localservers' default) unless asked (`python -m bench --nagle`).
 
 
 class Lab:
@@ -35,9 +34,7 @@ class Lab:
     def __init__(self, root: Path, nagle: bool = False):
         self.root = root
         self.nagle = nagle
-        self.prosody = Prosody(root / "prosody")
-        if not nagle:
-            prosody_global(self.prosody, NAGLE_OFF)
+        self.prosody = Prosody(root / "prosody", nagle=nagle)
         self.mosquitto = Mosquitto(root / "mosquitto")
         self.passwords: dict[str, str] = {}
 
@@ -92,14 +89,6 @@ class Lab:
             "mqtt": {"url": self.mosquitto.url, "client_id": f"bench-{name}"},
             "devices": devices,
         }
-
-
-def prosody_global(prosody: Prosody, line: str) -> None:
-    """Add a line to the global section of a Prosody's config (before its VirtualHost)."""
-    text = prosody.config.read_text()
-    if "\nVirtualHost" not in text:
-        raise RuntimeError(f"no VirtualHost line in {prosody.config} to put {line!r} before")
-    prosody.config.write_text(text.replace("\nVirtualHost", "\n" + line + "\nVirtualHost", 1))
 
 
 class GatewayProcess:

@@ -22,7 +22,7 @@ from gateway.demo import webchat
 from gateway.demo.localservers import Prosody
 
 from .clients import BenchError, Client
-from .lab import NAGLE_OFF, RESOURCE, GatewayProcess, Lab, fill_history, prosody_global
+from .lab import RESOURCE, GatewayProcess, Lab, fill_history
 from .results import Result
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,12 +69,14 @@ async def launch(pw: Any, home: Path) -> Any:
     return await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, env={**os.environ, "HOME": str(home)})
 
 
-def site_server(root: Path, users: list[str], name: str = NAME) -> tuple[Prosody, dict[str, str]]:
+def site_server(
+    root: Path, users: list[str], name: str = NAME, nagle: bool = False
+) -> tuple[Prosody, dict[str, str]]:
     """A Prosody serving the demo's page (its page, websocket and uploads on one HTTPS port) for a
     gateway called `name`, with `users` registered (random passwords) and alice filled in the
-    login form; not started yet."""
+    login form; not started yet. `nagle` as in localservers.Prosody."""
     dist = webchat.install_converse(CACHE)
-    prosody = Prosody(root / "prosody", web=root / "site")
+    prosody = Prosody(root / "prosody", web=root / "site", nagle=nagle)
     webchat.write_site(root / "site", dist, prosody.ca_file, f"gateway@{prosody.domain}", RESOURCE,
                        f"alice@{prosody.domain}", name)
     passwords = {user: secrets.token_urlsafe(12) for user in users}
@@ -129,9 +131,7 @@ async def webchat_latency(lab: Lab, work: Path) -> list[Result]:
     from playwright.async_api import async_playwright
 
     root = work / "webchat"
-    prosody, passwords = site_server(root, ["gateway", "alice"])
-    if not lab.nagle:
-        prosody_global(prosody, NAGLE_OFF)
+    prosody, passwords = site_server(root, ["gateway", "alice"], nagle=lab.nagle)
     prosody.start()
     data = lab.config("webchat", [{"id": "sim", "driver": "simulated", "interval": 1,
                                    "fields": [{"name": "temp", "unit": "°C", "decimals": 1}]}])

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
 import slixmpp
+from slixmpp.util import bytes as utf8
+from slixmpp.util.sasl.mechanisms import SCRAM
 from slixmpp.xmlstream import StanzaBase
 
 from tests import schema
@@ -15,11 +19,36 @@ TIMEOUT = 10.0
 LOGIN_TIMEOUT = 30.0  # TLS and SCRAM on a 2-core machine under load can take many seconds
 
 
+def pbkdf2_hi(self: SCRAM, text: str | bytes, salt: bytes, iterations: int) -> bytes:
+    """SCRAM's Hi() is PBKDF2-HMAC: the same bytes as slixmpp's loop in Python, in C (30 ms less a login)."""
+    return hashlib.pbkdf2_hmac(self.hash().name, utf8(text), salt, iterations)
+
+
+# Every login in the test process (the peers' and the gateways' run in process) costs
+# 10,000 HMACs; the suite logs in thousands of times. Checked against the original in test_peer.py.
+slow_hi = SCRAM.Hi
+SCRAM.Hi = pbkdf2_hi  # type: ignore[method-assign]
+_contexts: dict[tuple[Path, int], ssl.SSLContext] = {}
+
+
+def tls_context(ca_file: Path) -> ssl.SSLContext | None:
+    """A client context that trusts `ca_file` only, made once per file (and version of it): slixmpp's
+    own default loads the system's CA bundle twice for each client (50 ms a login), which no test needs.
+    None (slixmpp's default) when there is no such file."""
+    try:
+        key = (Path(ca_file), Path(ca_file).stat().st_mtime_ns)
+    except OSError:
+        return None
+    if key not in _contexts:
+        _contexts[key] = ssl.create_default_context(cafile=str(ca_file))
+    return _contexts[key]
+
+
 class Peer:
     """A slixmpp client that records the messages and presences it receives."""
 
     def __init__(self, jid: str, password: str, address: str, ca_file: Path, gateway: str | None = None):
-        self.client = slixmpp.ClientXMPP(jid, password)
+        self.client = slixmpp.ClientXMPP(jid, password, ssl_context=tls_context(ca_file))
         # Every stanza from the gateway (from anyone when `gateway` is None) is
         # checked against the XEP schemas before any handler sees it.
         self.gateway = gateway

@@ -393,10 +393,11 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Xmpp
 
 @pytest.mark.timeout(150)
 async def test_a_slow_upload_holds_up_neither_the_next_command_nor_the_plot_past_its_deadline(
-    slow_server: tuple[XmppServer, int, str], tmp_path: Path
+    slow_server: tuple[XmppServer, int, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The upload target takes a byte every 5 s. A `read` sent once the plot's PUT is under way
     is answered first, and the plot comes at the upload deadline as a sparkline saying why."""
+    monkeypatch.setattr(upload, "DEADLINE", 5.0)  # not 20 s: still a byte at most, and ample for the `read`
     xs, port, secret = slow_server
     target = SlowPut(xs.prosody.cert, xs.prosody.key)
     component = UploadComponent(xs.prosody, port, secret, await target.start())

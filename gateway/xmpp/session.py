@@ -108,7 +108,8 @@ class Session:
             source.sinks.append(self.deliver)  # type: ignore[attr-defined]
 
         redact.install()  # slixmpp's debug log of the stream must not carry SASL payloads
-        c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password)
+        # The system's CAs as slixmpp's default context has them, read once (it reads them twice).
+        c = slixmpp.ClientXMPP(f"{self.xcfg.jid}/{self.xcfg.resource}", password, ssl_context=ssl.create_default_context())
         self.client = c
         # Forms, disco, version, caps in presence, blocking, stream management, delay.
         for plugin in ("xep_0004", "xep_0030", "xep_0092", "xep_0115", "xep_0191", "xep_0198", "xep_0203"):
