@@ -29,18 +29,21 @@ SCALE_READOUTS = 5
 # change what the gateway imports: slixmpp colours its debug log with pygments when it is
 # installed (pytest brings it), 30 more modules and about 50 ms at every start.
 PRODUCTION = ROOT / ".venv" / "production"
+PRODUCTION_EXTRAS = ("plot", "omemo")
 
 
 def production_python() -> str:
-    """The python of a venv holding what `pip install .` installs (no test extra), built once
+    """The python of a venv holding what `pip install '.[plot,omemo]'` installs (no test extra), built once
     and again when pyproject.toml changes. The gateway runs from the source tree with it."""
     pyproject = (ROOT / "pyproject.toml").read_bytes()
     stamp = PRODUCTION / ".installed"
-    digest = hashlib.sha256(pyproject).hexdigest()
+    digest = hashlib.sha256(pyproject + repr(PRODUCTION_EXTRAS).encode()).hexdigest()
     python = PRODUCTION / "bin" / "python"
     if stamp.exists() and stamp.read_text() == digest and python.exists():
         return str(python)
-    deps = tomllib.loads(pyproject.decode())["project"]["dependencies"]
+    project = tomllib.loads(pyproject.decode())["project"]
+    # With the extras `make install` puts on a 64-bit Pi: plots and OMEMO (the omemo benchmark needs them).
+    deps = [*project["dependencies"], *(d for extra in PRODUCTION_EXTRAS for d in project["optional-dependencies"][extra])]
     print(f"(building {PRODUCTION.relative_to(ROOT)}: {', '.join(deps)}) ", end="", flush=True)
     try:
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(PRODUCTION)], check=True, capture_output=True)

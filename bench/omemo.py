@@ -51,7 +51,11 @@ async def omemo_cost(lab: Lab, alice: Client, work: Path) -> list[Result]:
     try:
         for policy, gw in gws.items():  # first starts (roster, a new OMEMO device), not timed
             started = gw.start()
-            await alice.presence_after(jid, started, timeout=60)
+            try:
+                await alice.presence_after(jid, started, timeout=60)
+            except TimeoutError:
+                tail = gw.log.read_text(errors="replace")[-1500:] if gw.log.exists() else "(no log)"
+                raise BenchError(f"the gateway ({policy}) was not online after 60 s; its log ends:\n{tail}") from None
             if policy == "accept":
                 await ready_after(gw.log, 0, started)
             gw.stop()

@@ -21,6 +21,7 @@ import pytest
 import slixmpp
 import twomemo.etree
 from omemo.storage import Just, Maybe, Nothing, Storage
+from omemo.session_manager import NoEligibleDevices
 from omemo.types import DeviceInformation, JSONType
 from slixmpp import JID
 from slixmpp.plugins import register_plugin  # type: ignore[attr-defined]
@@ -220,7 +221,7 @@ class Omemo:
             for m in messages:
                 enc.append(twomemo.etree.serialize_message(m))
         else:
-            enc, _errors = await self.plugin.encrypt_message(msg, JID(to))
+            enc = await self._encrypt_legacy(msg, JID(to))
         assert enc is not None, "nothing encrypted"
         enc["eme"]["namespace"] = version
         enc["eme"]["name"] = "OMEMO"
@@ -228,6 +229,19 @@ class Omemo:
             enc.xml.append(ET.Element("{urn:xmpp:receipts}request"))
         enc.send()
         return msg["id"]
+
+    async def _encrypt_legacy(self, msg: slixmpp.Message, to: JID) -> Any:
+        """Legacy OMEMO as Conversations sends it. A gateway that has just started may not have
+        published its device list yet (its session manager is ready first): fetch the list again
+        for up to 10 s, as a client does when it finds no device to encrypt for."""
+        for _ in range(40):
+            try:
+                enc, _errors = await self.plugin.encrypt_message(msg, to)
+                return enc
+            except NoEligibleDevices:
+                await asyncio.sleep(0.25)
+                await self.plugin.refresh_device_lists({to}, force_download=True)
+        raise AssertionError(f"no device of {to} to encrypt for after 10 s")
 
     async def next(self, kind: str | None = None, skip: str = "OMEMO: ", timeout: float = TIMEOUT) -> tuple[str, str]:
         """The next message (kind, body), skipping device announcements."""
