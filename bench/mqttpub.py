@@ -18,7 +18,8 @@ from pathlib import Path
 CHUNK = 256 * 1024  # bytes per sendall
 
 
-def _length(n: int) -> bytes:
+def length(n: int) -> bytes:
+    """MQTT's remaining length: 7 bits a byte, low first."""
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -34,13 +35,13 @@ def _string(s: bytes) -> bytes:
 def connect_packet(client_id: str) -> bytes:
     """CONNECT, clean session, keepalive 60 s."""
     body = _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", 60) + _string(client_id.encode())
-    return b"\x10" + _length(len(body)) + body
+    return b"\x10" + length(len(body)) + body
 
 
 def publish_packet(topic: bytes, payload: bytes, qos: int, mid: int) -> bytes:
     """PUBLISH of `payload` to `topic` (packet id `mid` at QoS 1)."""
     body = _string(topic) + (struct.pack("!H", mid) if qos else b"") + payload
-    return bytes([0x30 | (qos << 1)]) + _length(len(body)) + body
+    return bytes([0x30 | (qos << 1)]) + length(len(body)) + body
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:

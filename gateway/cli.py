@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import MQTT_PASSWORD_ENV, PASSWORD_ENV, Config, ConfigError, MqttSection, load
+from .config import MQTT_PASSWORD_ENV, PASSWORD_ENV, Config, ConfigError, MqttSection, XmppSection, load
 from .plot import PLOT_INSTALL
 from .historydb import disk_use
 from .state import StateDir, StateLocked
@@ -159,30 +159,16 @@ def check_secrets(config: Config) -> None:
         raise ConfigError(errors)
 
 
-def password_source(config: Config) -> str:
-    """Where the XMPP password will come from, for the `check` summary."""
-    x = config.xmpp
-    if x is None:
-        return "none"
-    if x.password is not None:
+def password_source(section: XmppSection | MqttSection, env: str, unset: str = "") -> str:
+    """Where an account's password will come from, for the `check` summary: `password`,
+    `password_file`, else the environment variable `env` (`unset` follows "not set")."""
+    if section.password is not None:
         return "in the config file"
-    if x.password_file is not None:
-        return f"from {x.password_file}"
-    now = "set" if os.environ.get(PASSWORD_ENV) else "not set"
-    return f"from ${PASSWORD_ENV} at run time ({now} in this environment)"
-
-
-def mqtt_password_source(m: MqttSection) -> str:
-    """Where the broker password will come from, for the `check` summary."""
-    if not m.username:
-        return "none (anonymous)"
-    if m.password is not None:
-        return "in the config file"
-    if m.password_file is not None:
-        return f"from {m.password_file}"
-    if os.environ.get(MQTT_PASSWORD_ENV):
-        return f"from ${MQTT_PASSWORD_ENV} at run time (set in this environment)"
-    return f"from ${MQTT_PASSWORD_ENV} at run time (not set in this environment: without it, none is sent)"
+    if section.password_file is not None:
+        return f"from {section.password_file}"
+    if os.environ.get(env):
+        return f"from ${env} at run time (set in this environment)"
+    return f"from ${env} at run time (not set in this environment{unset})"
 
 
 def loose_permissions(path: Path, config: Config) -> list[str]:
@@ -217,7 +203,7 @@ def summary(path: Path, config: Config) -> str:
         where = x.server or "its domain (SRV)"
         ca = f", CA {x.ca_file}" if x.ca_file else ""
         lines.append(f"XMPP: {x.jid} via {where}{ca}")
-        lines.append(f"  password: {password_source(config)}")
+        lines.append(f"  password: {password_source(x, PASSWORD_ENV)}")
         lines.append(f"  OMEMO: {x.omemo_unavailable or x.omemo}")
     else:
         lines.append("XMPP: not configured (console only)")
@@ -226,7 +212,9 @@ def summary(path: Path, config: Config) -> str:
         lines.append(f"Plots: text sparklines only, the plotting library is not installed ({PLOT_INSTALL} for pictures)")
     if config.mqtt:
         lines.append(f"MQTT: {config.mqtt.url}")
-        lines.append(f"  password: {mqtt_password_source(config.mqtt)}")
+        m = config.mqtt
+        who = password_source(m, MQTT_PASSWORD_ENV, ": without it, none is sent") if m.username else "none (anonymous)"
+        lines.append(f"  password: {who}")
     lines.append(f"Devices ({len(config.devices)}):")
     for d in config.devices:
         where = getattr(d, "port", "") or ""

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from bench.mqttpub import length
 from devices.mqtt import BadPayload, lookup, parse_json, to_value
 from devices.mqtt_config import MqttField
 from gateway.mqtt.client import LoopClient
@@ -68,16 +69,6 @@ class Wire:
     def fileno(self) -> int:
         """No descriptor."""
         return -1
-
-
-def length(n: int) -> bytes:
-    """MQTT's remaining length: 7 bits a byte, low first."""
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def publish(topic: bytes, payload: bytes, qos: int, retain: bool, mid: int) -> bytes:
