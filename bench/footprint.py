@@ -11,6 +11,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from gateway.config import GatewaySection
+
 from .clients import BenchError, Client
 from .lab import ROOT, GatewayProcess, Lab, fill_history, spawn_rss, spawn_time
 from .results import Result, Target
@@ -19,7 +21,10 @@ IMPORTS = "import slixmpp, paho.mqtt.client, gpiozero, pydantic"
 BASELINE = f"python -c {IMPORTS!r}"
 STARTS = 7
 SETTLE = 2.0  # seconds after presence before RSS is read: mqtt devices connected, first samples taken
-HISTORY = 1000  # readings per field: the default history_size, full
+HISTORY = 1000  # readings per field in memory: the default history_size, full
+# Readings per field in history.db: the default history_raw_rows, full, as a gateway leaves it after
+# a day (a start loads the last HISTORY of each from among them).
+STORED = GatewaySection.model_fields["history_raw_rows"].default
 SCALE_DEVICES = 1000
 SCALE_FIELDS = 10  # per device
 SCALE_READOUTS = 5
@@ -107,11 +112,12 @@ def devices_200() -> list[dict[str, Any]]:
 
 
 def gateway_200(lab: Lab, work: Path) -> GatewayProcess:
-    """The gateway of rss_200_fields, startup and the latency benchmarks, its history full."""
+    """The gateway of rss_200_fields, startup and the latency benchmarks, its history full
+    (memory and history.db's readings; the first start rolls them up)."""
     devices = devices_200()
     data = lab.config("g200", devices, history_size=HISTORY)
     refs = [f"{d['id']}.{f['name']}" for d in devices for f in d["fields"]]
-    fill_history(Path(data["gateway"]["state_dir"]), refs, HISTORY)
+    fill_history(Path(data["gateway"]["state_dir"]), refs, STORED)
     return GatewayProcess(work / "g200", data, production_python())
 
 

@@ -367,6 +367,45 @@ async def test_malformed_database_is_moved_aside_and_a_new_one_started(tmp_path:
         await store.stop()
 
 
+async def test_a_current_database_with_a_corrupt_index_is_moved_aside_untouched(tmp_path: Path) -> None:
+    """A database of this version is not written at start before its index has been read whole
+    (the start's loads read each field's part of it; the prune, once up, all of it)."""
+    db = tmp_path / "history.db"
+    hub = make_hub(10)
+    store = HistoryStore(hub, db, raw_rows=5000)
+    await store.start()
+    now = time.time()
+    for i in range(5000):  # 40 hours, every 30 s: its minutes, hours and days closed and stored
+        hub.push("dev", "f0", 20.0 + i % 7, at=now - 30 * (5000 - i))
+    await store.stop()
+    assert rows(db) == {"dev.f0": 5000}
+    con = sqlite3.connect(db)
+    size = con.execute("PRAGMA page_size").fetchone()[0]
+    # The index's leaves in key order (dbstat's path), but the first and the last ones: the
+    # fields are listed from the first, the newest readings are in the last.
+    leaves = [n for n, in con.execute(
+        "SELECT pageno FROM dbstat WHERE name = 'readings_ref_t' AND pagetype = 'leaf' ORDER BY path")]
+    con.close()
+    assert len(leaves) > 10
+    data = bytearray(db.read_bytes())
+    for n in leaves[1:-4]:
+        data[(n - 1) * size:n * size] = os.urandom(size)
+    db.write_bytes(data)
+    hub = make_hub(10)
+    store = HistoryStore(hub, db, raw_rows=5000)
+    await store.start()
+    try:
+        await until(lambda: "history" in hub.problems, "the corrupt database found")
+        assert hub.problems["history"].message.startswith("database was corrupt (database disk image is malformed)")
+        aside = [p for p in tmp_path.iterdir() if p.name.startswith("history.db.corrupt-")]
+        assert len(aside) == 1 and aside[0].read_bytes() == bytes(data)
+        hub.push("dev", "f0", 7.0)
+        await store.flush()
+        assert rows(db) == {"dev.f0": 1}
+    finally:
+        await store.stop()
+
+
 def test_hub_problems_are_announced_on_change_only() -> None:
     hub = Hub()
     events = problem_events(hub)
