@@ -599,6 +599,9 @@ class HistoryStore:
             db.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_BYTES // page)}")
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
             db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+            # Debian builds SQLite to zero every deleted byte, freed pages too: 6 % of what a full
+            # store writes (its trims free whole pages). FAST zeroes only in pages written anyway.
+            db.execute("PRAGMA secure_delete = FAST")
             old = db.execute("PRAGMA user_version").fetchone()[0] < VERSION
             if old:
                 # Pruned before the rollups table is added: it reads every row, so a corrupt database
