@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import ctypes
-import ctypes.util
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -220,9 +219,8 @@ def give_back_memory() -> None:
     """Return freed heap to the system (glibc's malloc_trim; nothing elsewhere): a start's load of
     every field's readings frees a few MB that the C library would otherwise keep for the life of
     the process."""
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError, TypeError):
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc's, no search for it
+    except (OSError, AttributeError):
         return  # not glibc (musl has no malloc_trim)
     trim(0)
