@@ -14,6 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .compact import CompactError, compact
 from .config import MQTT_PASSWORD_ENV, PASSWORD_ENV, Config, ConfigError, MqttSection, XmppSection, load
 from .plot import PLOT_INSTALL
 from .historydb import disk_use
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         ("run", "run the gateway"),
         ("check", "validate a config file and summarise it"),
         ("console", "run the devices without XMPP and type chat commands as an admin"),
+        ("compact", "rewrite history.db with the small pages new ones get (the gateway stopped)"),
     ):
         p = sub.add_parser(name, help=about, description=about)
         p.add_argument(
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: invalid configuration\n  xmpp: missing (required to run)", file=sys.stderr)
             return EXIT_CONFIG
     state = StateDir(config.gateway.state_dir)
+    if args.cmd == "compact":
+        return _compact(state)
     try:
         state.lock()
     except StateLocked as e:
@@ -102,6 +106,28 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_console(config, state))
     finally:
         state.unlock()
+
+
+def _compact(state: StateDir) -> int:
+    if not state.path.is_dir():
+        print(f"error: no state folder {state.path} (nothing to compact)", file=sys.stderr)
+        return 1
+    try:
+        state.lock()
+    except StateLocked as e:
+        print(f"error: {e}: stop it first (systemctl stop iot-gateway); nothing changed", file=sys.stderr)
+        return EXIT_LOCKED
+    except OSError as e:
+        print(f"error: state folder {state.path}: {e.strerror or e}; nothing changed", file=sys.stderr)
+        return 1
+    try:
+        print(compact(state.path / "history.db"))
+    except CompactError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        state.unlock()
+    return 0
 
 
 def setup_logging(level: str) -> None:
