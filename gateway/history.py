@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from .historydb import (
-    CACHE_KIB, INSERT_BATCH, ORDER_SCHEMA, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, WAL_BYTES, Order, encode, expected,
-    give_back_memory, is_corrupt, megabytes, newest, private,
+    CACHE_KIB, INSERT_BATCH, ORDER_SCHEMA, PAGE_SIZE, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, WAL_BYTES, Order, encode,
+    expected, give_back_memory, is_corrupt, megabytes, newest, private,
 )
 from .hub import Field, History, Hub, NodeEvent, Reading
 from .rollups import COLUMNS, RES, UPSERT, Bucket, Roller, Window, choose, plan
@@ -596,6 +596,9 @@ class HistoryStore:
             db.executescript(SCHEMA)
             db.execute("PRAGMA journal_mode=WAL")
             page = db.execute("PRAGMA page_size").fetchone()[0]
+            if page > PAGE_SIZE:
+                log.info("history.db has %d-byte pages: `iot-gateway compact`, with the gateway stopped, "
+                         "rewrites it with %d-byte ones, about half the writes (docs/history.md)", page, PAGE_SIZE)
             db.execute(f"PRAGMA wal_autocheckpoint = {max(1, WAL_BYTES // page)}")
             db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
             db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")

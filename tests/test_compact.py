@@ -3,6 +3,7 @@ real command line, and every way it must refuse and change nothing."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import subprocess
@@ -69,8 +70,14 @@ def config(tmp_path: Path, state: Path) -> Path:
     return cfg
 
 
-async def test_compact_rewrites_an_old_database_with_small_pages_and_keeps_everything(tmp_path: Path) -> None:
+async def test_compact_rewrites_an_old_database_with_small_pages_and_keeps_everything(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="iot_gateway.history")
     db = await old_database(tmp_path / "state")
+    hint = "history.db has 4096-byte pages: `iot-gateway compact`, with the gateway stopped"
+    assert hint in caplog.text  # what the gateway's start tells the admin of such a database
+    caplog.clear()
     page, readings, buckets, _ = contents(db)
     assert page == 4096 and len(readings) == 4000 and buckets
     r = run(config(tmp_path, tmp_path / "state"))
@@ -89,6 +96,7 @@ async def test_compact_rewrites_an_old_database_with_small_pages_and_keeps_every
         assert len(hub.field("dev.f0").history) == 10
     finally:
         await store.stop()
+    assert "byte pages" not in caplog.text
 
 
 async def test_compact_refuses_while_the_gateway_holds_the_state_folder(tmp_path: Path) -> None:
