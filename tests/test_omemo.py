@@ -213,21 +213,16 @@ class Omemo:
 
     async def send(self, to: str, text: str, receipt: bool = False, version: str = LEGACY) -> str:
         """Send `text` OMEMO-encrypted, in the legacy namespace as Conversations does or in OMEMO 2
-        as Converse.js 14 does; returns the message id."""
+        as Converse.js 14 does; returns the message id. A client that knows no device of the contact
+        fetches the contact's device lists once (Conversations does; its cache, fed by PEP
+        notifications, may not have caught up yet), then gives up."""
         msg = self.client.make_message(mto=JID(to), mtype="chat", mbody=text)
         msg["id"] = uuid.uuid4().hex
-        if version == OMEMO2:
-            await self.plugin.refresh_device_lists({JID(to)})
-            sm = await self.plugin.get_session_manager()
-            plaintext = sce_envelope(text, self.jid, JID(to).bare)
-            messages, _errors = await sm.encrypt(frozenset({JID(to).bare}), {OMEMO2: plaintext}, [OMEMO2])
-            enc = copy.copy(msg)
-            enc.clear()
-            enc["body"] = "This message is OMEMO encrypted."
-            for m in messages:
-                enc.append(twomemo.etree.serialize_message(m))
-        else:
-            enc = await self._encrypt_legacy(msg, JID(to))
+        try:
+            enc = await self._encrypt(msg, JID(to), version)
+        except NoEligibleDevices:
+            await self.plugin.refresh_device_lists({JID(to)}, force_download=True)
+            enc = await self._encrypt(msg, JID(to), version)
         assert enc is not None, "nothing encrypted"
         enc["eme"]["namespace"] = version
         enc["eme"]["name"] = "OMEMO"
@@ -236,15 +231,19 @@ class Omemo:
         enc.send()
         return msg["id"]
 
-    async def _encrypt_legacy(self, msg: slixmpp.Message, to: JID) -> Any:
-        """Legacy OMEMO as Conversations sends it. A client that knows no device of the contact fetches
-        the contact's device list once (Conversations does; its cache, fed by PEP notifications, may
-        not have caught up yet), then gives up."""
-        try:
+    async def _encrypt(self, msg: slixmpp.Message, to: JID, version: str) -> Any:
+        if version == LEGACY:  # as Conversations
             enc, _errors = await self.plugin.encrypt_message(msg, to)
-        except NoEligibleDevices:
-            await self.plugin.refresh_device_lists({to}, force_download=True)
-            enc, _errors = await self.plugin.encrypt_message(msg, to)
+            return enc
+        await self.plugin.refresh_device_lists({to})  # OMEMO 2, as Converse.js 14: the body in an envelope
+        sm = await self.plugin.get_session_manager()
+        plaintext = sce_envelope(msg["body"], self.jid, to.bare)
+        messages, _errors = await sm.encrypt(frozenset({to.bare}), {OMEMO2: plaintext}, [OMEMO2])
+        enc = copy.copy(msg)
+        enc.clear()
+        enc["body"] = "This message is OMEMO encrypted."
+        for m in messages:
+            enc.append(twomemo.etree.serialize_message(m))
         return enc
 
     async def next(self, kind: str | None = None, skip: str = "OMEMO: ", timeout: float = TIMEOUT) -> tuple[str, str]:
