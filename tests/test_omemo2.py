@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import twomemo.etree
+import x3dh.base_state
 import xeddsa
 from slixmpp import JID
 from slixmpp.exceptions import IqError
@@ -372,10 +373,33 @@ def notices(gw: RunningGateway) -> list[str]:
     return said
 
 
-async def test_new_devices_make_one_notice_per_contact_per_hour(server: XmppServer, tmp_path: Path) -> None:
+class UnpickedPreKeys:
+    """x3dh's `secrets`, whose `choice` of a pre key from a bundle never returns one it returned before."""
+
+    def __init__(self) -> None:
+        self.picked: set[object] = set()
+
+    def choice(self, seq: list[Any]) -> Any:
+        """A random one not picked before (any, when all were)."""
+        fresh = [x for x in seq if x not in self.picked] or seq
+        pick = secrets.choice(fresh)
+        self.picked.add(pick)
+        return pick
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(secrets, name)
+
+
+async def test_new_devices_make_one_notice_per_contact_per_hour(
+    server: XmppServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Five new devices of alice in a burst (five browser sessions): one notice naming the five; olive's
     new device: her own notice; alice's sixth device within the hour: in the next notice, when the hour
     (here shortened) is over. A stranger's devices: never a notice."""
+    # Five devices that fetch the gateway's bundle at once pick one of its 100 one-time pre-keys each:
+    # two the same one time in ten, and the second is refused ("No pre key with id …": OMEMO's own race,
+    # answered with a repair). Not what this test is about: each device gets a pre-key of its own.
+    monkeypatch.setattr(x3dh.base_state, "secrets", UnpickedPreKeys())
     five = [await Omemo(server, "alice", f"browser{n}").start(alone=n == 0) for n in range(5)]
     olive = await Omemo(server, "olive").start()
     mallory = await Omemo(server, "mallory").start()

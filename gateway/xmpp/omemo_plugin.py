@@ -101,7 +101,8 @@ class GatewayOMEMO(XEP_0384):
     """slixmpp-omemo with the gateway's key store, trust policy and OMEMO 2 envelopes.
 
     pconfig: `store` (a JsonStore), `notices` (TrustNotices: the admins hear of
-    contacts' new devices), `on_ready` (async callable, once the library is ready),
+    contacts' new devices), `on_ready` (async callable, once the library is ready: its device
+    lists and bundles published, confirmed by the server),
     `on_failed` (callable taking the exception when it cannot start).
     """
 
