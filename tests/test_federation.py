@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from slixmpp import JID, Message
+from slixmpp import Message
 from slixmpp.exceptions import IqError
 
 from gateway.xmpp import bounces as bounces_module
@@ -305,7 +305,7 @@ async def test_omemo_across_servers_and_an_encrypted_alert_that_bounced(
 ) -> None:
     """OMEMO with a contact on another server (device lists over PEP through s2s): an encrypted
     command is answered encrypted; an alert encrypted for her that bounced comes late, encrypted."""
-    from tests.test_omemo import Omemo, befriend, own_device
+    from tests.test_omemo import Omemo, befriend, omemo_ready
 
     # alice an operator here: admins are also told of her new OMEMO device, an alert that could
     # still be on its way (and bounce) when her server stops.
@@ -315,18 +315,15 @@ async def test_omemo_across_servers_and_an_encrypted_alert_that_bounced(
     alice = await Omemo(federated.provider, "alice").start()
     provider = federated.provider.prosody
     try:
-        await asyncio.wait_for(gw.session.omemo.manager(), 15)
-        # Her own subscription to the gateway (PEP sends device lists to subscribers): asked here, as
-        # the gateway, already subscribed to her in earlier tests, sends her no request to answer.
+        await omemo_ready(gw)  # its device list and bundles are on its server: alice can fetch them
+        # Presence subscriptions both ways, whatever earlier tests left (PEP sends device lists to
+        # subscribers): the gateway asks her when it starts, if it is not subscribed yet, and her
+        # client approves; she asks it here (a contact: approved). Both must be done, on both sides.
         alice.client.send_presence(pto=gw.jid, ptype="subscribe")
         await befriend(gw, alice)
-        # The gateway's device list crosses s2s as a PEP notification: fetch it rather than race it.
-        sm, device = await alice.plugin.get_session_manager(), await own_device(gw)
-        for _ in range(40):
-            await alice.plugin.refresh_device_lists({JID(gw.jid)}, force_download=True)
-            if any(d.device_id == device for d in await sm.get_device_information(gw.jid)):
-                break
-            await asyncio.sleep(0.25)
+        await until(lambda: alice.client.client_roster[gw.jid]["subscription"] == "both",
+                    "alice's roster: the gateway subscribed both ways", timeout=15)
+        # Her client fetches the gateway's device list if no PEP notification brought it yet (Omemo.send).
         kind, body = await alice.ask(gw.jid, "read sim.temp")
         assert (kind, body.split(" (")[0]) == ("encrypted", "sim.temp = 20 °C")
         provider.stop()

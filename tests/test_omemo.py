@@ -192,11 +192,17 @@ class Omemo:
         return ns, None if plaintext is None else sce_body(plaintext)
 
     async def start(self, alone: bool = True) -> "Omemo":
-        """Log in; `alone`: drop the earlier tests' devices from the account's published lists (a new phone)."""
+        """Log in; `alone`: drop the earlier tests' devices from the account's published lists (a new
+        phone): each list replaced by one with this device only, never an empty one (the gateway
+        fetching it meanwhile would not find the device)."""
         self.client.connect(*self.address)
         await asyncio.wait_for(self.ready.wait(), TIMEOUT)
         if alone:
-            await (await self.plugin.get_session_manager()).clear_device_lists()
+            sm = await self.plugin.get_session_manager()
+            own = (await sm.get_own_device_information())[0].device_id
+            for ns in (OMEMO2, LEGACY):
+                await sm._upload_device_list(ns, {own: None})  # type: ignore[attr-defined]
+                await sm.update_device_list(ns, self.jid, {own: None})
         return self
 
     async def stop(self) -> None:
@@ -207,21 +213,16 @@ class Omemo:
 
     async def send(self, to: str, text: str, receipt: bool = False, version: str = LEGACY) -> str:
         """Send `text` OMEMO-encrypted, in the legacy namespace as Conversations does or in OMEMO 2
-        as Converse.js 14 does; returns the message id."""
+        as Converse.js 14 does; returns the message id. A client that knows no device of the contact
+        fetches the contact's device lists once (Conversations does; its cache, fed by PEP
+        notifications, may not have caught up yet), then gives up."""
         msg = self.client.make_message(mto=JID(to), mtype="chat", mbody=text)
         msg["id"] = uuid.uuid4().hex
-        if version == OMEMO2:
-            await self.plugin.refresh_device_lists({JID(to)})
-            sm = await self.plugin.get_session_manager()
-            plaintext = sce_envelope(text, self.jid, JID(to).bare)
-            messages, _errors = await sm.encrypt(frozenset({JID(to).bare}), {OMEMO2: plaintext}, [OMEMO2])
-            enc = copy.copy(msg)
-            enc.clear()
-            enc["body"] = "This message is OMEMO encrypted."
-            for m in messages:
-                enc.append(twomemo.etree.serialize_message(m))
-        else:
-            enc = await self._encrypt_legacy(msg, JID(to))
+        try:
+            enc = await self._encrypt(msg, JID(to), version)
+        except NoEligibleDevices:
+            await self.plugin.refresh_device_lists({JID(to)}, force_download=True)
+            enc = await self._encrypt(msg, JID(to), version)
         assert enc is not None, "nothing encrypted"
         enc["eme"]["namespace"] = version
         enc["eme"]["name"] = "OMEMO"
@@ -230,18 +231,20 @@ class Omemo:
         enc.send()
         return msg["id"]
 
-    async def _encrypt_legacy(self, msg: slixmpp.Message, to: JID) -> Any:
-        """Legacy OMEMO as Conversations sends it. A gateway that has just started may not have
-        published its device list yet (its session manager is ready first): fetch the list again
-        for up to 10 s, as a client does when it finds no device to encrypt for."""
-        for _ in range(40):
-            try:
-                enc, _errors = await self.plugin.encrypt_message(msg, to)
-                return enc
-            except NoEligibleDevices:
-                await asyncio.sleep(0.25)
-                await self.plugin.refresh_device_lists({to}, force_download=True)
-        raise AssertionError(f"no device of {to} to encrypt for after 10 s")
+    async def _encrypt(self, msg: slixmpp.Message, to: JID, version: str) -> Any:
+        if version == LEGACY:  # as Conversations
+            enc, _errors = await self.plugin.encrypt_message(msg, to)
+            return enc
+        await self.plugin.refresh_device_lists({to})  # OMEMO 2, as Converse.js 14: the body in an envelope
+        sm = await self.plugin.get_session_manager()
+        plaintext = sce_envelope(msg["body"], self.jid, to.bare)
+        messages, _errors = await sm.encrypt(frozenset({to.bare}), {OMEMO2: plaintext}, [OMEMO2])
+        enc = copy.copy(msg)
+        enc.clear()
+        enc["body"] = "This message is OMEMO encrypted."
+        for m in messages:
+            enc.append(twomemo.etree.serialize_message(m))
+        return enc
 
     async def next(self, kind: str | None = None, skip: str = "OMEMO: ", timeout: float = TIMEOUT) -> tuple[str, str]:
         """The next message (kind, body), skipping device announcements."""
@@ -285,9 +288,15 @@ async def alice(server: XmppServer) -> AsyncIterator[Omemo]:
 
 
 async def start(server: XmppServer, tmp_path: Path, policy: str = "accept") -> RunningGateway:
+    """The gateway online with OMEMO ready: its device lists and bundles published."""
     gw = await start_gateway(gateway_config(server, tmp_path, xmpp={"omemo": policy}), server.passwords["gateway"])
-    await asyncio.wait_for(gw.session.omemo.manager(), TIMEOUT)
+    await omemo_ready(gw)
     return gw
+
+
+async def omemo_ready(gw: RunningGateway) -> None:
+    """Wait for the gateway's OMEMO to be ready: from then on a contact finds its device."""
+    await asyncio.wait_for(gw.session.omemo.ready.wait(), TIMEOUT)
 
 
 async def befriend(gw: RunningGateway, contact: Omemo) -> None:
@@ -582,7 +591,7 @@ async def test_a_flood_of_garbage_omemo_counts_toward_the_rate_limit_before_decr
     gw = await start_gateway(config, server.passwords["gateway"])
     caplog.set_level(logging.WARNING, "iot_gateway.omemo")
     try:
-        await asyncio.wait_for(gw.session.omemo.manager(), TIMEOUT)
+        await omemo_ready(gw)
         rid = await own_device(gw)
         garbage = (
             f'<encrypted xmlns="{LEGACY}"><header sid="4242"><key rid="{rid}">AAAA</key><iv>AAAAAAAAAAAAAAAA</iv>'
@@ -628,7 +637,7 @@ async def test_require_posts_in_a_room_only_encrypted_for_the_contacts_there(
     gw = await start_gateway(config, server.passwords["gateway"])
     got: asyncio.Queue[slixmpp.Message] = asyncio.Queue()
     try:
-        await asyncio.wait_for(gw.session.omemo.manager(), TIMEOUT)
+        await omemo_ready(gw)
         await until(lambda: room in gw.session.rooms.joined, "the gateway in its room", TIMEOUT)
         await befriend(gw, alice)
         alice.client.register_plugin("xep_0045")

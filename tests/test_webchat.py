@@ -199,7 +199,7 @@ async def test_omemo_in_the_browser(
                             xmpp={"omemo": "accept"})
     gw = await start_gateway(config, web_server.passwords["gateway"])
     try:
-        await asyncio.wait_for(gw.session.omemo.manager(), 15)
+        await asyncio.wait_for(gw.session.omemo.ready.wait(), 15)  # device list and bundles published
         wire = Wire(gw, web_server.jid("alice"))
         shots = shots_folder(tmp_path, capsys)
         home = trusting_home(tmp_path / "home", web_server.prosody.ca_file)

@@ -136,6 +136,8 @@ class Omemo(FrontEnd):
         self.policy = policy
         self.store = JsonStore(store_path)
         self.failed: str | None = None  # why the library could not start, if it could not
+        # Set once this device's lists and bundles are published (the server confirmed each publish).
+        self.ready = asyncio.Event()
         self._alerts = asyncio.Lock()  # alerts in order of request, their device look-ups included
         self._repaired: dict[tuple[str, int], float] = {}
         self._withheld: set[tuple[str, str]] = set()  # (contact, why) already logged
@@ -172,19 +174,14 @@ class Omemo(FrontEnd):
         super().stop()
 
     async def _ready(self) -> None:
+        # The session manager exists once the server has confirmed this device's lists and bundles
+        # (GatewayOMEMO._build): only then is OMEMO said to be ready, in the log and by `ready`.
         self.failed = None
         sm = await self.plugin.get_session_manager()
         own = (await sm.get_own_device_information())[0]
         log.info("OMEMO ready: device %d, fingerprint %s (published: %s)", own.device_id, fingerprint(own.identity_key),
                  ", ".join(self.plugin.versions))
-        if self.store.recreated is not None or self.store.first:
-            # The account is the gateway's alone: any other device in its published lists is one whose keys
-            # are lost, and contacts would keep encrypting for it.
-            try:
-                await sm.clear_device_lists()
-            except Exception as e:
-                log.warning("could not drop lost OMEMO devices from the published lists: %s", e)
-            self.store.first = False
+        self.ready.set()
         if self.store.recreated is not None:
             await self._announce(
                 f"{self.store.recreated} ({own.device_id}, fingerprint {fingerprint(own.identity_key)}): "

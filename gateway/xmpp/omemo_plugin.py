@@ -101,7 +101,8 @@ class GatewayOMEMO(XEP_0384):
     """slixmpp-omemo with the gateway's key store, trust policy and OMEMO 2 envelopes.
 
     pconfig: `store` (a JsonStore), `notices` (TrustNotices: the admins hear of
-    contacts' new devices), `on_ready` (async callable, once the library is ready),
+    contacts' new devices), `on_ready` (async callable, once the library is ready: its device
+    lists and bundles published, confirmed by the server),
     `on_failed` (callable taking the exception when it cannot start).
     """
 
@@ -124,6 +125,10 @@ class GatewayOMEMO(XEP_0384):
 
     async def _on_device_list_update(self, msg: Message) -> None:
         async with self.lock:
+            try:
+                await self.get_session_manager()
+            except Exception:
+                return  # OMEMO could not start: logged once (on_failed), not again for each device list pushed
             await super()._on_device_list_update(msg)
 
     @property
@@ -155,6 +160,8 @@ class GatewayOMEMO(XEP_0384):
         return await asyncio.shield(self._manager)
 
     async def _build(self) -> SessionManager:
+        """The session manager, returned (and so "ready") only once the server has confirmed, by the
+        results of the PEP publishes, this device's lists and bundles in every version published."""
         self.versions = (OMEMO2, LEGACY) if await self.store.prepare_identity() else (LEGACY,)
         published = self.versions
         # slixmpp-omemo 2.2 (pinned) builds its session manager class in this function, with no way to
@@ -179,12 +186,31 @@ class GatewayOMEMO(XEP_0384):
             initial_own_label=None,
             undecided_trust_level_name=TrustLevel.UNDECIDED.value,
         )
+        if self.store.first or self.store.recreated is not None:
+            await self._only_this_device(sm, Manager._upload_device_list)
+        # Reads the lists and bundles back from the server; publishes (and waits for the server's
+        # result) whatever is missing or differs, so that from here on a contact finds this device.
         await sm.ensure_data_consistency()
         await sm.after_history_sync()
         if OMEMO2 not in published:
             await self._withdraw()
         self.xmpp.event("omemo_initialized")
         return sm
+
+    async def _only_this_device(self, sm: SessionManager, upload: Callable[[str, Any], Awaitable[None]]) -> None:
+        """A new device on an account that is the gateway's alone: any other device in its published
+        lists is one whose keys are lost, and contacts would keep encrypting for it. Each list is
+        replaced by one with this device only, in one publish: never an empty list, which a contact
+        fetching it meanwhile would take for a gateway without OMEMO."""
+        own = (await sm.get_own_device_information())[0]
+        only: dict[int, None] = {own.device_id: None}
+        try:
+            for ns in self.versions:
+                await upload(ns, only)
+                await sm.update_device_list(ns, own.bare_jid, only)  # as its PEP notification will say
+        except Exception as e:
+            log.warning("could not drop lost OMEMO devices from the published lists: %s", e)
+        self.store.first = False
 
     async def _withdraw(self) -> None:
         """Remove the OMEMO 2 device list and bundle of this account, if an earlier version published them."""
