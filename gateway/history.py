@@ -126,6 +126,7 @@ class HistoryStore:
         # Rows written per field since its last trim (worker thread only).
         self._added: dict[str, int] = {}
         self._migrated = False  # the database was of an older version when opened (see _tidy)
+        self._untidy = False  # opened by a start, not pruned and swept yet (see _tidied)
         self.order = Order()  # which fields have readings stored out of time order
         self._side: set[asyncio.Task[None]] = set()  # loads and renames for devices that came and went
 
@@ -142,12 +143,12 @@ class HistoryStore:
         loop = asyncio.get_running_loop()
         self._next_open = time.monotonic() + REOPEN_EVERY
         try:
-            # Pruned and swept once the gateway is up (the first thing _run does): both read every
-            # field's index, 1.4 s of a start with 200 fields of 20,000 readings.
+            # Pruned and swept before the first write (_tidied), not now: both read every field's
+            # index, 1.4 s of a start with 200 fields of 20,000 readings, and of its CPU.
             refs = await loop.run_in_executor(self._pool, self._open, None, False)
+            self._untidy = True
             # A few fields a trip to the database thread: a trip per field cost 0.1 s of a start with
-            # 200 fields, and a full history (200 fields of 1000 readings) fetched at once would
-            # leave its rows' memory behind, fragmented, for the life of the process.
+            # 200 fields, and all of them fetched at once would leave memory behind, fragmented.
             shared: dict[str, Value] = {}
             for i in range(0, len(refs), LOAD_CHUNK):
                 chunk = refs[i:i + LOAD_CHUNK]
@@ -331,12 +332,6 @@ class HistoryStore:
     async def _run(self) -> None:
         last_prune = time.monotonic()
         loop = asyncio.get_running_loop()
-        async with self._lock:  # before the first write: the prune is what finds a corrupt database
-            if self._db is not None:
-                try:
-                    await loop.run_in_executor(self._pool, self._tidy)
-                except (sqlite3.Error, OSError) as e:
-                    await self._failed(e)
         while True:
             await asyncio.sleep(self.flush_every or FLUSH_EVERY)
             try:
@@ -541,8 +536,8 @@ class HistoryStore:
     def _configured(self, ref: str) -> Field | None:
         try:
             return self.hub.field(ref)
-        except Exception:
-            return None  # a field no longer in the config
+        except Exception:  # a field no longer in the config
+            return None
 
     @staticmethod
     def _restore(f: Field, times: Sequence[float], values: Sequence[Value]) -> None:
@@ -579,14 +574,21 @@ class HistoryStore:
                 self._tidy()
         return refs
 
+    def _tidied(self) -> None:
+        """Before a write: the prune and sweep a start left for later, if not done yet."""
+        if self._untidy and self._db is not None:
+            self._tidy()
+
     def _tidy(self) -> None:
         """Every field down to raw_rows readings, and what is past its keep time dropped; not the
         latter in a database just migrated (its readings are rolled up first, then expired by the
         next sweep)."""
         assert self._db is not None
+        self._untidy = False
         self._prune(self._db)  # first: it reads every row, so a corrupt database is found before it is written
         if not self._migrated:
             self._expire(self._db)
+        self._shrink()  # both read every field's index
 
     def _connect(self) -> list[str]:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -630,8 +632,7 @@ class HistoryStore:
         return refs
 
     def _shrink(self) -> None:
-        """Give back what loading every field's readings left: SQLite's page cache, full of them,
-        and the freed heap (2 MB of a gateway of 200 full fields)."""
+        """Give back SQLite's page cache and the freed heap a read of every field left (2 MB)."""
         if self._db is not None:
             self._db.execute("PRAGMA shrink_memory")
         give_back_memory()
@@ -659,6 +660,7 @@ class HistoryStore:
         db = self._db
         if db is None:
             raise sqlite3.OperationalError("database closed")
+        self._tidied()
         o, n = old + ".", new + "."
         with db:
             for table in ("readings", "rollups", "unordered"):
@@ -730,6 +732,7 @@ class HistoryStore:
         db = self._db
         if db is None:
             raise sqlite3.OperationalError("database closed")
+        self._tidied()
         counts = Counter(map(itemgetter(0), batch))
         added = self._added
         slack = self.slack
@@ -770,6 +773,7 @@ class HistoryStore:
         db = db or self._db
         if db is None:
             return
+        self._tidied()  # (from _tidy itself: done already)
         now = time.time()
         cap = math.inf if self.retention is None else self.retention
         refs = {r[0] for table in ("readings", "rollups") for r in db.execute(REFS.format(table=table))}
