@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gateway.historydb import Order
 from gateway.history import HistoryStore
+from gateway.hub import Hub
 from tests.test_history import make_hub
 
 
@@ -25,15 +26,21 @@ def marked(db: Path) -> set[str]:
         con.close()
 
 
-def memory(hub: object, ref: str) -> list[float]:
-    return [r.value for r in hub.field(ref).history]  # type: ignore[attr-defined]
+async def opened(db: Path) -> tuple[Hub, HistoryStore]:
+    """A hub of one device with fields f0 and f1, 5 readings each in memory, and its store started on `db`."""
+    hub = make_hub(size=5, fields=2)
+    store = HistoryStore(hub, db)
+    await store.start()
+    return hub, store
+
+
+def memory(hub: Hub, ref: str) -> list[float]:
+    return [r.value for r in hub.field(ref).history]
 
 
 async def test_a_field_stored_out_of_order_is_marked_and_comes_back_in_insertion_order(tmp_path: Path) -> None:
     db = tmp_path / "history.db"
-    hub = make_hub(size=5, fields=2)
-    store = HistoryStore(hub, db)
-    await store.start()
+    hub, store = await opened(db)
     now = time.time()
     try:
         for i in range(8):
@@ -46,9 +53,7 @@ async def test_a_field_stored_out_of_order_is_marked_and_comes_back_in_insertion
         assert marked(db) == {"dev.f1"}
     finally:
         await store.stop()
-    hub = make_hub(size=5, fields=2)
-    store = HistoryStore(hub, db)
-    await store.start()
+    hub, store = await opened(db)
     try:
         assert memory(hub, "dev.f0") == [3.0, 4.0, 5.0, 6.0, 7.0]
         # The last five stored, not the five newest stamps (which are all from the wrong day).
@@ -64,9 +69,7 @@ async def test_a_database_from_before_has_every_field_marked_until_a_start_finds
     tmp_path: Path,
 ) -> None:
     db = tmp_path / "history.db"
-    hub = make_hub(size=5, fields=2)
-    store = HistoryStore(hub, db)
-    await store.start()
+    hub, store = await opened(db)
     now = time.time()
     try:
         for i in range(8):
@@ -84,9 +87,7 @@ async def test_a_database_from_before_has_every_field_marked_until_a_start_finds
             [(now + 86400 + i, str(5000 + i)) for i in range(5)] + [(now - 10 + i, str(20 + i)) for i in range(3)],
         )
     con.close()
-    hub = make_hub(size=5, fields=2)
-    store = HistoryStore(hub, db)
-    await store.start()
+    hub, store = await opened(db)
     try:
         assert marked(db) == {"dev.f0", "dev.f1"}
         assert memory(hub, "dev.f0") == [3.0, 4.0, 5.0, 6.0, 7.0]
@@ -96,9 +97,7 @@ async def test_a_database_from_before_has_every_field_marked_until_a_start_finds
         assert marked(db) == {"dev.f1"}  # dev.f0 was found in order: unmarked with the next write
     finally:
         await store.stop()
-    hub = make_hub(size=5, fields=2)
-    store = HistoryStore(hub, db)
-    await store.start()
+    hub, store = await opened(db)
     try:
         assert memory(hub, "dev.f0") == [4.0, 5.0, 6.0, 7.0, 8.0]
         assert memory(hub, "dev.f1") == [5003.0, 5004.0, 20.0, 21.0, 22.0]
@@ -110,8 +109,7 @@ async def test_an_unmarked_field_is_trusted_to_be_in_order(tmp_path: Path) -> No
     """What the mark saves: rows written behind the gateway's back, out of order and unmarked,
     come back by their stamps (the index), which a marked field's never do."""
     db = tmp_path / "history.db"
-    store = HistoryStore(make_hub(size=5, fields=2), db)
-    await store.start()
+    _, store = await opened(db)
     await store.stop()
     now = time.time()
     con = sqlite3.connect(db)
@@ -123,9 +121,7 @@ async def test_an_unmarked_field_is_trusted_to_be_in_order(tmp_path: Path) -> No
             )
         con.execute("INSERT INTO unordered VALUES ('dev.f1')")
     con.close()
-    hub = make_hub(size=5, fields=2)
-    store = HistoryStore(hub, db)
-    await store.start()
+    hub, store = await opened(db)
     try:
         assert memory(hub, "dev.f0") == [5000.0, 5001.0, 5002.0, 5003.0, 5004.0]
         assert memory(hub, "dev.f1") == [5003.0, 5004.0, 20.0, 21.0, 22.0]
