@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from .historydb import (
-    CACHE_KIB, INSERT_BATCH, ORDER_SCHEMA, PAGE_SIZE, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, WAL_BYTES, Order, encode,
-    expected, give_back_memory, is_corrupt, megabytes, newest, private,
+    CACHE_KIB, INSERT_BATCH, ORDER_SCHEMA, PAGE_SIZE, REFS, SCHEMA, SIDE_FILES, TRIM_FIELD, WAL_BYTES, Opened, Order,
+    Stored, encode, expected, give_back_memory, is_corrupt, megabytes, newest, private,
 )
 from .hub import Field, History, Hub, NodeEvent, Reading
 from .rollups import COLUMNS, RES, UPSERT, Bucket, Roller, Window, choose, plan
@@ -75,10 +75,6 @@ RAW_ROWS = 20_000  # default readings kept on disk per field (history_raw_rows)
 VERSION = 3  # PRAGMA user_version: 2 has rollups, 3 marks unordered fields
 SHARED_VALUES = 10_000  # distinct stored values a load keeps, so equal readings share one object
 LOAD_CHUNK = 20  # fields a start loads per trip to the database thread
-# What a field's open buckets are rebuilt from (HistoryStore._open_buckets).
-Opened = tuple[list[float], list[Bucket], list[Bucket], list[tuple[float, str]]]
-# A field's stored readings as memory holds them: times, and values (an array when all are floats).
-Stored = tuple[Sequence[float], Sequence[Value]]
 PROBLEM = "history"  # the component name in the hub's problems
 
 
@@ -542,8 +538,8 @@ class HistoryStore:
     @staticmethod
     def _restore(f: Field, times: Sequence[float], values: Sequence[Value]) -> None:
         """Stored readings (oldest first) into a field's memory, before any it got since start."""
-        if not f.history and isinstance(times, array):
-            f.history.take(times, values if isinstance(values, array) else list(values))
+        if not f.history and isinstance(times, array) and isinstance(values, (array, list)):
+            f.history.take(times, values)  # _load's own arrays and list: kept, not copied
         else:
             for t, v in zip(times, values):
                 f.history.append(Reading(v, t))
@@ -561,18 +557,19 @@ class HistoryStore:
         self._close()
         if corrupt is not None:
             self._set_aside(corrupt)
-        try:
+        def attempt() -> list[str]:
             refs = self._connect()
             if tidy:
-                self._tidy()
+                self._tidy()  # its prune is what finds most corruption
+            return refs
+
+        try:
+            return attempt()
         except sqlite3.DatabaseError as e:
             if not is_corrupt(e):
                 raise
             self._set_aside(str(e))
-            refs = self._connect()
-            if tidy:
-                self._tidy()
-        return refs
+            return attempt()
 
     def _tidied(self) -> None:
         """Before a write: the prune and sweep a start left for later, if not done yet."""
@@ -610,7 +607,7 @@ class HistoryStore:
             old = db.execute("PRAGMA user_version").fetchone()[0] < VERSION
             if old:
                 # Pruned before the rollups table is added: it reads every row, so a corrupt database
-                # is found before it is written. A current one is pruned once the gateway is up.
+                # is found before it is written. A current one is pruned before its first write (_tidied).
                 self._prune(db)
             # A database of an older version gains its rollups table here; its readings are rolled
             # up as the open buckets are rebuilt (no bucket stored yet: from the first reading on).
@@ -773,7 +770,7 @@ class HistoryStore:
         db = db or self._db
         if db is None:
             return
-        self._tidied()  # (from _tidy itself: done already)
+        self._tidied()  # a sweep before any batch since start; from _tidy itself a no-op
         now = time.time()
         cap = math.inf if self.retention is None else self.retention
         refs = {r[0] for table in ("readings", "rollups") for r in db.execute(REFS.format(table=table))}

@@ -9,10 +9,11 @@ import math
 import os
 import ctypes
 import sqlite3
+from array import array
 from collections.abc import Callable
 from pathlib import Path
 
-from .rollups import NAMES, RES
+from .rollups import NAMES, RES, Bucket
 from .values import Value
 
 log = logging.getLogger("iot_gateway.history")
@@ -66,6 +67,11 @@ SELECT ref FROM r WHERE ref IS NOT NULL
 """
 
 
+
+# What a field's open buckets are rebuilt from (HistoryStore._open_buckets).
+Opened = tuple[list[float], list[Bucket], list[Bucket], list[tuple[float, str]]]
+# A field's stored readings as memory holds them: times, and values (an array when all are floats).
+Stored = tuple["array[float]", "array[float] | list[Value]"]
 
 # Fields with readings stored out of time order: a later row with an older stamp (a clock stepped
 # back, a device's own clock). For every other field the newest readings by time are also the last
