@@ -14,7 +14,7 @@ from pathlib import Path
 from gateway.historydb import Order
 from gateway.history import HistoryStore
 from gateway.hub import Hub
-from tests.test_history import make_hub
+from tests.test_history import disk_full, make_hub
 
 
 def marked(db: Path) -> set[str]:
@@ -125,6 +125,35 @@ async def test_an_unmarked_field_is_trusted_to_be_in_order(tmp_path: Path) -> No
     try:
         assert memory(hub, "dev.f0") == [5000.0, 5001.0, 5002.0, 5003.0, 5004.0]
         assert memory(hub, "dev.f1") == [5003.0, 5004.0, 20.0, 21.0, 22.0]
+    finally:
+        await store.stop()
+
+
+async def test_a_mark_whose_batch_hit_a_full_disk_is_written_with_the_batch_that_works(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    hub = make_hub(size=5, fields=2)
+    store = HistoryStore(hub, db, raw_rows=5000)
+    await store.start()
+    now = time.time()
+    try:
+        for i in range(300):
+            hub.push("dev", "f1", 20.0 + i % 7, at=now - 400 + i)
+        await store.flush()
+        await disk_full(store)  # SQLite's own SQLITE_FULL, as from a full disk
+        for i in range(2000):
+            hub.push("dev", "f1", 5000.0 + i, at=now - 3000 + i)  # stamped before what is stored
+        await store.flush()
+        assert hub.problems["history"].message == "not saved: database or disk is full"
+        assert marked(db) == set()  # the batch, and its mark, not written
+        await disk_full(store, full=False)
+        await store.flush()
+        assert "history" not in hub.problems
+        assert marked(db) == {"dev.f1"}  # the mark went with the batch, not lost with the first try
+    finally:
+        await store.stop()
+    hub, store = await opened(db)
+    try:
+        assert memory(hub, "dev.f1") == [6995.0, 6996.0, 6997.0, 6998.0, 6999.0]  # the last stored
     finally:
         await store.stop()
 
